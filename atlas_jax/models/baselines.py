@@ -1,0 +1,98 @@
+"""Baselines on Atlas's own stem, MSA block and readout, so experiments compare like with like.
+
+Both run all `sum(depths)` blocks on the finest scale alone (one scale: no pooled summaries, no top-down
+or bottom-up), differing only in the window:
+- `ViT`: one window holding every token, so attention is global. The block's position MLP then sees
+  whole-image coordinates: it is a global position embedding, re-added every block, and nothing else is
+  needed.
+- `WindowViT`: Atlas's 16x16 windows, never communicating. The block's window-local MLP gives no global
+  position (every window looks the same), so a `PositionMLP` on whole-image coordinates is added once after
+  the stem, the continuous analogue of ViT's learned absolute embedding that works at any resolution.
+"""
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from atlas_jax.models import layout as layout_lib
+from atlas_jax.models.atlas import Readout, block_class, make_stem
+from atlas_jax.models.layers import PositionMLP
+from atlas_jax.models.msa import windows_from_map
+
+
+class _SingleScale(nn.Module):
+  """Stem -> sum(depths) MSA blocks on the finest scale cut into `_layout()` windows -> readout."""
+  image_size: Sequence[int]
+  dim: int
+  num_heads: int
+  depths: Sequence[int]
+  stem_width: int
+  num_classes: int = 100
+  stem_in_dim: int = 64
+  patch_size: int = 16
+  window: int = 16
+  pool: int = 4
+  mlp_ratio: int = 4
+  drop_path_rate: float = 0.0
+  attention: str = 'auto'
+  remat: str = 'none'
+  dtype: Any = jnp.float32
+
+  def _layout(self) -> layout_lib.ScaleLayout:
+    raise NotImplementedError
+
+  def _add_global_position(self, token_map):
+    return token_map
+
+  def setup(self):
+    self.layout = self._layout()
+    self.stem = make_stem(self.patch_size, self.dim, self.stem_width, self.stem_in_dim, self.dtype)
+    depth = sum(self.depths)
+    block = block_class(self.remat)
+    self.blocks = [block(layouts=(self.layout,), dim=self.dim, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
+                         drop_path_rate=float(rate), pool=self.pool, attention=self.attention, dtype=self.dtype,
+                         name=f'stage0_block{index}')
+                   for index, rate in enumerate(np.linspace(0.0, self.drop_path_rate, depth))]
+    self.readout = Readout(self.dim, self.num_classes, self.dtype, name='readout')
+
+  def encode(self, images, train: bool = False):
+    """Same contract as Atlas.encode: (stem map, [[finest-scale tokens (batch * windows, tokens, dim)]])."""
+    stem_map = self.stem(images.astype(self.dtype), train)
+    tokens = windows_from_map(self._add_global_position(stem_map), self.layout.window_height,
+                              self.layout.window_width)
+    for block in self.blocks:
+      tokens = block([tokens], not train)[0]
+    return stem_map, [[tokens]]
+
+  def __call__(self, images, train: bool = False):
+    tokens = self.encode(images, train)[1][-1][0]
+    batch = tokens.shape[0] // self.layout.num_windows
+    return self.readout(tokens.reshape(batch, -1, self.dim))
+
+
+class ViT(_SingleScale):
+  """Global attention over all tokens of the finest scale."""
+
+  def _layout(self):
+    height, width = (side // self.patch_size for side in self.image_size)
+    return layout_lib.ScaleLayout(height, width, height, width)
+
+
+class WindowViT(_SingleScale):
+  """Window attention on the finest scale only, plus a global position MLP added once."""
+
+  def _layout(self):
+    return layout_lib.check_image_size(self.image_size, self.patch_size, self.window, self.pool)[0]
+
+  def setup(self):
+    super().setup()
+    self.global_position = PositionMLP(self.dim, dtype=self.dtype)
+
+  def _add_global_position(self, token_map):
+    height, width = token_map.shape[1:3]
+    whole_map = layout_lib.ScaleLayout(height, width, height, width)
+    coordinates = jnp.asarray(layout_lib.window_coordinates(whole_map), self.dtype)
+    position = self.global_position(coordinates)
+    return token_map + position.reshape(height, width, self.dim).astype(token_map.dtype)

@@ -1,0 +1,164 @@
+"""The Multi-Scale Attention block (ATLAS.md §1.3), as the reference codes it.
+
+One MSA block holds, per scale, a position MLP and a `ScaleBlock` (norms, q/kv/proj, MLP). It runs:
+  (a) position MLP added to every scale;
+  (b) pooled summaries, fine to coarse: scale s+1 += maxpool(scale s), cumulatively;
+  (c) top-down, coarse to fine: each scale attends to its own window plus the covering window of every
+      coarser, already updated scale (K/V of a scale made once, by its own norm and projection);
+  (d) bottom-up, fine to coarse: the coarse tokens above each fine window attend to that window's
+      tokens, then go through their MLP a second time.
+`communication` switches (c)'s coarser K/V and step (d) off; (a) and (b) always run.
+"""
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from atlas_jax.models import layout as layout_lib
+from atlas_jax.models.attention import dot_product_attention
+from atlas_jax.models.layers import DropPath, LayerNorm, Linear, Mlp, PositionMLP
+
+COMMUNICATIONS = ('full', 'top_down', 'bottom_up', 'none')
+
+
+def windows_from_map(token_map, window_height: int, window_width: int):
+  """(batch, H, W, C) -> (batch * windows, window_height * window_width, C), windows in raster order."""
+  batch, height, width, channels = token_map.shape
+  rows, cols = height // window_height, width // window_width
+  x = token_map.reshape(batch, rows, window_height, cols, window_width, channels)
+  x = x.transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(batch * rows * cols, window_height * window_width, channels)
+
+
+def map_from_windows(windows, height: int, width: int, window_height: int, window_width: int):
+  """(batch * windows, window_height * window_width, C) -> (batch, H, W, C); inverse of windows_from_map."""
+  rows, cols = height // window_height, width // window_width
+  channels = windows.shape[-1]
+  x = windows.reshape(-1, rows, cols, window_height, window_width, channels)
+  x = x.transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(-1, height, width, channels)
+
+
+def max_pool(token_map, pool: int):
+  """(batch, H, W, C) -> (batch, H / pool, W / pool, C), stride = kernel = pool."""
+  batch, height, width, channels = token_map.shape
+  x = token_map.reshape(batch, height // pool, pool, width // pool, pool, channels)
+  return x.max(axis=(2, 4))
+
+
+class ScaleBlock(nn.Module):
+  """The per-scale weights of an MSA block (the reference's CrossWindowBlock), pre-norm."""
+  dim: int
+  num_heads: int
+  mlp_ratio: int = 4
+  drop_path_rate: float = 0.0
+  attention: str = 'auto'
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    self.norm_q = LayerNorm(dtype=self.dtype)
+    self.norm_kv = LayerNorm(dtype=self.dtype)
+    self.q = Linear(self.dim, self.dim, dtype=self.dtype)
+    self.kv = Linear(2 * self.dim, self.dim, dtype=self.dtype)
+    self.proj = Linear(self.dim, self.dim, dtype=self.dtype)
+    self.norm_mlp = LayerNorm(dtype=self.dtype)
+    self.mlp = Mlp(self.dim, self.mlp_ratio * self.dim, dtype=self.dtype)
+    self.drop_path = DropPath(self.drop_path_rate)
+
+  def keys_values(self, tokens):
+    """(rows, tokens, dim) -> keys, values: (rows, tokens, heads, head_dim) each, from this scale's norm."""
+    rows, length, _ = tokens.shape
+    kv = self.kv(self.norm_kv(tokens)).reshape(rows, length, 2, self.num_heads, self.dim // self.num_heads)
+    return kv[:, :, 0], kv[:, :, 1]
+
+  def __call__(self, tokens, keys, values, deterministic: bool):
+    """Attention of `tokens` to (keys, values), then the MLP; both residual with drop path per row."""
+    rows, length, _ = tokens.shape
+    query = self.q(self.norm_q(tokens)).reshape(rows, length, self.num_heads, self.dim // self.num_heads)
+    attended = dot_product_attention(query, keys.astype(query.dtype), values.astype(query.dtype),
+                                      self.attention)
+    tokens = tokens + self.drop_path(self.proj(attended.reshape(rows, length, self.dim)), deterministic)
+    return tokens + self.drop_path(self.mlp(self.norm_mlp(tokens)), deterministic)
+
+
+class MSABlock(nn.Module):
+  """One Multi-Scale Attention block over the scales `layouts` (finest first), window-major tokens."""
+  layouts: Sequence[layout_lib.ScaleLayout]
+  dim: int
+  num_heads: int
+  mlp_ratio: int = 4
+  drop_path_rate: float = 0.0
+  parent_window: str = 'spatial'
+  communication: str = 'full'
+  pool: int = 4
+  attention: str = 'auto'
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    if self.communication not in COMMUNICATIONS:
+      raise ValueError(f'model.communication must be one of {COMMUNICATIONS}, got {self.communication!r}')
+    self.positions = [PositionMLP(self.dim, dtype=self.dtype, name=f'position{s}')
+                      for s in range(len(self.layouts))]
+    self.scales = [ScaleBlock(self.dim, self.num_heads, self.mlp_ratio, self.drop_path_rate, self.attention,
+                              self.dtype, name=f'scale{s}') for s in range(len(self.layouts))]
+
+  def __call__(self, scales, deterministic: bool = True):
+    """scales[s]: (batch * windows_s, tokens_s, dim) -> the same shapes, updated."""
+    layouts = self.layouts
+    top_down = self.communication in ('full', 'top_down')
+    bottom_up = self.communication in ('full', 'bottom_up')
+    scales = list(scales)
+    batch = scales[0].shape[0] // layouts[0].num_windows
+
+    # (a) window-local position embedding, re-added in every block.
+    for s, layout in enumerate(layouts):
+      coordinates = jnp.asarray(layout_lib.window_coordinates(layout), self.dtype)
+      scales[s] = scales[s] + self.positions[s](coordinates).astype(scales[s].dtype)
+
+    # (b) cumulative pooled summaries, fine to coarse.
+    for s in range(len(layouts) - 1):
+      fine, coarse = layouts[s], layouts[s + 1]
+      pooled = max_pool(map_from_windows(scales[s], fine.height, fine.width, fine.window_height,
+                                         fine.window_width), self.pool)
+      scales[s + 1] = scales[s + 1] + windows_from_map(pooled, coarse.window_height, coarse.window_width)
+
+    # (c) top-down, coarse to fine; `updated_kv[t]` caches scale t's K/V after its own update.
+    updated_kv = {}
+    for s in reversed(range(len(layouts))):
+      keys, values = self.scales[s].keys_values(scales[s])
+      if top_down:
+        key_parts, value_parts = [keys], [values]
+        for t in range(s + 1, len(layouts)):
+          parents = layout_lib.parent_windows(layouts[s], layouts[t], self.parent_window)
+          key_parts.append(_gather_windows(updated_kv[t][0], parents, batch))
+          value_parts.append(_gather_windows(updated_kv[t][1], parents, batch))
+        keys, values = jnp.concatenate(key_parts, axis=1), jnp.concatenate(value_parts, axis=1)
+      scales[s] = self.scales[s](scales[s], keys, values, deterministic)
+      if top_down and s > 0:
+        updated_kv[s] = self.scales[s].keys_values(scales[s])
+
+    # (d) bottom-up, fine to coarse: coarse queries grouped by the fine window they sit above.
+    if bottom_up:
+      for s in range(1, len(layouts)):
+        fine, coarse = layouts[s - 1], layouts[s]
+        keys, values = self.scales[s - 1].keys_values(scales[s - 1])
+        coarse_map = map_from_windows(scales[s], coarse.height, coarse.width, coarse.window_height,
+                                      coarse.window_width)
+        query_height, query_width = fine.window_height // self.pool, fine.window_width // self.pool
+        queries = windows_from_map(coarse_map, query_height, query_width)  # (batch * fine windows, 16, dim)
+        queries = self.scales[s](queries, keys, values, deterministic)
+        coarse_map = map_from_windows(queries, coarse.height, coarse.width, query_height, query_width)
+        scales[s] = windows_from_map(coarse_map, coarse.window_height, coarse.window_width)
+    return scales
+
+
+def _gather_windows(windows, parents: np.ndarray, batch: int):
+  """(batch * coarse windows, ...) -> (batch * len(parents), ...): row i of each image is window parents[i]."""
+  per_image = windows.reshape((batch, -1) + windows.shape[1:])
+  if per_image.shape[1] == 1:  # one coarse window covers all: broadcast rather than gather
+    gathered = jnp.broadcast_to(per_image, (batch, len(parents)) + windows.shape[1:])
+  else:
+    gathered = per_image[:, parents]
+  return gathered.reshape((-1,) + windows.shape[1:])

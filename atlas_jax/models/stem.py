@@ -1,0 +1,80 @@
+"""Stems: images (batch, H, W, 3) -> the scale-0 token map (batch, H / patch, W / patch, dim).
+
+`ConvStem` is the reference's `MultiConvEmbed` (FasterViT's stem), stride 16; `PatchifyStem` is one strided
+conv for patch 4 or 8 (small images, CPU work; no BatchNorm).
+"""
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from atlas_jax.models.layers import Conv3x3, gelu, torch_bias_init, torch_weight_init
+
+# PyTorch BatchNorm momentum 0.1 is Flax momentum 0.9; exact variance rather than E[x^2] - E[x]^2.
+BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, use_fast_variance=False)
+
+
+class ConvResidual(nn.Module):
+  """x + BN(Conv(GELU(BN(Conv(x))))): the reference's EarlyConvResidual (convs with bias, BN eps 1e-5)."""
+  width: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    y = Conv3x3(self.width, self.width, dtype=self.dtype, name='conv1')(x)
+    y = BatchNorm(use_running_average=not train, epsilon=1e-5, dtype=self.dtype, name='bn1')(y)
+    y = gelu(y)
+    y = Conv3x3(self.width, self.width, dtype=self.dtype, name='conv2')(y)
+    y = BatchNorm(use_running_average=not train, epsilon=1e-5, dtype=self.dtype, name='bn2')(y)
+    return x + y
+
+
+class ConvDownsample(nn.Module):
+  """LayerNorm over channels (eps 1e-6, timm's LayerNorm2d) -> 3x3 conv stride 2, no bias."""
+  width: int
+  out_width: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='norm')(x)
+    return Conv3x3(self.out_width, self.width, strides=2, use_bias=False, dtype=self.dtype, name='conv')(x)
+
+
+class ConvStem(nn.Module):
+  """conv 3->in_dim s2, BN, ReLU, conv ->width s2, BN, ReLU; 3 residuals; down x2; 3 residuals; down -> dim."""
+  dim: int
+  width: int
+  in_dim: int = 64
+  num_residual: int = 3
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    x = Conv3x3(self.in_dim, images.shape[-1], strides=2, use_bias=False, dtype=self.dtype, name='conv1')(images)
+    x = nn.relu(BatchNorm(use_running_average=not train, epsilon=1e-4, dtype=self.dtype, name='bn1')(x))
+    x = Conv3x3(self.width, self.in_dim, strides=2, use_bias=False, dtype=self.dtype, name='conv2')(x)
+    x = nn.relu(BatchNorm(use_running_average=not train, epsilon=1e-4, dtype=self.dtype, name='bn2')(x))
+    for i in range(self.num_residual):
+      x = ConvResidual(self.width, self.dtype, name=f'res1_{i}')(x, train)
+    x = ConvDownsample(self.width, 2 * self.width, self.dtype, name='down1')(x)
+    for i in range(self.num_residual):
+      x = ConvResidual(2 * self.width, self.dtype, name=f'res2_{i}')(x, train)
+    return ConvDownsample(2 * self.width, self.dim, self.dtype, name='down2')(x)
+
+
+class PatchifyStem(nn.Module):
+  """One conv with kernel = stride = patch_size."""
+  dim: int
+  patch_size: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    del train  # no BatchNorm: nothing differs between train and eval
+    fan_in = images.shape[-1] * self.patch_size ** 2
+    return nn.Conv(self.dim, (self.patch_size,) * 2, strides=(self.patch_size,) * 2, padding='VALID',
+                   dtype=self.dtype, kernel_init=torch_weight_init, bias_init=torch_bias_init(fan_in),
+                   name='patch')(images)

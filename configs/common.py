@@ -1,0 +1,87 @@
+"""Shared pieces of every config: the model fields, the recipe, the data fields, and `parse_arg`.
+
+Each config file is a few lines over `base_config`; its docstring is the command that runs it. Fields
+that are derived unless set (`model.dim`, `model.depths`, ...) are `placeholder`s, never a plain None:
+ml_collections cannot override a None field from the command line.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """`key=value,flag` (the text after `file.py:`) into a ConfigDict typed by `defaults`; unknown keys refused."""
+  parsed = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or '').split(',')):
+    key, _, value = item.partition('=')
+    if key not in defaults:
+      raise ValueError(f'unknown config argument {key!r}; known: {", ".join(defaults)}')
+    default = defaults[key]
+    if isinstance(default, bool):
+      if value not in ('', 'True', 'true', '1', 'False', 'false', '0'):
+        raise ValueError(f'config argument {key} takes true or false, got {value!r}')
+      parsed[key] = value in ('', 'True', 'true', '1')
+    else:
+      parsed[key] = type(default)(value)
+  return parsed
+
+
+def model_config(variant: str = 'S') -> ml_collections.ConfigDict:
+  model = ml_collections.ConfigDict()
+  model.name = 'atlas'                                  # atlas | vit | window_vit
+  model.variant = variant                               # T | S | B: defaults of dim, num_heads, stem_width
+  model.dim = config_dict.placeholder(int)
+  model.num_heads = config_dict.placeholder(int)
+  model.stem_width = config_dict.placeholder(int)
+  model.depths = config_dict.placeholder(tuple)         # from the number of scales unless set
+  model.patch_size = 16                                 # 16 = conv stem; 4 or 8 = patchify stem
+  model.stem_in_dim = 64
+  model.window = 16
+  model.pool = 4
+  model.mlp_ratio = 4
+  model.parent_window = 'spatial'                       # spatial | raster (the reference code)
+  model.communication = 'full'                          # full | top_down | bottom_up | none
+  model.composition = 'atlas'                           # atlas | stack
+  model.num_classes = 100
+  model.drop_path_rate = 0.3
+  model.dtype = 'bfloat16'                              # compute dtype; parameters stay float32
+  model.attention = 'auto'                              # auto | cudnn | xla
+  model.remat = 'none'                                  # none | block | a jax.checkpoint_policies name
+  return model
+
+
+def data_config() -> ml_collections.ConfigDict:
+  data = ml_collections.ConfigDict()
+  data.source = 'tfds'                                  # synthetic | tfds | folder
+  data.name = config_dict.placeholder(str)
+  data.data_dir = config_dict.placeholder(str)
+  data.classes = config_dict.placeholder(str)          # a class-list file
+  data.workers = 8
+  data.max_bad_fraction = 0.01
+  data.max_pixels = 200_000_000
+  return data
+
+
+def base_config(variant: str, image_size: int | tuple[int, int]) -> ml_collections.ConfigDict:
+  """The reference recipe (ATLAS.md §4) for `variant` at `image_size` pixels."""
+  if isinstance(image_size, int):
+    image_size = (image_size, image_size)
+  config = ml_collections.ConfigDict()
+  config.image_size = tuple(image_size)
+  config.model = model_config(variant)
+  config.data = data_config()
+  config.batch_size = 2048
+  config.grad_accum_steps = 8
+  config.total_steps = 20_000
+  config.warmup_steps = 1_875
+  config.lr = 5e-4
+  config.min_lr = 1e-6
+  config.weight_decay = 0.24
+  config.seed = 42
+  config.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1})
+  config.checkpoint = ml_collections.ConfigDict({'every_steps': 1000, 'keep': 3})
+  config.eval = ml_collections.ConfigDict({'every_steps': 1000})
+  config.log = ml_collections.ConfigDict({'every_steps': 50})
+  config.mode = 'train'                                 # train | eval | compile
+  config.init_from = config_dict.placeholder(str)
+  return config
