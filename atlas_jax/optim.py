@@ -1,0 +1,267 @@
+"""Optimizer, learning-rate schedule, gradient accumulation and weight EMA for training Atlas.
+
+The reference recipe (a PyTorch trainer on timm): AdamW with decoupled weight decay on weight matrices
+and conv kernels only; linear warmup from 0 to `lr`, then cosine decay to `min_lr`, evaluated per
+optimizer step; optional global-norm gradient clipping; gradients averaged over micro-batches; an
+optional EMA of the weights. Everything here is a pure function of (config, arrays) and jits.
+
+Config fields read (ml_collections.ConfigDict or any object with these attributes):
+  lr: float >= 0, peak learning rate, reached at the end of warmup.
+  min_lr: float >= 0, learning rate at `total_steps` and after.
+  warmup_steps: int >= 0, optimizer steps of linear warmup from 0 to `lr`.
+  total_steps: int > 0, optimizer steps in the whole run (>= warmup_steps). Optimizer steps, not
+    micro-batches: with gradient accumulation one step consumes `grad_accum_steps` micro-batches.
+  weight_decay: float >= 0, AdamW decoupled weight decay (reference 0.24), on ndim > 1 leaves only.
+  optimizer.b1, optimizer.b2, optimizer.eps: AdamW moments (reference 0.9, 0.999, 1e-8).
+  optimizer.clip_grad_norm: max global gradient norm; None or 0 turns clipping off (optional field).
+  ema.decay: EMA decay per optimizer step, in [0, 1); None, 0 or no `ema` group turns EMA off.
+  grad_accum_steps: int >= 1, micro-batches per optimizer step (optional field, default 1).
+
+Inside a jitted train step (sketch):
+  micro_batches = split_micro_batches(batch, grad_accum_steps(config))
+  (batch_stats, rng), loss, aux, grads = accumulated_grads(grad_fn, micro_batches, (batch_stats, rng))
+  updates, opt_state = tx.update(grads, opt_state, params)  # tx = make_optimizer(config)
+  params = optax.apply_updates(params, updates)
+  ema_params = ema_update(ema_params, params, ema_decay(config))  # when ema_enabled(config)
+"""
+
+import math
+from collections.abc import Mapping
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+PyTree = Any
+_REQUIRED = object()
+
+
+def _read(config, dotted_name: str, default=_REQUIRED):
+  """config.a.b by name; a missing optional field (or group) gives `default`."""
+  value = config
+  for part in dotted_name.split('.'):
+    value = getattr(value, part, _REQUIRED) if value is not None else _REQUIRED
+    if value is _REQUIRED:
+      if default is _REQUIRED:
+        raise AttributeError(f'config.{dotted_name} is required by atlas_jax.optim')
+      return default
+  return value
+
+
+def validate_config(config) -> None:
+  """Raises ValueError, naming the field, for any optimizer field out of range."""
+  lr, min_lr = _read(config, 'lr'), _read(config, 'min_lr')
+  warmup_steps, total_steps = _read(config, 'warmup_steps'), _read(config, 'total_steps')
+  if lr < 0:
+    raise ValueError(f'config.lr must be >= 0, got {lr}')
+  if min_lr < 0:
+    raise ValueError(f'config.min_lr must be >= 0, got {min_lr}')
+  if total_steps <= 0:
+    raise ValueError(f'config.total_steps must be > 0, got {total_steps}')
+  if warmup_steps < 0 or warmup_steps > total_steps:
+    raise ValueError(f'config.warmup_steps must be in [0, total_steps={total_steps}], got {warmup_steps}')
+  weight_decay = _read(config, 'weight_decay', 0.0)
+  if weight_decay < 0:
+    raise ValueError(f'config.weight_decay must be >= 0, got {weight_decay}')
+  clip = _read(config, 'optimizer.clip_grad_norm', None)
+  if clip is not None and clip < 0:
+    raise ValueError(f'config.optimizer.clip_grad_norm must be None, 0 (off) or > 0, got {clip}')
+  accum = _read(config, 'grad_accum_steps', 1)
+  if int(accum) != accum or accum < 1:
+    raise ValueError(f'config.grad_accum_steps must be an integer >= 1, got {accum}')
+  decay = _read(config, 'ema.decay', None)
+  if decay is not None and not 0 <= decay < 1:
+    raise ValueError(f'config.ema.decay must be in [0, 1) (0 or None = off), got {decay}')
+
+
+# ---------------------------------------------------------------------------------------------------
+# Learning rate and optimizer.
+
+
+def learning_rate_schedule(config) -> optax.Schedule:
+  """Optimizer step (int or int array) -> learning rate (float32 scalar).
+
+  Linear warmup lr * step / warmup_steps over [0, warmup_steps], then
+  min_lr + (lr - min_lr) * (1 + cos(pi * (step - warmup_steps) / (total_steps - warmup_steps))) / 2,
+  held at min_lr from total_steps on.
+  """
+  validate_config(config)
+  lr, min_lr = float(config.lr), float(config.min_lr)
+  warmup_steps, total_steps = int(config.warmup_steps), int(config.total_steps)
+  decay_steps = max(total_steps - warmup_steps, 1)  # warmup == total: min_lr from the step after
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    warmup = lr * step / max(warmup_steps, 1)
+    progress = jnp.clip((step - warmup_steps) / decay_steps, 0.0, 1.0)
+    # (1 + cos(pi p)) / 2 as cos(pi p / 2)^2: no cancellation near p = 1, so min_lr is hit accurately.
+    cosine = min_lr + (lr - min_lr) * jnp.cos(0.5 * jnp.pi * progress) ** 2
+    return jnp.where(step < warmup_steps, warmup, cosine).astype(jnp.float32)
+  return schedule
+
+
+def weight_decay_mask(params: PyTree) -> PyTree:
+  """True for leaves that get weight decay: exactly those with ndim > 1 (kernels), same tree as params.
+
+  timm's `param_groups_weight_decay` exempts a parameter when `ndim <= 1` or its name ends in
+  '.bias' (or it is in the model's no_weight_decay list, which the reference leaves empty). Every
+  bias, LayerNorm/BatchNorm scale and bias, and the position-MLP's bias is 1-D there and here, and
+  every Linear weight and Conv kernel is >= 2-D, so the shape rule alone reproduces its groups.
+  """
+  return jax.tree.map(lambda leaf: len(_shape(leaf)) > 1, params)
+
+
+def _shape(leaf) -> tuple[int, ...]:
+  """Shape of an array, a jax.ShapeDtypeStruct (from jax.eval_shape) or a python scalar."""
+  return tuple(leaf.shape) if hasattr(leaf, 'shape') else np.shape(leaf)
+
+
+def cast_to_float32() -> optax.GradientTransformation:
+  """Casts updates to float32, so that bfloat16 gradients never lower the dtype of state or params."""
+  return optax.stateless(lambda updates, params=None: jax.tree.map(lambda u: u.astype(jnp.float32), updates))
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  """float32 cast -> optional clip by global norm -> AdamW (decay masked to kernels), lr from the schedule."""
+  validate_config(config)
+  clip = _read(config, 'optimizer.clip_grad_norm', None)
+  transforms = [cast_to_float32()]
+  if clip:  # None or 0 = off
+    transforms.append(optax.clip_by_global_norm(float(clip)))
+  transforms.append(optax.adamw(
+      learning_rate=learning_rate_schedule(config),
+      b1=float(config.optimizer.b1), b2=float(config.optimizer.b2), eps=float(config.optimizer.eps),
+      mu_dtype=jnp.float32, weight_decay=float(config.weight_decay), mask=weight_decay_mask))
+  return optax.chain(*transforms)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Gradient accumulation.
+
+
+def grad_accum_steps(config) -> int:
+  """config.grad_accum_steps (default 1), validated."""
+  validate_config(config)
+  return int(_read(config, 'grad_accum_steps', 1))
+
+
+def split_micro_batches(batch: PyTree, k: int) -> PyTree:
+  """Every leaf (B, ...) -> (k, B / k, ...); micro-batch j holds examples j, j + k, j + 2k, ...
+
+  Strided rather than contiguous: with the batch sharded over devices along B, each device's shard
+  splits into k micro-batches locally, so no example crosses devices (needs B / devices divisible by k).
+  """
+  if int(k) != k or k < 1:
+    raise ValueError(f'number of micro-batches must be an integer >= 1, got {k}')
+
+  def split(leaf):
+    size = leaf.shape[0] if jnp.ndim(leaf) else None
+    if size is None or size % k:
+      raise ValueError(f'batch size {size} (leaf shape {jnp.shape(leaf)}) is not divisible by '
+                       f'grad_accum_steps={k}')
+    return jnp.swapaxes(leaf.reshape((size // k, k) + leaf.shape[1:]), 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def accumulated_grads(grad_fn: Callable, micro_batches: PyTree, carry: PyTree):
+  """Averages loss and gradients over micro-batches with one `lax.scan`.
+
+  Args:
+    grad_fn: (carry, micro_batch) -> (carry, (loss, aux), grads); loss a scalar mean over the
+      micro-batch. `carry` threads state that must advance once per micro-batch (BatchNorm statistics,
+      the RNG: grad_fn should split its key).
+    micro_batches: pytree whose leaves are (k, micro_batch_size, ...), e.g. from split_micro_batches.
+    carry: initial carry.
+
+  Returns:
+    (carry after k micro-batches, mean loss float32 (), aux stacked along a leading k axis,
+    mean grads in float32). Equal micro-batch sizes make these the full-batch mean loss and its grads.
+  """
+  sizes = {leaf.shape[0] for leaf in jax.tree.leaves(micro_batches)}
+  if len(sizes) != 1:
+    raise ValueError(f'micro_batches leaves must share one leading axis (k), got sizes {sorted(sizes)}')
+  k = sizes.pop()
+  first = jax.tree.map(lambda leaf: leaf[0], micro_batches)
+  grads_shape = jax.eval_shape(grad_fn, carry, first)[2]
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), grads_shape)
+
+  def step(state, micro_batch):
+    carry, grad_sum = state
+    carry, (loss, aux), grads = grad_fn(carry, micro_batch)
+    grad_sum = jax.tree.map(lambda total, g: total + g.astype(jnp.float32), grad_sum, grads)
+    return (carry, grad_sum), (jnp.asarray(loss, jnp.float32), aux)
+
+  (carry, grad_sum), (losses, aux) = jax.lax.scan(step, (carry, zeros), micro_batches)
+  mean_grads = jax.tree.map(lambda total: total / k, grad_sum)
+  return carry, jnp.mean(losses), aux, mean_grads
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exponential moving average of the weights.
+
+
+def ema_decay(config) -> float:
+  """config.ema.decay as a float; 0.0 when EMA is off (decay None/0 or no `ema` group)."""
+  validate_config(config)
+  return float(_read(config, 'ema.decay', None) or 0.0)
+
+
+def ema_enabled(config) -> bool:
+  """Whether config.ema.decay turns the weight EMA on."""
+  return ema_decay(config) > 0.0
+
+
+def ema_update(ema_params: PyTree, params: PyTree, decay) -> PyTree:
+  """ema + (1 - decay) * (params - ema) per leaf, in float32 (timm's ModelEmaV2 step).
+
+  decay: python float or float array (e.g. a warmed-up decay computed in the step). Apply it to
+  batch_stats too to match timm, which averages the BatchNorm buffers along with the weights.
+  """
+  decay = jnp.asarray(decay, jnp.float32)
+
+  def update(ema, param):
+    ema = ema.astype(jnp.float32)
+    return ema + (1.0 - decay) * (param.astype(jnp.float32) - ema)
+  return jax.tree.map(update, ema_params, params)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Logging.
+
+
+def _leaf_size(leaf) -> int:
+  return math.prod(int(d) for d in _shape(leaf))  # python ints: exact, no int32 overflow
+
+
+def param_count(params: PyTree) -> int:
+  """Total number of parameters, an exact python int (works on arrays and jax.ShapeDtypeStructs)."""
+  return sum(_leaf_size(leaf) for leaf in jax.tree.leaves(params))
+
+
+def param_overview(params: PyTree) -> str:
+  """Table of parameter counts per top-level module, in tree order, then the total.
+
+  Accepts a params tree or a variables dict (then counts its 'params' collection only).
+  """
+  if isinstance(params, Mapping) and 'params' in params:
+    params = params['params']
+  counts = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    name = _path_name(path[0]) if path else '<root>'
+    counts[name] = counts.get(name, 0) + _leaf_size(leaf)
+  total = sum(counts.values())
+  width = max([len('module'), len('total')] + [len(name) for name in counts])
+  digits = max(len('params'), len(f'{total:,}'))
+  lines = [f'{"module":<{width}}  {"params":>{digits}}']
+  lines += [f'{name:<{width}}  {count:>{digits},}' for name, count in counts.items()]
+  lines.append(f'{"total":<{width}}  {total:>{digits},}')
+  return '\n'.join(lines)
+
+
+def _path_name(entry) -> str:
+  for attribute in ('key', 'name', 'idx'):
+    if hasattr(entry, attribute):
+      return str(getattr(entry, attribute))
+  return str(entry)
