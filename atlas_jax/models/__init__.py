@@ -4,6 +4,8 @@
 the number of scales) so that a stored config says exactly what was built; an explicit value always wins.
 """
 
+import copy
+
 import jax.numpy as jnp
 import ml_collections
 
@@ -38,7 +40,7 @@ def image_size_of(config) -> tuple[int, int]:
 
 def resolve_model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A copy of `config` with image_size as (H, W) and every derived model field set."""
-  config = ml_collections.ConfigDict(config.to_dict())
+  config = copy.deepcopy(config)
   config.image_size = image_size_of(config)
   model = config.model
   if model.name not in MODELS:

@@ -1,0 +1,92 @@
+"""The workdir layout (DESIGN.md): config.json, checkpoints/<step>/, tb/, metrics.jsonl.
+
+config.json holds the full, resolved config. JSON has no tuples, so every list read back becomes a tuple
+(no config field is a list), and a field that was a placeholder comes back as a placeholder of its type,
+so `--config.FIELD=VALUE` overrides still apply to a config loaded from a workdir.
+"""
+
+import json
+import pathlib
+
+import ml_collections
+from ml_collections import config_dict
+
+CONFIG_FILE = 'config.json'
+CHECKPOINTS = 'checkpoints'
+
+
+def config_path(workdir) -> pathlib.Path:
+  return pathlib.Path(workdir) / CONFIG_FILE
+
+
+def checkpoints_dir(workdir) -> pathlib.Path:
+  return pathlib.Path(workdir) / CHECKPOINTS
+
+
+def _encode(config: ml_collections.ConfigDict) -> dict:
+  """Values, plus the type of every unset placeholder under '__placeholders__' so it can be rebuilt."""
+  placeholders = {}
+
+  def walk(node, prefix):
+    values = {}
+    for key in sorted(node.keys()):
+      field = node._fields[key]  # the FieldReference, to see a placeholder's type
+      value = node[key]
+      if isinstance(value, ml_collections.ConfigDict):
+        values[key] = walk(value, f'{prefix}{key}.')
+        continue
+      if value is None and isinstance(field, config_dict.FieldReference) and field.get_type() is not None:
+        placeholders[prefix + key] = field.get_type().__name__
+      values[key] = list(value) if isinstance(value, tuple) else value
+    return values
+  values = walk(config, '')
+  values['__placeholders__'] = placeholders
+  return values
+
+
+_PLACEHOLDER_TYPES = {'int': int, 'float': float, 'str': str, 'bool': bool, 'tuple': tuple}
+
+
+def _decode(values: dict) -> ml_collections.ConfigDict:
+  placeholders = values.pop('__placeholders__', {})
+
+  def build(node):
+    config = ml_collections.ConfigDict()
+    for key, value in node.items():
+      if isinstance(value, dict):
+        config[key] = build(value)
+      elif isinstance(value, list):
+        config[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+      else:
+        config[key] = value
+    return config
+  config = build(values)
+  for dotted, type_name in placeholders.items():
+    *parents, leaf = dotted.split('.')
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = config_dict.placeholder(_PLACEHOLDER_TYPES[type_name])
+  return config
+
+
+def write_config(workdir, config: ml_collections.ConfigDict) -> pathlib.Path:
+  """Writes WORKDIR/config.json atomically (a temporary file renamed), returns its path."""
+  path = config_path(workdir)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  temporary = path.with_suffix('.json.tmp')
+  temporary.write_text(json.dumps(_encode(config), indent=2, sort_keys=True) + '\n')
+  temporary.replace(path)
+  return path
+
+
+def read_config(workdir) -> ml_collections.ConfigDict:
+  path = config_path(workdir)
+  if not path.is_file():
+    raise FileNotFoundError(f'{path} not found: is {workdir} a workdir written by atlas_jax '
+                            '(main or tools.convert_torch)?')
+  try:
+    values = json.loads(path.read_text())
+  except json.JSONDecodeError as error:
+    raise ValueError(f'{path} is not valid JSON ({error}); restore it or rewrite it from the config file') from None
+  return _decode(values)
