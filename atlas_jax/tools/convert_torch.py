@@ -1,0 +1,85 @@
+r"""Converts a checkpoint of the reference PyTorch Atlas into an atlas_jax workdir (torch not needed).
+
+python -m atlas_jax.tools.convert_torch --checkpoint=PATH --config=configs/atlas_b_1024.py --output=WORKDIR \
+    [--config.FIELD=VALUE ...]
+
+PATH is the reference trainer's file (its `model` entry is used) or a bare state dict. Every parameter and
+BatchNorm statistic is mapped by name; a missing, unexpected or mis-shaped tensor is reported by name and
+nothing is written. The workdir's config says `parent_window: raster` (what the reference computes) unless
+`--config.model.parent_window` is given.
+"""
+
+import pathlib
+import sys
+
+from absl import app, flags, logging
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+
+from atlas_jax import checkpointing, workdir as workdir_lib
+from atlas_jax.models import build_model, resolve_model_config
+from atlas_jax.models.reference_names import variables_from_reference
+from atlas_jax.tools.torch_checkpoint import load_state_dict
+
+
+
+def define_flags():
+  """The command line's flags; defined only when run as a program, so the module imports anywhere."""
+  global _CONFIG, _CHECKPOINT, _OUTPUT
+  _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file of the model the checkpoint holds.',
+                                            lock_config=True)
+  _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'The PyTorch checkpoint (zip format).')
+  _OUTPUT = flags.DEFINE_string('output', None, 'The workdir to write (must not hold checkpoints yet).')
+
+
+class ConversionError(ValueError):
+  """A checkpoint that cannot be converted, or an output that would overwrite one."""
+
+
+def convert(checkpoint, config, output, parent_window_given: bool = False) -> dict:
+  """Converts `checkpoint` for the model of `config` into workdir `output`; returns what was written."""
+  output = pathlib.Path(output)
+  if workdir_lib.checkpoints_dir(output).exists() and any(workdir_lib.checkpoints_dir(output).iterdir()):
+    raise ConversionError(f'{output} already holds checkpoints; convert into a new, empty workdir')
+  config = resolve_model_config(config)
+  if not parent_window_given:
+    config.model.parent_window = 'raster'  # the reference computes top-down parents this way
+  if config.model.name != 'atlas' or config.model.patch_size != 16 or config.model.composition != 'atlas':
+    raise ConversionError('reference checkpoints hold Atlas with the conv stem: model.name=atlas, '
+                          'model.patch_size=16, model.composition=atlas')
+  state_dict = load_state_dict(checkpoint)
+  model = build_model(config)
+  images = jax.ShapeDtypeStruct((1,) + tuple(config.image_size) + (3,), jnp.float32)
+  abstract = jax.eval_shape(model.init, jax.random.key(0), images)
+  variables = variables_from_reference(state_dict, abstract)  # raises, naming tensors, before any write
+  config_path = workdir_lib.write_config(output, config)
+  checkpoints = checkpointing.Checkpoints(output)
+  checkpoints.save(0, {'params': variables['params'], 'batch_stats': variables.get('batch_stats')})
+  checkpoints.close()
+  counts = {name: sum(leaf.size for leaf in jax.tree.leaves(tree)) for name, tree in variables.items()}
+  return {'config': config_path, 'checkpoint': workdir_lib.checkpoints_dir(output) / '0', 'counts': counts,
+          'parent_window': config.model.parent_window}
+
+
+def main(argv):
+  logging.set_verbosity(logging.WARNING)
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  for name, flag in (('--checkpoint', _CHECKPOINT), ('--output', _OUTPUT), ('--config', _CONFIG)):
+    if flag.value is None:
+      raise app.UsageError(f'{name} is required')
+  parent_window_given = any(arg.startswith('--config.model.parent_window') for arg in sys.argv)
+  try:
+    written = convert(_CHECKPOINT.value, _CONFIG.value, _OUTPUT.value, parent_window_given)
+  except (ValueError, FileNotFoundError) as error:
+    print(f'convert_torch: {error}', file=sys.stderr)
+    sys.exit(1)
+  counts = ', '.join(f'{count:,} {name}' for name, count in written['counts'].items())
+  print(f'wrote {written["config"]} (parent_window: {written["parent_window"]})')
+  print(f'wrote {written["checkpoint"]}: {counts}')
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)
