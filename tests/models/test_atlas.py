@@ -185,3 +185,16 @@ def test_batchnorm_uses_the_statistics_of_the_whole_batch():
   together = apply(images)
   changed = apply(images.at[1:].multiply(3.0))
   assert not np.allclose(together[0], changed[0])
+
+
+def test_initialization_follows_pytorch_defaults():
+  """Linear/Conv weights kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)); biases U(+-1/sqrt(fan_in))."""
+  from atlas_jax.models.layers import Conv3x3, Linear
+  dense = Linear(512, 256).init(jax.random.key(0), jnp.zeros((1, 256)))['params']
+  conv = Conv3x3(64, 32).init(jax.random.key(1), jnp.zeros((1, 8, 8, 32)))['params']
+  for params, fan_in in ((dense, 256), (conv, 9 * 32)):
+    bound = 1 / np.sqrt(fan_in)
+    kernel, bias = np.asarray(params['kernel']), np.asarray(params['bias'])
+    assert np.abs(kernel).max() <= bound and np.abs(bias).max() <= bound
+    assert abs(kernel.std() - bound / np.sqrt(3)) < 0.02 * bound   # uniform's std is bound / sqrt(3)
+    assert bias.std() > 0.4 * bound                                 # biases are not zero-initialised
