@@ -54,14 +54,21 @@ def load_image(path, image_size) -> np.ndarray:
 
 
 def class_names(config) -> list[str]:
-  """Label of each class index: a class-list file's names, sorted (DESIGN.md), HR-IN100's, or the index."""
+  """Label of each class index: `data.classes`' names, sorted (DESIGN.md), HR-IN100's for 100 classes, or the index."""
   num_classes = config.model.num_classes
-  source = config.data.classes if config.data.classes else (HR_IN100_CLASSES if num_classes == 100 else None)
-  if source is not None and pathlib.Path(source).is_file():
-    names = sorted(line.strip() for line in pathlib.Path(source).read_text().splitlines() if line.strip())
-    if len(names) == num_classes:
-      return names
-  return [str(index) for index in range(num_classes)]
+  if config.data.classes:
+    source = pathlib.Path(config.data.classes)
+    if not source.is_file():
+      raise ValueError(f'data.classes names {source}, which does not exist: point it at the class-list file '
+                       'the model was trained with')
+  elif num_classes == 100:
+    source = HR_IN100_CLASSES
+  else:
+    return [str(index) for index in range(num_classes)]
+  names = sorted(line.strip() for line in source.read_text().splitlines() if line.strip())
+  if len(names) != num_classes:
+    raise ValueError(f'{source} lists {len(names)} classes but the model has {num_classes}')
+  return names
 
 
 def image_paths(inputs) -> list[pathlib.Path]:
@@ -116,10 +123,10 @@ def main(argv):
     raise app.UsageError('--top_k and --batch_size must be at least 1')
   try:
     predictor = Predictor(_CHECKPOINT.value, _CONFIG.value, _STEP.value, _BATCH_SIZE.value)
+    names = class_names(predictor.config)
   except (ValueError, FileNotFoundError) as error:
     print(f'predict: {error}', file=sys.stderr)
     sys.exit(1)
-  names = class_names(predictor.config)
   top_k = min(_TOP_K.value, len(names))
   readable, arrays, unreadable = [], [], 0
   for path in image_paths(inputs):

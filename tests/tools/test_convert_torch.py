@@ -137,3 +137,18 @@ def test_predict_with_no_readable_image_exits_nonzero(tiny, tmp_path):
   predicted = _run('atlas_jax.predict', f'--checkpoint={tmp_path / "workdir"}', str(tmp_path / 'empty.jpg'))
   assert predicted.returncode == 1
   assert 'empty.jpg' in predicted.stderr and '0 images' in predicted.stderr
+
+
+def test_class_names(tmp_path):
+  from atlas_jax.predict import class_names
+  config = common.base_config('T', 512)
+  names = class_names(config)
+  assert len(names) == 100 and names == sorted(names) and names[0].startswith('n')
+  config.model.num_classes = 3
+  assert class_names(config) == ['0', '1', '2']
+  (tmp_path / 'classes.txt').write_text('zebra\napple\nmango\n')
+  config.data.classes = str(tmp_path / 'classes.txt')
+  assert class_names(config) == ['apple', 'mango', 'zebra']
+  config.data.classes = str(tmp_path / 'missing.txt')
+  with pytest.raises(ValueError, match='does not exist'):
+    class_names(config)
