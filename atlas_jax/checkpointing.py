@@ -10,6 +10,7 @@ from typing import Any, Mapping
 
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy
 
 from atlas_jax import workdir as workdir_lib
 
@@ -23,26 +24,43 @@ class CheckpointError(ValueError):
   """A missing, incomplete or incompatible checkpoint."""
 
 
+BEST_METRIC = 'top1'
+
+
+def _best_metric(metrics) -> float:
+  return float(metrics[BEST_METRIC])
+
+
 class Checkpoints:
-  """Save and restore the items of a step; `keep` last steps kept (None keeps all)."""
+  """Save and restore the items of a step; the last `keep` steps (None: all) and the best one are kept.
+
+  The best step is the one saved with the highest `metrics['top1']` (validation top-1); steps saved
+  without metrics are kept only while they are among the last `keep`.
+  """
 
   def __init__(self, workdir, keep: int | None = None, async_save: bool = False):
     self.directory = workdir_lib.checkpoints_dir(workdir).absolute()
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=async_save)
+    policies = [preservation_policy.LatestN(n=keep),
+                preservation_policy.BestN(get_metric_fn=_best_metric, n=1,
+                                          keep_checkpoints_without_metrics=False)]
+    options = ocp.CheckpointManagerOptions(
+        create=True, enable_async_checkpointing=async_save, best_fn=_best_metric, best_mode='max',
+        preservation_policy=preservation_policy.AnyPreservationPolicy(policies))
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={name: ocp.StandardCheckpointHandler() for name in ITEMS})
 
-  def save(self, step: int, items: Mapping[str, Any]) -> None:
-    """Saves the non-empty items of `items` (names from ITEMS) as step `step`."""
+  def save(self, step: int, items: Mapping[str, Any], metrics: Mapping[str, float] | None = None) -> None:
+    """Saves the non-empty items of `items` (names from ITEMS) as step `step`, ranked by `metrics`."""
     unknown = set(items) - set(ITEMS)
     if unknown:
       raise ValueError(f'unknown checkpoint items {sorted(unknown)}; known: {ITEMS}')
     present = {name: ocp.args.StandardSave(tree) for name, tree in items.items()
                if tree is not None and jax.tree.leaves(tree)}
     metadata = {'atlas_jax_version': __version__, 'param_tree_version': PARAM_TREE_VERSION}
-    self.manager.save(step, args=ocp.args.Composite(**present), custom_metadata=metadata, force=True)
+    metrics = None if metrics is None else {name: float(value) for name, value in metrics.items()}
+    self.manager.save(step, args=ocp.args.Composite(**present), custom_metadata=metadata, metrics=metrics,
+                      force=True)
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -52,6 +70,20 @@ class Checkpoints:
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
+
+  def best_step(self) -> int | None:
+    """The step saved with the highest validation top-1; None when no step was saved with metrics."""
+    ranked = [(_best_metric(metrics), step) for step in self.manager.all_steps()
+              if (metrics := self.manager.metrics(step))]
+    # Ties go to the later step, the one orbax's BestN keeps.
+    return max(ranked)[1] if ranked else None
+
+  def metrics_at(self, step: int) -> dict | None:
+    metrics = self.manager.metrics(step)
+    return dict(metrics) if metrics else None
+
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
 
   def items_at(self, step: int) -> set[str]:
     step_dir = self.directory / str(step)
@@ -79,13 +111,18 @@ class Checkpoints:
 
 def restore_inference_variables(workdir, abstract_variables, step: int | None = None,
                                 use_ema: bool = False) -> tuple[dict, int]:
-  """params (EMA weights when asked and present) and batch_stats of `step` (default: latest) -> (variables, step)."""
+  """params (EMA weights when asked and present) and batch_stats of `step` -> (variables, step).
+
+  `step` None picks the best step by validation top-1 when one is recorded, else the latest.
+  """
   checkpoints = Checkpoints(workdir)
   try:
-    steps = checkpoints.manager.all_steps()
+    steps = checkpoints.all_steps()
     if not steps:
       raise CheckpointError(f'no checkpoint under {checkpoints.directory}: train or convert one first')
-    step = max(steps) if step is None else step
+    if step is None:
+      step = checkpoints.best_step()
+      step = max(steps) if step is None else step
     if step not in steps:
       raise CheckpointError(f'no checkpoint for step {step} under {checkpoints.directory}; '
                             f'steps present: {sorted(steps)}')

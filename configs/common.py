@@ -59,6 +59,8 @@ def data_config() -> ml_collections.ConfigDict:
   data.workers = 8
   data.max_bad_fraction = 0.01
   data.max_pixels = 200_000_000
+  data.synthetic_train_size = 50_000                    # examples of the built-in synthetic task
+  data.synthetic_val_size = 2_000
   return data
 
 
@@ -78,10 +80,20 @@ def base_config(variant: str, image_size: int | tuple[int, int]) -> ml_collectio
   config.min_lr = 1e-6
   config.weight_decay = 0.24
   config.seed = 42
+  config.optimizer = ml_collections.ConfigDict({'b1': 0.9, 'b2': 0.999, 'eps': 1e-8,
+                                               'clip_grad_norm': 0.0})  # 0 = no clipping (reference)
+  config.ema = ml_collections.ConfigDict({'decay': 0.0})  # 0 = off; e.g. 0.9998 keeps an EMA of the weights
+  # timm's Mixup in batch mode with its label smoothing; both alphas 0 turn mixing off.
+  config.mixup = ml_collections.ConfigDict({'mixup_alpha': 0.8, 'cutmix_alpha': 1.0, 'switch_prob': 0.5,
+                                           'label_smoothing': 0.1})
   config.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1})
-  config.checkpoint = ml_collections.ConfigDict({'every_steps': 1000, 'keep': 3})
-  config.eval = ml_collections.ConfigDict({'every_steps': 1000})
+  config.checkpoint = ml_collections.ConfigDict({'every_steps': 1000, 'keep': 3, 'async_save': True})
+  # batch_size 0 = the training micro-batch (batch_size / grad_accum_steps).
+  config.eval = ml_collections.ConfigDict({'every_steps': 1000, 'batch_size': 0})
   config.log = ml_collections.ConfigDict({'every_steps': 50})
+  # A jax.profiler trace of `num_steps` steps from `start_step` into WORKDIR/profile; -1 = off.
+  config.profile = ml_collections.ConfigDict({'start_step': -1, 'num_steps': 5})
+  config.compilation_cache_dir = '~/.cache/atlas_jax/xla'  # '' turns the persistent cache off
   config.mode = 'train'                                 # train | eval | compile
   config.init_from = config_dict.placeholder(str)
   return config

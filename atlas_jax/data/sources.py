@@ -1,0 +1,203 @@
+"""Data sources: random access by index, `source[i] -> {'image': uint8 (H, W, 3), 'label': int32 scalar}`.
+
+A source is any object with `__len__` and `__getitem__(index)`; the loader (pipeline.py) does the shuffling,
+sharding and batching, so a source only has to be deterministic per index and safe to call from threads.
+
+`SyntheticLongRange` is the built-in task that needs long-range communication (docs/synthetic_task.md): two
+coloured squares far apart, the label a function of both colours and of where the left one lies in the whole
+image, which no sum of per-window evidence can represent. It needs no files, works at any resolution and
+renders an example in about a millisecond per megapixel.
+
+`make_source(config.data, image_size, split, seed)` picks a source by `data.source`. Only 'synthetic' is
+implemented here; 'tfds' and 'folder' are named in the table so that a missing data directory gets a
+message that says what to set.
+"""
+
+import dataclasses
+import math
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+SPLITS = ('train', 'validation')
+DEFAULT_SYNTHETIC_TRAIN_SIZE = 50_000
+DEFAULT_SYNTHETIC_VAL_SIZE = 2_000
+
+
+class DataSourceError(ValueError):
+  """A data source that cannot be built from the config: unknown name, missing data, bad split."""
+
+
+def image_size_pair(image_size: int | Sequence[int]) -> tuple[int, int]:
+  """`2048` or `(H, W)` -> (H, W) as ints."""
+  if isinstance(image_size, (int, np.integer)):
+    return int(image_size), int(image_size)
+  height, width = image_size
+  return int(height), int(width)
+
+
+@dataclasses.dataclass(frozen=True)
+class LongRangeExample:
+  """The generation parameters of one SyntheticLongRange example (pixel boxes are [top, top + side))."""
+  colour_a: int          # palette index of marker A (left part of the image)
+  colour_b: int          # palette index of marker B (right part of the image)
+  region_a: int          # 1 when marker A lies in the top half of the image, else 0
+  top_a: int
+  left_a: int
+  top_b: int
+  left_b: int
+  side: int              # both markers are side x side squares
+  label: int             # (colour_a + colour_b + region_a) % num_classes
+
+
+class SyntheticLongRange:
+  """Two coloured squares far apart; label = (colour_A + colour_B + [A in the top half]) mod 4.
+
+  Layout of an (H, W) image, side s = max(4, min(H, W) // 10):
+    background: gray 128 with uniform noise in [-8, 8] per pixel and channel;
+    marker A: an s x s square inside columns [0, floor(3W/8)) and inside the top half rows [0, H // 2)
+      (region_a = 1) or the bottom half rows [ceil(H/2), H) (region_a = 0);
+    marker B: an s x s square inside columns [ceil(5W/8), W), any rows;
+    so the columns of A and B are at least W/4 apart, and A is in the left half, B in the right half.
+  Colours, region and positions are uniform and independent, so the label is uniform over the 4 classes
+  and independent of any one marker alone. Example i of a split depends only on (seed, split, i).
+  """
+
+  num_classes = 4
+  PALETTE = np.array([[220, 40, 40],      # red
+                      [40, 190, 60],      # green
+                      [50, 80, 230],      # blue
+                      [235, 215, 40]],    # yellow
+                     dtype=np.int16)
+  PALETTE_NAMES = ('red', 'green', 'blue', 'yellow')
+  BACKGROUND = 128
+  NOISE = 8
+  # The noise is a tile repeated at a random phase: per-pixel random numbers would cost ~10x more at 2048^2.
+  # Tile sides are coprime with 16 so the pattern does not line up with the patch grid.
+  NOISE_TILE = (61, 59)
+  MIN_SIDE = 32
+
+  def __init__(self, image_size: int | Sequence[int], size: int, seed: int = 0, split: str = 'train'):
+    height, width = image_size_pair(image_size)
+    if min(height, width) < self.MIN_SIDE:
+      raise DataSourceError(f'SyntheticLongRange needs images of at least {self.MIN_SIDE}x{self.MIN_SIDE} '
+                            f'pixels, got {height}x{width}')
+    if split not in SPLITS:
+      raise DataSourceError(f'split must be one of {SPLITS}, got {split!r}')
+    if size < 1:
+      raise DataSourceError(f'a synthetic split needs at least one example, got size={size}')
+    if seed < 0:
+      raise DataSourceError(f'seed must be >= 0 (numpy seed sequences take non-negative ints), got {seed}')
+    self.image_shape = (height, width, 3)
+    self.size = int(size)
+    self.seed = int(seed)
+    self.split = split
+    self._split_id = SPLITS.index(split)
+    self.side = max(4, min(height, width) // 10)
+
+  def __len__(self) -> int:
+    return self.size
+
+  def _rng(self, index) -> np.random.Generator:
+    if not isinstance(index, (int, np.integer)):
+      raise TypeError(f'index must be an integer, got {type(index).__name__}')
+    if not 0 <= index < self.size:
+      raise IndexError(f'index {index} out of range for a split of {self.size} examples')
+    return np.random.default_rng([self.seed, self._split_id, int(index)])
+
+  def _draw_parameters(self, rng: np.random.Generator) -> LongRangeExample:
+    height, width, _ = self.image_shape
+    side = self.side
+    colour_a, colour_b = (int(c) for c in rng.integers(0, len(self.PALETTE), size=2))
+    region_a = int(rng.integers(0, 2))
+    if region_a:
+      top_a = int(rng.integers(0, height // 2 - side + 1))
+    else:
+      top_a = int(rng.integers(math.ceil(height / 2), height - side + 1))
+    left_a = int(rng.integers(0, (3 * width) // 8 - side + 1))
+    top_b = int(rng.integers(0, height - side + 1))
+    left_b = int(rng.integers(math.ceil(5 * width / 8), width - side + 1))
+    label = (colour_a + colour_b + region_a) % self.num_classes
+    return LongRangeExample(colour_a, colour_b, region_a, top_a, left_a, top_b, left_b, side, label)
+
+  def describe(self, index: int) -> LongRangeExample:
+    """The generation parameters of example `index` (the same draws as `self[index]`, without rendering)."""
+    return self._draw_parameters(self._rng(index))
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    rng = self._rng(index)
+    example = self._draw_parameters(rng)
+    height, width, _ = self.image_shape
+    tile_height, tile_width = self.NOISE_TILE
+    tile = rng.integers(self.BACKGROUND - self.NOISE, self.BACKGROUND + self.NOISE + 1,
+                        size=(tile_height, tile_width, 3), dtype=np.uint8)
+    phase_row, phase_col = (int(p) for p in rng.integers(0, [tile_height, tile_width]))
+    repeats = (math.ceil((height + phase_row) / tile_height), math.ceil((width + phase_col) / tile_width), 1)
+    image = np.ascontiguousarray(
+        np.tile(tile, repeats)[phase_row:phase_row + height, phase_col:phase_col + width])  # (H, W, 3)
+    side = example.side
+    for colour, top, left in ((example.colour_a, example.top_a, example.left_a),
+                              (example.colour_b, example.top_b, example.left_b)):
+      patch = image[top:top + side, left:left + side].astype(np.int16)
+      # The marker keeps the background's noise around its colour: solid to the eye, not a constant patch.
+      image[top:top + side, left:left + side] = np.clip(
+          patch - self.BACKGROUND + self.PALETTE[colour], 0, 255).astype(np.uint8)
+    return {'image': image, 'label': np.int32(example.label)}
+
+
+def _synthetic(data_config, image_size, split: str, seed: int) -> SyntheticLongRange:
+  if split == 'train':
+    size = getattr(data_config, 'synthetic_train_size', None)
+    size = DEFAULT_SYNTHETIC_TRAIN_SIZE if size is None else size
+  else:
+    size = getattr(data_config, 'synthetic_val_size', None)
+    size = DEFAULT_SYNTHETIC_VAL_SIZE if size is None else size
+  return SyntheticLongRange(image_size, int(size), seed=seed, split=split)
+
+
+def _tfds(data_config, image_size, split: str, seed: int):
+  name = getattr(data_config, 'name', None)
+  data_dir = getattr(data_config, 'data_dir', None)
+  if name is None or data_dir is None:
+    raise DataSourceError(
+        f"data.source='tfds' needs data.name and data.data_dir (got name={name!r}, data_dir={data_dir!r}: "
+        'no directory to look for prepared data in); set --config.data.name=NAME '
+        '--config.data.data_dir=/path/to/tensorflow_datasets, or use --config.data.source=synthetic')
+  raise DataSourceError(
+      f"data.source='tfds' (name={name!r}, data_dir={data_dir!r}) is not implemented in this version of "
+      'atlas_jax.data.sources; use --config.data.source=synthetic')
+
+
+def _folder(data_config, image_size, split: str, seed: int):
+  data_dir = getattr(data_config, 'data_dir', None)
+  if data_dir is None:
+    raise DataSourceError(
+        "data.source='folder' needs data.data_dir, the image folder with one subfolder per class (got "
+        'data_dir=None: no directory to look in); set --config.data.data_dir=/path/to/images, '
+        'or use --config.data.source=synthetic')
+  raise DataSourceError(
+      f"data.source='folder' (data_dir={data_dir!r}) is not implemented in this version of "
+      'atlas_jax.data.sources; use --config.data.source=synthetic')
+
+
+# data.source -> builder(data_config, image_size, split, seed); a new source is one more entry here.
+SOURCE_BUILDERS: dict[str, Callable[..., Any]] = {
+    'synthetic': _synthetic,
+    'tfds': _tfds,
+    'folder': _folder,
+}
+
+
+def make_source(data_config, image_size: int | Sequence[int], split: str, seed: int):
+  """The source named by `data_config.source` for `split` ('train' or 'validation'), images of `image_size`.
+
+  `data_config` is `config.data` (a ConfigDict or any object with these attributes); fields it lacks take
+  their defaults. Raises DataSourceError with a one-line fix when the source cannot be built.
+  """
+  if split not in SPLITS:
+    raise DataSourceError(f'split must be one of {SPLITS}, got {split!r}')
+  name = getattr(data_config, 'source', 'synthetic')
+  builder = SOURCE_BUILDERS.get(name)
+  if builder is None:
+    raise DataSourceError(f'unknown data.source={name!r}; known: {", ".join(SOURCE_BUILDERS)}')
+  return builder(data_config, image_size_pair(image_size), split, seed)

@@ -1,0 +1,117 @@
+"""Evaluation over a whole split: top-1, top-5 and cross-entropy, every example counted exactly once.
+
+The last global batch is padded to full size and its padding masked out, so one compiled step serves
+the whole split. `run` is `--config.mode=eval`: it evaluates the workdir's best (else latest) checkpoint,
+or `init_from` when the workdir has none, with raw weights and, when present, EMA weights.
+"""
+
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from atlas_jax import checkpointing
+from atlas_jax import metrics as metrics_lib
+from atlas_jax import sharding
+from atlas_jax import transfer
+from atlas_jax import workdir as workdir_lib
+from atlas_jax.data import pipeline, sources
+from atlas_jax.models import build_model
+
+
+def make_eval_step(model, num_classes: int):
+  """(variables, batch {'image', 'label', 'mask'}) -> sums over the real examples of the batch."""
+  top_k = min(5, num_classes)
+
+  def eval_step(variables, batch):
+    logits = model.apply(variables, batch['image'], train=False)
+    labels = batch['label'].astype(jnp.int32)
+    mask = batch['mask'].astype(jnp.float32)
+    _, predicted = jax.lax.top_k(logits, top_k)                                # (B, k)
+    correct_top1 = (predicted[:, 0] == labels).astype(jnp.float32)
+    correct_top5 = jnp.any(predicted == labels[:, None], axis=1).astype(jnp.float32)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    losses = -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
+    return {'top1': jnp.sum(correct_top1 * mask), 'top5': jnp.sum(correct_top5 * mask),
+            'loss': jnp.sum(losses * mask), 'examples': jnp.sum(mask)}
+
+  return eval_step
+
+
+def evaluate(eval_step, variables, source, batch_size: int, mesh, workers: int = 0) -> dict:
+  """{'top1', 'top5', 'loss', 'examples'} of `variables` over all of `source`."""
+  totals = {'top1': 0.0, 'top5': 0.0, 'loss': 0.0, 'examples': 0.0}
+  batches = pipeline.eval_batches(source, batch_size, process_index=jax.process_index(),
+                                  process_count=jax.process_count(), workers=workers)
+  for local_batch in batches:
+    sums = jax.device_get(eval_step(variables, sharding.global_batch(local_batch, mesh)))
+    for key in totals:
+      totals[key] += float(sums[key])
+  examples = totals.pop('examples')
+  if examples != len(source):
+    raise RuntimeError(f'evaluation counted {examples:.0f} examples, the split has {len(source)}')
+  return {**{key: value / examples for key, value in totals.items()}, 'examples': int(examples)}
+
+
+def evaluate_state(config, eval_step, state, source, mesh) -> dict:
+  """{'raw': results} and, with EMA on, {'ema': results}, of a train state."""
+  weights = {'raw': state.params}
+  if state.ema_params is not None:
+    weights['ema'] = state.ema_params
+  results = {}
+  for name, params in weights.items():
+    variables = {'params': params, 'batch_stats': state.batch_stats} if state.batch_stats else {'params': params}
+    results[name] = evaluate(eval_step, variables, source, config.eval.batch_size, mesh, config.data.workers)
+  return results
+
+
+def run(config, workdir) -> dict:
+  """`--config.mode=eval`: evaluates and appends the results to WORKDIR/metrics.jsonl."""
+  from atlas_jax import train  # for prepare_config and eval_dtype; train imports this module lazily
+
+  config = train.prepare_config(config)
+  workdir = pathlib.Path(workdir)
+  mesh = sharding.make_mesh(config)
+  sharding.check_batch_size(config.eval.batch_size, mesh, 'config.eval.batch_size')
+  source = sources.make_source(config.data, config.image_size, 'validation', config.seed)
+  model = build_model(config, dtype=train.eval_dtype(config))
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *config.image_size, 3))))
+
+  checkpoints_dir = workdir_lib.checkpoints_dir(workdir)
+  has_checkpoints = checkpoints_dir.is_dir() and any(path.name.isdigit() for path in checkpoints_dir.iterdir())
+  weights = {}
+  if has_checkpoints:
+    variables, step = checkpointing.restore_inference_variables(workdir, abstract)
+    weights['raw'] = variables
+    try:
+      weights['ema'], _ = checkpointing.restore_inference_variables(workdir, abstract, step, use_ema=True)
+    except checkpointing.CheckpointError:
+      pass  # no EMA in this run
+    source_name = f'step {step} of {workdir}'
+  elif config.init_from:
+    fresh = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), abstract)
+    weights['raw'], step = transfer.load(config, fresh)
+    source_name = f'step {step} of {config.init_from}'
+  else:
+    raise checkpointing.CheckpointError(
+        f'nothing to evaluate: {workdir} has no checkpoints and config.init_from is unset; '
+        'train first or pass --config.init_from=WORKDIR')
+
+  eval_step = jax.jit(make_eval_step(model, config.model.num_classes))
+  writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  results = {}
+  try:
+    with jax.set_mesh(mesh):
+      for name, variables in weights.items():
+        variables = jax.device_put(variables, sharding.replicated(mesh))
+        results[name] = evaluate(eval_step, variables, source, config.eval.batch_size, mesh, config.data.workers)
+        writer.write(step, 'eval', {**results[name], 'weights': name})
+        if jax.process_index() == 0:
+          print(json.dumps({'step': step, 'weights': name, **results[name]}), flush=True)
+  finally:
+    writer.close()
+  logging.info('evaluated %s', source_name)
+  return results

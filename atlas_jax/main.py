@@ -1,0 +1,60 @@
+"""Train or evaluate: `python -m atlas_jax.main --config=configs/NAME.py[:ARG] --workdir=DIR [--config.F=V]`.
+
+`--config.mode` picks the job: `train` (default; resumes by itself from the workdir's latest checkpoint),
+`eval` (the workdir's best or latest checkpoint, or `init_from`), or `compile` (compile the train step for
+the configured mesh and batch, and report the memory it needs per device).
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'A config file under configs/, optionally with `:ARG`.',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Where config.json, checkpoints/, tb/ and metrics.jsonl live.')
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for multi-host runs.')
+flags.DEFINE_integer('num_processes', None, 'Number of processes of a multi-host run.')
+flags.DEFINE_integer('process_id', None, 'This process of a multi-host run, 0 to num_processes - 1.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  import jax  # after absl parsed the flags, so XLA_FLAGS set by a launcher apply
+
+  config = FLAGS.config
+  if FLAGS.coordinator_address or FLAGS.num_processes:
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  if config.compilation_cache_dir:
+    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(config.compilation_cache_dir))
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+  logging.info('JAX %s on %d %s devices, process %d of %d', jax.__version__, jax.device_count(),
+               jax.default_backend(), jax.process_index(), jax.process_count())
+
+  from atlas_jax import evaluate, train  # noqa: E402 (after distributed initialization)
+  from atlas_jax import checkpointing, transfer
+  from atlas_jax.data import sources
+  from atlas_jax.sharding import MeshError
+  try:
+    if config.mode == 'eval':
+      evaluate.run(config, FLAGS.workdir)
+    elif config.mode == 'compile':
+      train.compile_only(config)
+    else:
+      train.run(config, FLAGS.workdir)
+  except (train.TrainingDiverged, checkpointing.CheckpointError, transfer.InitFromError, sources.DataSourceError,
+          MeshError, ValueError) as error:
+    # One line a user can act on, not a traceback; exit code 1 so schedulers see the failure.
+    logging.debug('traceback of the error below (shown with --verbosity=1)', exc_info=True)
+    print(f'error: {error}', file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  app.run(main)

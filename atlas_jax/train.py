@@ -1,0 +1,389 @@
+"""Training: the state, the jitted step, and the loop (evaluation, checkpoints, logging, preemption).
+
+One optimizer step (`train_step`) consumes one global batch of `batch_size` examples, split into
+`grad_accum_steps` micro-batches. Each micro-batch gets its own Mixup/CutMix draw and drop-path masks
+and updates the BatchNorm statistics once, as a PyTorch loop that calls backward per micro-batch.
+Every random draw of step s comes from `fold_in(state.rng, s)`, so a resumed run repeats exactly the
+draws of an uninterrupted one.
+
+The data pipeline is imported inside `run`, never at module scope: the step builds (for the benchmark)
+where only JAX, flax, optax and ml_collections are installed.
+"""
+
+import functools
+import json
+import pathlib
+import signal
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from atlas_jax import checkpointing
+from atlas_jax import losses
+from atlas_jax import metrics as metrics_lib
+from atlas_jax import optim
+from atlas_jax import sharding
+from atlas_jax import transfer
+from atlas_jax import workdir as workdir_lib
+from atlas_jax.models import build_model, resolve_model_config
+
+MODES = ('train', 'eval', 'compile')
+# Fields a resumed run must share with the run that wrote the workdir; the rest (total_steps,
+# intervals, workers, ...) may change between restarts.
+RESUME_FIELDS = ('image_size', 'model', 'batch_size', 'grad_accum_steps', 'seed', 'mixup', 'data.source')
+
+
+class TrainingDiverged(FloatingPointError):
+  """The loss became NaN or Inf."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array          # optimizer steps taken, int32 ()
+  params: Any              # float32
+  batch_stats: Any         # {} for models without BatchNorm
+  opt_state: Any
+  ema_params: Any          # None when EMA is off
+  rng: jax.Array           # uint32 (2,), fixed; step s draws from fold_in(rng, s)
+
+
+def model_variables(params, batch_stats) -> dict:
+  return {'params': params, 'batch_stats': batch_stats} if batch_stats else {'params': params}
+
+
+def prepare_config(config):
+  """The config with every derived field resolved; a field out of range is refused by name."""
+  config = resolve_model_config(config)
+  optim.validate_config(config)
+  if config.mode not in MODES:
+    raise ValueError(f'config.mode must be one of {MODES}, got {config.mode!r}')
+  for name in ('batch_size', 'checkpoint.every_steps', 'eval.every_steps', 'log.every_steps'):
+    value = config
+    for part in name.split('.'):
+      value = value[part]
+    if int(value) < 1:
+      raise ValueError(f'config.{name} must be >= 1, got {value}')
+  if config.batch_size % config.grad_accum_steps:
+    raise ValueError(f'config.batch_size={config.batch_size} is not divisible by '
+                     f'config.grad_accum_steps={config.grad_accum_steps}')
+  if config.eval.batch_size == 0:
+    config.eval.batch_size = config.batch_size // config.grad_accum_steps
+  return config
+
+
+def create_train_state(config, model, optimizer, rng) -> TrainState:
+  params_rng, train_rng = jax.random.split(rng)
+  images = jnp.zeros((1, *config.image_size, 3), jnp.float32)
+  variables = model.init({'params': params_rng}, images, train=False)
+  params = variables['params']
+  ema_params = jax.tree.map(jnp.copy, params) if optim.ema_enabled(config) else None
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get('batch_stats', {}), opt_state=optimizer.init(params),
+                    ema_params=ema_params, rng=train_rng)
+
+
+def make_train_step(config, model, optimizer):
+  """(state, batch {'image' (B, H, W, 3) float, 'label' (B,) int}) -> (state, metrics of the step)."""
+  accum_steps = optim.grad_accum_steps(config)
+  num_classes = config.model.num_classes
+  mixup = dict(config.mixup)
+  schedule = optim.learning_rate_schedule(config)
+  ema_decay = optim.ema_decay(config)
+
+  def train_step(state: TrainState, batch):
+    def micro_step(carry, micro_batch):
+      batch_stats, rng = carry
+      rng, mix_rng, dropout_rng = jax.random.split(rng, 3)
+      images, targets = losses.mixup_cutmix(mix_rng, micro_batch['image'], micro_batch['label'],
+                                            num_classes, **mixup)
+
+      def loss_fn(params):
+        logits, updates = model.apply(model_variables(params, batch_stats), images, train=True,
+                                      rngs={'dropout': dropout_rng}, mutable=['batch_stats'])
+        return losses.soft_target_cross_entropy(logits, targets), updates.get('batch_stats', {})
+
+      (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+      return (batch_stats, rng), (loss, ()), grads
+
+    micro_batches = optim.split_micro_batches(batch, accum_steps)  # leaves (k, B / k, ...)
+    step_rng = jax.random.fold_in(state.rng, state.step)
+    (batch_stats, _), loss, _, grads = optim.accumulated_grads(micro_step, micro_batches,
+                                                              (state.batch_stats, step_rng))
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema_params = (None if state.ema_params is None
+                  else optim.ema_update(state.ema_params, params, ema_decay))
+    metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'lr': schedule(state.step)}
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                              opt_state=opt_state, ema_params=ema_params)
+    return new_state, metrics
+
+  return train_step
+
+
+def eval_dtype(config) -> str:
+  """Evaluation computes in float32 on CPU and in the config's dtype on accelerators (DESIGN.md)."""
+  return 'float32' if jax.default_backend() == 'cpu' else config.model.dtype
+
+
+def jit_train_step(config, model, optimizer, mesh, abstract_state):
+  """The train step compiled for `mesh`: state sharded by `sharding.state_shardings`, donated."""
+  state_sharding = sharding.state_shardings(abstract_state, mesh)
+  return jax.jit(make_train_step(config, model, optimizer),
+                 in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+                 out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def abstract_batch(config, batch_size: int):
+  return {'image': jax.ShapeDtypeStruct((batch_size, *config.image_size, 3), jnp.float32),
+          'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+
+
+def compile_only(config) -> dict:
+  """`--config.mode=compile`: compiles the train step for the mesh and batch, no data; prints its memory."""
+  config = prepare_config(config)
+  mesh = sharding.make_mesh(config)
+  sharding.check_batch_size(config.batch_size, mesh)
+  model = build_model(config)
+  optimizer = optim.make_optimizer(config)
+  abstract_state = jax.eval_shape(functools.partial(create_train_state, config, model, optimizer),
+                                  jax.random.PRNGKey(config.seed))
+  start = time.perf_counter()
+  with jax.set_mesh(mesh):
+    compiled = jit_train_step(config, model, optimizer, mesh, abstract_state).lower(
+        abstract_state, abstract_batch(config, config.batch_size)).compile()
+  memory = compiled.memory_analysis()
+  gib = 2.0 ** 30
+  report = {'devices': mesh.size, 'mesh': dict(mesh.shape), 'batch_size': config.batch_size,
+            'compile_s': round(time.perf_counter() - start, 2),
+            'argument_gib': memory.argument_size_in_bytes / gib, 'output_gib': memory.output_size_in_bytes / gib,
+            'temp_gib': memory.temp_size_in_bytes / gib, 'alias_gib': memory.alias_size_in_bytes / gib}
+  # Donated state aliases its output, so it counts once.
+  report['peak_gib_per_device'] = (report['argument_gib'] + report['output_gib'] - report['alias_gib']
+                                   + report['temp_gib'])
+  if jax.process_index() == 0:
+    print(json.dumps(report), flush=True)
+  return report
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoint items.
+
+
+def checkpoint_items(state: TrainState, loader_state) -> dict:
+  return {'params': state.params, 'batch_stats': state.batch_stats, 'opt_state': state.opt_state,
+          'ema_params': state.ema_params, 'train_state': {'step': state.step, 'rng': state.rng},
+          'data': loader_state}
+
+
+def restore_state(checkpoints, step: int, abstract_state: TrainState, state_sharding, loader_state):
+  """(state, loader state) of `step`, each array placed as `state_sharding` says."""
+  def with_sharding(tree, shardings):
+    return jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
+                        tree, shardings)
+  abstract_items = checkpoint_items(with_sharding(abstract_state, state_sharding), loader_state)
+  restored = checkpoints.restore(step, abstract_items)
+  missing = {'params', 'opt_state', 'train_state', 'data'} - set(restored)
+  if abstract_state.ema_params is not None and 'ema_params' not in restored:
+    missing.add('ema_params')
+  if missing:
+    raise checkpointing.CheckpointError(
+        f'step {step} under {checkpoints.directory} lacks {sorted(missing)}: it was not written by a '
+        'training run with this config (use init_from to start from converted weights)')
+  state = TrainState(step=restored['train_state']['step'], params=restored['params'],
+                     batch_stats=restored.get('batch_stats', {}), opt_state=restored['opt_state'],
+                     ema_params=restored.get('ema_params'), rng=restored['train_state']['rng'])
+  return state, restored['data']
+
+
+def check_resumable(workdir, config) -> None:
+  """Refuses to resume a workdir written with another model, batch or seed, naming the field."""
+  if not workdir_lib.config_path(workdir).exists():
+    return
+  stored = workdir_lib.read_config(workdir)
+  for name in RESUME_FIELDS:
+    ours, theirs = config, stored
+    for part in name.split('.'):
+      ours, theirs = ours.get(part), theirs.get(part) if theirs is not None else None
+    if hasattr(ours, 'to_dict'):
+      ours, theirs = ours.to_dict(), theirs.to_dict() if theirs is not None else None
+    if ours != theirs:
+      raise ValueError(f'{workdir} holds a run with {name}={theirs!r}, this config has {ours!r}: '
+                       'resume with the same config or use a new --workdir')
+
+
+# ---------------------------------------------------------------------------------------------------
+# Preemption.
+
+
+class Preemption:
+  """SIGTERM sets a flag; the loop saves at the next step boundary and returns (DESIGN.md)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def check_finite(step: int, metrics, last_good: int | None, checkpoints_dir) -> None:
+  loss = float(metrics['loss'])
+  if not np.isfinite(loss):
+    where = f'step {last_good} in {checkpoints_dir}' if last_good is not None else 'none was saved'
+    raise TrainingDiverged(f'the loss is {loss} at step {step}; stopped. The last good checkpoint is {where}. '
+                           'Lower --config.lr or set --config.optimizer.clip_grad_norm')
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loop.
+
+
+def run(config, workdir) -> TrainState:
+  """Trains from scratch, from `init_from`, or from the workdir's latest checkpoint; returns the final state."""
+  from atlas_jax import evaluate  # evaluate imports the data pipeline: kept out of module scope
+  from atlas_jax.data import pipeline, sources
+
+  config = prepare_config(config)
+  workdir = pathlib.Path(workdir)
+  is_main = jax.process_index() == 0
+  mesh = sharding.make_mesh(config)
+  sharding.check_batch_size(config.batch_size, mesh)
+  sharding.check_batch_size(config.batch_size // config.grad_accum_steps, mesh,
+                            'config.batch_size / config.grad_accum_steps')
+  sharding.check_batch_size(config.eval.batch_size, mesh, 'config.eval.batch_size')
+  train_source = sources.make_source(config.data, config.image_size, 'train', config.seed)
+  val_source = sources.make_source(config.data, config.image_size, 'validation', config.seed)
+  check_resumable(workdir, config)
+  if is_main:
+    workdir_lib.write_config(workdir, config)
+
+  model = build_model(config)
+  eval_model = build_model(config, dtype=eval_dtype(config))
+  optimizer = optim.make_optimizer(config)
+  init = functools.partial(create_train_state, config, model, optimizer)
+  rng = jax.random.PRNGKey(config.seed)
+  abstract_state = jax.eval_shape(init, rng)
+  state_sharding = sharding.state_shardings(abstract_state, mesh)
+  checkpoints = checkpointing.Checkpoints(workdir, keep=config.checkpoint.keep,
+                                          async_save=config.checkpoint.async_save)
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+  loader = None
+  preemption = Preemption()
+  try:
+    with jax.set_mesh(mesh):
+      loader = pipeline.TrainLoader(train_source, config.batch_size, seed=config.seed,
+                                    process_index=jax.process_index(), process_count=jax.process_count(),
+                                    workers=config.data.workers)
+      latest = checkpoints.latest_step()
+      if latest is not None:
+        state, loader_state = restore_state(checkpoints, latest, abstract_state, state_sharding,
+                                            loader.get_state())
+        loader.set_state(loader_state)
+        logging.info('resuming from step %d in %s', latest, checkpoints.directory)
+        if is_main:
+          print(f'resuming from step {latest} in {checkpoints.directory}', flush=True)
+      else:
+        state = jax.jit(init, out_shardings=state_sharding)(rng)
+        if config.init_from:
+          variables, source_step = transfer.load(config, model_variables(state.params, state.batch_stats))
+          state = state.replace(params=variables['params'], batch_stats=variables.get('batch_stats', {}),
+                                ema_params=None if state.ema_params is None else variables['params'])
+          state = jax.device_put(state, state_sharding)
+          logging.info('initialized from step %d of %s', source_step, config.init_from)
+      start_step = int(state.step)
+      if is_main:
+        print(optim.param_overview(state.params), flush=True)
+      writer.truncate_after(start_step)  # a killed run may have logged steps past its last checkpoint
+
+      train_step = jit_train_step(config, model, optimizer, mesh, abstract_state)
+      eval_step = jax.jit(evaluate.make_eval_step(eval_model, config.model.num_classes))
+      state = _train_loop(config, workdir, mesh, state, train_step, eval_step, loader, val_source,
+                          checkpoints, writer, preemption, start_step)
+  finally:
+    preemption.restore()
+    if loader is not None:
+      loader.close()
+    checkpoints.wait()
+    checkpoints.close()
+    writer.close()
+  return state
+
+
+def _train_loop(config, workdir, mesh, state, train_step, eval_step, loader, val_source, checkpoints, writer,
+                preemption, start_step):
+  from atlas_jax import evaluate
+
+  total_steps = config.total_steps
+  progress = metrics_lib.Progress(total_steps, start_step)
+  last_saved = checkpoints.latest_step()
+  previous = None              # (step, metrics) checked one step late: keeps dispatch asynchronous
+  interval_start, interval_steps = time.perf_counter(), 0
+  profiling = False
+
+  def save(step, eval_metrics=None):
+    nonlocal last_saved
+    checkpoints.save(step, checkpoint_items(state, loader.get_state()), metrics=eval_metrics)
+    last_saved = step
+
+  for step in range(start_step, total_steps):
+    if step == config.profile.start_step:
+      jax.profiler.start_trace(str(workdir / 'profile'))
+      profiling = True
+    batch = sharding.global_batch(next(loader), mesh)
+    state, step_metrics = train_step(state, batch)
+    done = step + 1
+    interval_steps += 1
+    if previous is not None:
+      check_finite(*previous, last_saved, checkpoints.directory)
+    previous = (done, step_metrics)
+    if profiling and done == config.profile.start_step + config.profile.num_steps:
+      jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+      profiling = False
+
+    final = done == total_steps
+    if done % config.log.every_steps == 0 or final:
+      check_finite(*previous, last_saved, checkpoints.directory)
+      elapsed = time.perf_counter() - interval_start
+      record = {key: float(value) for key, value in jax.device_get(step_metrics).items()}
+      record['step_time_s'] = elapsed / interval_steps
+      record['images_per_s'] = config.batch_size * interval_steps / elapsed
+      writer.write(done, 'train', record)
+      if jax.process_index() == 0:
+        print(progress.line(done, record), flush=True)
+      interval_start, interval_steps = time.perf_counter(), 0
+
+    if done % config.eval.every_steps == 0 or final:
+      check_finite(*previous, last_saved, checkpoints.directory)
+      results = evaluate.evaluate_state(config, eval_step, state, val_source, mesh)
+      for weights, result in results.items():
+        writer.write(done, 'eval', {**result, 'weights': weights})
+        if jax.process_index() == 0:
+          print(f'eval step {done} ({weights} weights): top-1 {result["top1"]:.4f}  '
+                f'top-5 {result["top5"]:.4f}  loss {result["loss"]:.4f}', flush=True)
+      save(done, {'top1': max(result['top1'] for result in results.values())})
+      interval_start = time.perf_counter()  # evaluation time is not training speed
+    elif done % config.checkpoint.every_steps == 0 or preemption.requested:
+      check_finite(*previous, last_saved, checkpoints.directory)
+      save(done)
+
+    if preemption.requested and not final:
+      checkpoints.wait()
+      logging.warning('SIGTERM: saved step %d in %s; restart the same command to resume', done,
+                      checkpoints.directory)
+      print(f'preempted: saved step {done}; run the same command again to resume', flush=True)
+      break
+  if profiling:
+    jax.profiler.stop_trace()
+  return state

@@ -1,0 +1,77 @@
+"""`init_from`: parameters from another workdir (a trained run or a converted reference checkpoint).
+
+The source's model fields must equal this config's, except the number of classes (the head is then
+re-initialized) and fields that change only how the same function is computed (dtype, attention kernel,
+remat, drop path). Anything else is refused with the field's name: loading weights into a model that
+computes something else would train or evaluate silently wrong.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from atlas_jax import checkpointing
+from atlas_jax import workdir as workdir_lib
+from atlas_jax.models import build_model, resolve_model_config
+
+# Fields that do not change the function the parameters define.
+COMPUTE_ONLY_FIELDS = ('drop_path_rate', 'dtype', 'attention', 'remat')
+
+
+class InitFromError(ValueError):
+  """A source workdir whose parameters do not fit this config."""
+
+
+def check_compatible(source_config, config) -> bool:
+  """Raises InitFromError naming the first model field that differs; returns whether the head differs."""
+  source_model = resolve_model_config(source_config).model
+  model = resolve_model_config(config).model
+  for field in sorted(set(source_model.keys()) | set(model.keys())):
+    if field in COMPUTE_ONLY_FIELDS or field == 'num_classes':
+      continue
+    theirs, ours = source_model.get(field), model.get(field)
+    if theirs != ours:
+      raise InitFromError(
+          f'init_from={config.init_from} has model.{field}={theirs!r} but this config says {ours!r}: '
+          f'set --config.model.{field}={theirs!r} to use its weights, or pick another init_from')
+  return source_model.num_classes != model.num_classes
+
+
+def load(config, fresh_variables):
+  """`fresh_variables` (this model's initialized params and batch_stats) with the source's weights put in.
+
+  The head keeps its fresh initialization when the source has another number of classes.
+  """
+  source = config.init_from
+  if not workdir_lib.config_path(source).exists():
+    raise InitFromError(f'init_from={source} has no config.json: point it at a workdir written by '
+                        'atlas_jax.main or atlas_jax.tools.convert_torch')
+  source_config = workdir_lib.read_config(source)
+  new_head = check_compatible(source_config, config)
+  source_model = build_model(source_config)
+  source_size = resolve_model_config(source_config).image_size
+  abstract = jax.eval_shape(lambda: source_model.init(jax.random.key(0), jnp.zeros((1, *source_size, 3))))
+  restored, step = checkpointing.restore_inference_variables(source, abstract)
+
+  params = restored['params']
+  if new_head:  # every model's classifier is readout/head
+    fresh_head = fresh_variables['params']['readout']['head']
+    params = {**params, 'readout': {**params['readout'], 'head': fresh_head}}
+  _check_same_tree(params, fresh_variables['params'], source)
+  variables = {'params': params}
+  if fresh_variables.get('batch_stats'):
+    variables['batch_stats'] = restored['batch_stats']
+    _check_same_tree(variables['batch_stats'], fresh_variables['batch_stats'], source)
+  return variables, step
+
+
+def _check_same_tree(loaded, fresh, source) -> None:
+  """Same paths and shapes, or InitFromError naming the first difference (e.g. another number of scales)."""
+  loaded_leaves = {jax.tree_util.keystr(path): leaf.shape
+                   for path, leaf in jax.tree_util.tree_leaves_with_path(loaded)}
+  fresh_leaves = {jax.tree_util.keystr(path): leaf.shape
+                  for path, leaf in jax.tree_util.tree_leaves_with_path(fresh)}
+  for path in sorted(set(loaded_leaves) | set(fresh_leaves)):
+    if loaded_leaves.get(path) != fresh_leaves.get(path):
+      raise InitFromError(
+          f'init_from={source}: parameter {path} is {loaded_leaves.get(path, "absent")} there and '
+          f'{fresh_leaves.get(path, "absent")} here (another image_size gives another number of scales)')

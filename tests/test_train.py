@@ -1,0 +1,153 @@
+"""The train step and loop in process: accumulation, precision, decay mask, divergence, init_from, eval."""
+
+import functools
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from atlas_jax import checkpointing, evaluate, optim, sharding, train, transfer
+from atlas_jax.data import sources
+from atlas_jax.models import build_model
+from atlas_jax.tools.convert_torch import convert
+from tests.reference_fixtures import FIXTURES, fixture_config, load_fixture
+from tests.train_configs import ROOT, tiny_config
+
+
+def _state_and_step(config):
+  config = train.prepare_config(config)
+  model = build_model(config)
+  optimizer = optim.make_optimizer(config)
+  mesh = sharding.make_mesh(config, jax.devices()[:1])
+  init = functools.partial(train.create_train_state, config, model, optimizer)
+  abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+  with jax.set_mesh(mesh):
+    state = jax.jit(init)(jax.random.PRNGKey(0))
+    step = train.jit_train_step(config, model, optimizer, mesh, abstract)
+  return state, step, mesh
+
+
+def _batch(config, index=0):
+  source = sources.make_source(config.data, config.image_size, 'train', 0)
+  from atlas_jax.data import pipeline
+  with pipeline.TrainLoader(source, config.batch_size, seed=index) as loader:
+    return next(loader)
+
+
+def _relative_difference(got, want):
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  return np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-12)
+
+
+def test_accumulation_of_micro_batches_equals_one_batch():
+  # No drop path or mixing (their draws differ per micro-batch); the patchify model has no BatchNorm.
+  results = []
+  for accum in (1, 4):
+    config = tiny_config(grad_accum_steps=accum, model__drop_path_rate=0.0)
+    state, step, mesh = _state_and_step(config)
+    with jax.set_mesh(mesh):
+      state, metrics = step(state, sharding.global_batch(_batch(config), mesh))
+    results.append((jax.device_get(state.params), float(metrics['loss']), float(metrics['grad_norm'])))
+  (params_1, loss_1, norm_1), (params_4, loss_4, norm_4) = results
+  assert loss_4 == pytest.approx(loss_1, rel=1e-5) and norm_4 == pytest.approx(norm_1, rel=1e-4)
+  for got, want in zip(jax.tree.leaves(params_4), jax.tree.leaves(params_1)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_loss_tracks_float32():
+  losses = {}
+  for dtype in ('float32', 'bfloat16'):
+    config = tiny_config(model__dtype=dtype, lr=1e-3)
+    state, step, mesh = _state_and_step(config)
+    losses[dtype] = []
+    with jax.set_mesh(mesh):
+      for index in range(4):
+        state, metrics = step(state, sharding.global_batch(_batch(config, index), mesh))
+        losses[dtype].append(float(metrics['loss']))
+    assert jax.tree.leaves(state.params)[0].dtype == jnp.float32  # parameters stay float32
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state.opt_state) if leaf.ndim)
+  np.testing.assert_allclose(losses['bfloat16'], losses['float32'], rtol=2e-2)
+
+
+def test_weight_decay_reaches_kernels_only_on_the_atlas_tree():
+  config = train.prepare_config(tiny_config())
+  model = build_model(config)
+  params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params']
+  decayed = {jax.tree_util.keystr(path): flag for path, flag in
+             jax.tree_util.tree_leaves_with_path(optim.weight_decay_mask(params))}
+  assert any('position' in path for path in decayed)
+  for path, flag in decayed.items():
+    assert flag == path.endswith("['kernel']"), path  # never biases, norms, position-MLP biases
+
+
+def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+  config = tiny_config(steps=6, lr=1e30, warmup_steps=0, checkpoint__every_steps=1,
+                       checkpoint__async_save=False, log__every_steps=100, eval__every_steps=100)
+  with pytest.raises(train.TrainingDiverged, match=r'at step (\d+).*last good checkpoint is step') as error:
+    train.run(config, tmp_path)
+  bad_step = int(error.value.args[0].split('at step ')[1].split(';')[0])
+  saved = checkpointing.Checkpoints(tmp_path).all_steps()
+  assert saved and max(saved) == bad_step - 1
+
+
+def test_eval_mode_on_a_converted_reference_checkpoint(tmp_path):
+  """init_from a converted (raster) checkpoint: the spatial config is refused by name; raster evaluates."""
+  meta, _, _ = load_fixture('atlas_tiny_512')
+  source_config = fixture_config(meta, 'raster')
+  convert(FIXTURES / 'atlas_tiny_512_state_dict.pt', source_config, tmp_path / 'converted')
+  config = fixture_config(meta, 'spatial')
+  config.init_from = str(tmp_path / 'converted')
+  config.data.update(source='synthetic', synthetic_val_size=3, workers=0)
+  config.eval.batch_size = 2
+  with pytest.raises(transfer.InitFromError, match=r"model.parent_window='raster'"):
+    evaluate.run(config, tmp_path / 'eval')
+  config.model.parent_window = 'raster'
+  results = evaluate.run(config, tmp_path / 'eval')
+  assert results['raw']['examples'] == 3 and 0 <= results['raw']['top1'] <= 1
+
+
+def test_init_from_reinitializes_a_head_of_another_size(tmp_path):
+  meta, state_dict, _ = load_fixture('atlas_tiny_512')
+  source_config = fixture_config(meta, 'raster')
+  convert(FIXTURES / 'atlas_tiny_512_state_dict.pt', source_config, tmp_path / 'converted')
+  config = fixture_config(meta, 'raster')
+  config.model.num_classes = 4
+  config.init_from = str(tmp_path / 'converted')
+  model = build_model(config)
+  fresh = jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 512, 512, 3)))
+  loaded, step = transfer.load(config, fresh)
+  assert step == 0
+  np.testing.assert_array_equal(loaded['params']['readout']['head']['kernel'],
+                                fresh['params']['readout']['head']['kernel'])
+  source, _ = checkpointing.restore_inference_variables(
+      tmp_path / 'converted', jax.eval_shape(build_model(source_config).init, jax.random.key(0),
+                                             jnp.zeros((1, 512, 512, 3))))
+  np.testing.assert_array_equal(loaded['params']['stem']['conv1']['kernel'],
+                                source['params']['stem']['conv1']['kernel'])
+  config.model.window = 8
+  with pytest.raises(transfer.InitFromError, match='model.window'):
+    transfer.load(config, fresh)
+
+
+def test_compile_mode_reports_memory_per_device():
+  report = train.compile_only(tiny_config(mode='compile'))
+  assert report['peak_gib_per_device'] > 0 and report['temp_gib'] > 0 and report['devices'] == 1
+
+
+def test_data_parallel_on_8_devices_matches_1_device():
+  """One step with BatchNorm in train mode (conv stem), mixing, drop path and accumulation, in a subprocess
+  that fakes 8 CPU devices."""
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0',
+         'PYTHONPATH': str(ROOT)}
+  result = subprocess.run([sys.executable, str(ROOT / 'tests' / 'data_parallel_check.py')], env=env,
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  assert report['devices'] == 8
+  assert report['max_relative_difference'] < 1e-5, report

@@ -1,0 +1,38 @@
+"""Small trainer configs shared by the trainer tests: the quickstart shrunk to a few milliseconds a step."""
+
+import pathlib
+
+from configs import quickstart
+
+ROOT = pathlib.Path(__file__).parents[1]
+
+# The quickstart at 32 px: 8 x 8 tokens, windows of 4 x 4, pool 2 -> two scales (2 x 2 windows, 1 window).
+TINY = {'image_size': (32, 32), 'model.pool': 2, 'model.dim': 16, 'model.depths': (1, 1),
+        'batch_size': 8, 'eval.batch_size': 8, 'data.synthetic_train_size': 64,
+        'data.synthetic_val_size': 12, 'data.workers': 0, 'warmup_steps': 2, 'compilation_cache_dir': ''}
+# Every part of the recipe on: drop path, Mixup/CutMix with label smoothing, accumulation, EMA.
+FULL_RECIPE = {'model.drop_path_rate': 0.1, 'mixup.mixup_alpha': 0.8, 'mixup.cutmix_alpha': 1.0,
+               'mixup.label_smoothing': 0.1, 'grad_accum_steps': 2, 'ema.decay': 0.9}
+
+
+def tiny_config(steps: int = 6, **overrides):
+  """The tiny quickstart; overrides name fields with '__' for '.', e.g. model__dtype='bfloat16'."""
+  config = quickstart.get_config(f'steps={steps}')
+  for name, value in {**TINY, **{key.replace('__', '.'): value for key, value in overrides.items()}}.items():
+    *groups, field = name.split('.')
+    target = config
+    for group in groups:
+      target = target[group]
+    target[field] = value
+  return config
+
+
+def command_line_overrides(**overrides) -> list[str]:
+  """TINY plus `overrides` as --config.FIELD=VALUE flags for `python -m atlas_jax.main`."""
+  fields = {**TINY, **{key.replace('__', '.'): value for key, value in overrides.items()}}
+  flags = []
+  for name, value in fields.items():
+    if isinstance(value, tuple):
+      value = '(' + ','.join(str(item) for item in value) + (',)' if len(value) == 1 else ')')
+    flags.append(f'--config.{name}={value}')
+  return flags
