@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The H100 rows of docs/performance.md, one benchmark process per row, each under its own time limit.
+# Run from the repository root: bash experiments/speed/run_h100.sh OUT_DIR
+# (On the lent GPU machine ml_collections is missing: install its wheel first, see docs/performance.md.)
+set -u
+out=${1:-/tmp/atlas_speed}
+mkdir -p "$out"
+export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 PYTHONUNBUFFERED=1
+cache="--config.compilation_cache_dir=$out/xla_cache"
+row() {  # row SECONDS NAME ARGS...
+  local limit=$1 name=$2; shift 2
+  echo "== $name" | tee -a "$out/log.txt"
+  timeout "$limit" python3 -m atlas_jax.benchmark --output="$out/results.jsonl" "$@" "$cache" 2>&1 \
+    | grep -v '^[WI][0-9]' | tee -a "$out/log.txt"
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
+row 200 atlas_b_1024_bs32 --config=configs/atlas_b_1024.py --batch_size=32 --mode=train,infer
+row 200 atlas_b_4096_bs8_remat --config=configs/atlas_b_4096.py --batch_size=8 --mode=train \
+  --config.model.remat=block --fast_path=false
+row 170 atlas_b_4096_d2_10_bs8_remat --config=configs/atlas_b_4096.py --batch_size=8 --mode=train \
+  --config.model.remat=block --config.model.depths='(2,10)' --fast_path=false
