@@ -55,3 +55,17 @@ def test_another_parameter_tree_version_is_refused(tmp_path, monkeypatch):
   monkeypatch.setattr(checkpointing, 'PARAM_TREE_VERSION', checkpointing.PARAM_TREE_VERSION + 1)
   with pytest.raises(checkpointing.CheckpointError, match='parameter-tree version'):
     checkpointing.restore_inference_variables(tmp_path, abstract)
+
+
+def test_the_last_k_and_the_best_step_by_top1_are_kept(tmp_path):
+  model = _patchify_model()
+  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  params = jax.tree.map(jnp.zeros_like, abstract['params'])
+  checkpoints = checkpointing.Checkpoints(tmp_path, keep=2)
+  for step, top1 in [(1, 0.5), (2, 0.9), (3, None), (4, 0.1), (5, None)]:
+    checkpoints.save(step, {'params': params}, metrics=None if top1 is None else {'top1': top1})
+  assert checkpoints.all_steps() == [2, 4, 5] and checkpoints.best_step() == 2
+  checkpoints.close()
+  # predict and mode=eval read the best step unless told otherwise.
+  assert checkpointing.restore_inference_variables(tmp_path, abstract)[1] == 2
+  assert checkpointing.restore_inference_variables(tmp_path, abstract, step=5)[1] == 5

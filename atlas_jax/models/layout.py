@@ -77,6 +77,9 @@ def check_image_size(image_size: Sequence[int], patch_size: int, window: int = 1
                      pool: int = 4) -> tuple[ScaleLayout, ...]:
   """Layouts for an image of `image_size` (H, W) pixels, or one LayoutError line naming sizes that work."""
   height, width = int(image_size[0]), int(image_size[1])
+  if window < 1 or pool < 2 or window % pool:
+    # Bottom-up attention groups the coarse tokens above each fine window: window / pool per side.
+    raise LayoutError(f'model.window={window} must be a multiple of model.pool={pool} (and pool >= 2)')
   try:
     if height % patch_size or width % patch_size:
       raise LayoutError('not a multiple of the patch size')

@@ -198,3 +198,10 @@ def test_initialization_follows_pytorch_defaults():
     assert np.abs(kernel).max() <= bound and np.abs(bias).max() <= bound
     assert abs(kernel.std() - bound / np.sqrt(3)) < 0.02 * bound   # uniform's std is bound / sqrt(3)
     assert bias.std() > 0.4 * bound                                 # biases are not zero-initialised
+
+
+def test_a_window_that_is_not_a_multiple_of_the_pool_is_refused():
+  config = common.base_config('S', 384)
+  config.model.update(patch_size=4, window=8, pool=3)
+  with pytest.raises(LayoutError, match='model.window=8 must be a multiple of model.pool=3'):
+    build_model(config)
