@@ -57,4 +57,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # orbax and JAX log every save at INFO; the run prints its own progress. --verbosity=0 brings INFO back.
+  FLAGS.set_default('verbosity', logging.WARNING)
   app.run(main)

@@ -11,24 +11,24 @@ from configs import common
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, model='atlas', steps=1500)
+  args = common.parse_arg(arg, model='atlas', steps=800)
   config = common.base_config('T', 64)
   config.model.update(name=args.model, patch_size=4, window=4, pool=4, dim=64, num_heads=2,
                       depths=(2, 2), num_classes=4, drop_path_rate=0.0,
                       dtype='float32')  # XLA's CPU backend runs bfloat16 matmuls slower than float32
   config.data.source = 'synthetic'
   config.data.workers = 2
-  config.batch_size = 32
+  config.batch_size = 16
   config.grad_accum_steps = 1
   config.total_steps = args.steps
-  config.warmup_steps = min(100, args.steps // 10)
+  config.warmup_steps = min(60, args.steps // 10)
   config.lr = 2e-3
   config.min_lr = 1e-5
   config.weight_decay = 0.05
   # Mixup and CutMix blend or cut away the markers the labels are about: off for this task.
   config.mixup.update(mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.0)
-  config.checkpoint.every_steps = 500
-  config.eval.every_steps = 500
+  config.checkpoint.every_steps = 200
+  config.eval.every_steps = 100
   config.eval.batch_size = 250
   config.data.synthetic_val_size = 1000
   config.log.every_steps = 50

@@ -157,3 +157,18 @@ def test_a_config_without_data_fails_in_one_line_naming_where_it_looked(tmp_path
   error_lines = [line for line in result.stderr.splitlines() if line.startswith('error:')]
   assert len(error_lines) == 1 and 'data_dir' in error_lines[0] and '--config.data' in error_lines[0]
   assert 'Traceback' not in result.stderr
+
+
+def test_the_quickstart_learns_well_above_chance(tmp_path):
+  """The CI version of experiments/quickstart_vs_windows: 200 steps of the quickstart; chance is 25%."""
+  flags = ['--config=configs/quickstart.py:steps=200',
+           '--config.min_lr=0.002',  # a short run: hold the peak rate after warm-up rather than decay it away
+           '--config.data.synthetic_val_size=200', '--config.eval.every_steps=200', '--config.eval.batch_size=100',
+           '--config.checkpoint.every_steps=200', '--config.compilation_cache_dir=']
+  # XLA's full optimisation here: this test is dominated by running steps, not compiling them.
+  env = {**os.environ, 'PYTHONPATH': str(ROOT), 'XLA_FLAGS': ''}
+  result = subprocess.run([sys.executable, '-m', 'atlas_jax.main', *flags, f'--workdir={tmp_path}'], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  final = [record for record in metrics_lib.read_metrics(tmp_path) if record['kind'] == 'eval'][-1]
+  assert final['step'] == 200 and final['top1'] >= 0.4, final

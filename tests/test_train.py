@@ -151,3 +151,4 @@ def test_data_parallel_on_8_devices_matches_1_device():
   report = json.loads(result.stdout.strip().splitlines()[-1])
   assert report['devices'] == 8
   assert report['max_relative_difference'] < 1e-5, report
+

@@ -4,9 +4,9 @@ A source is any object with `__len__` and `__getitem__(index)`; the loader (pipe
 sharding and batching, so a source only has to be deterministic per index and safe to call from threads.
 
 `SyntheticLongRange` is the built-in task that needs long-range communication (docs/synthetic_task.md): two
-coloured squares far apart, the label a function of both colours and of where the left one lies in the whole
-image, which no sum of per-window evidence can represent. It needs no files, works at any resolution and
-renders an example in about a millisecond per megapixel.
+coloured squares far apart, the label whether their colours differ and whether they lie in different halves of
+the whole image (two XORs), which no sum of per-window evidence can represent. It needs no files, works at any
+resolution and renders an example in about a millisecond per megapixel.
 
 `make_source(config.data, image_size, split, seed)` picks a source by `data.source`. Only 'synthetic' is
 implemented here; 'tfds' and 'folder' are named in the table so that a missing data directory gets a
@@ -39,37 +39,39 @@ def image_size_pair(image_size: int | Sequence[int]) -> tuple[int, int]:
 @dataclasses.dataclass(frozen=True)
 class LongRangeExample:
   """The generation parameters of one SyntheticLongRange example (pixel boxes are [top, top + side))."""
-  colour_a: int          # palette index of marker A (left part of the image)
+  colour_a: int          # palette index of marker A (left part of the image): 0 red, 1 blue
   colour_b: int          # palette index of marker B (right part of the image)
-  region_a: int          # 1 when marker A lies in the top half of the image, else 0
+  region_a: int          # 1 when marker A lies in the top half of the image, 0 in the bottom half
+  region_b: int          # the same for marker B
   top_a: int
   left_a: int
   top_b: int
   left_b: int
   side: int              # both markers are side x side squares
-  label: int             # (colour_a + colour_b + region_a) % num_classes
+  label: int             # (colour_a ^ colour_b) + 2 * (region_a ^ region_b)
 
 
 class SyntheticLongRange:
-  """Two coloured squares far apart; label = (colour_A + colour_B + [A in the top half]) mod 4.
+  """Two coloured squares far apart; label = [colours differ] + 2 * [halves differ] (4 classes).
 
-  Layout of an (H, W) image, side s = max(4, min(H, W) // 10):
+  Layout of an (H, W) image, side s = max(4, min(H, W) // 4):
     background: gray 128 with uniform noise in [-8, 8] per pixel and channel;
-    marker A: an s x s square inside columns [0, floor(3W/8)) and inside the top half rows [0, H // 2)
-      (region_a = 1) or the bottom half rows [ceil(H/2), H) (region_a = 0);
-    marker B: an s x s square inside columns [ceil(5W/8), W), any rows;
+    marker A: an s x s square of colour red or blue inside columns [0, floor(3W/8));
+    marker B: an s x s square of colour red or blue inside columns [ceil(5W/8), W);
+    each marker lies wholly in the top half rows [0, H // 2) (region 1) or the bottom half rows
+      [ceil(H/2), H) (region 0);
     so the columns of A and B are at least W/4 apart, and A is in the left half, B in the right half.
-  Colours, region and positions are uniform and independent, so the label is uniform over the 4 classes
-  and independent of any one marker alone. Example i of a split depends only on (seed, split, i).
+  label = (colour_a XOR colour_b) + 2 * (region_a XOR region_b): whether the two colours differ, and whether
+  the two markers lie in different halves of the whole image. Colours, regions and positions are uniform
+  and independent, so the label is uniform over the 4 classes and independent of any one marker alone.
+  Example i of a split depends only on (seed, split, i).
   """
 
   num_classes = 4
   PALETTE = np.array([[220, 40, 40],      # red
-                      [40, 190, 60],      # green
-                      [50, 80, 230],      # blue
-                      [235, 215, 40]],    # yellow
+                      [50, 80, 230]],     # blue
                      dtype=np.int16)
-  PALETTE_NAMES = ('red', 'green', 'blue', 'yellow')
+  PALETTE_NAMES = ('red', 'blue')
   BACKGROUND = 128
   NOISE = 8
   # The noise is a tile repeated at a random phase: per-pixel random numbers would cost ~10x more at 2048^2.
@@ -93,7 +95,7 @@ class SyntheticLongRange:
     self.seed = int(seed)
     self.split = split
     self._split_id = SPLITS.index(split)
-    self.side = max(4, min(height, width) // 10)
+    self.side = max(4, min(height, width) // 4)
 
   def __len__(self) -> int:
     return self.size
@@ -105,20 +107,23 @@ class SyntheticLongRange:
       raise IndexError(f'index {index} out of range for a split of {self.size} examples')
     return np.random.default_rng([self.seed, self._split_id, int(index)])
 
+  def _draw_top(self, rng: np.random.Generator, region: int) -> int:
+    """A marker's top row, the marker wholly in the top half (region 1) or the bottom half (region 0)."""
+    height = self.image_shape[0]
+    if region:
+      return int(rng.integers(0, height // 2 - self.side + 1))
+    return int(rng.integers(math.ceil(height / 2), height - self.side + 1))
+
   def _draw_parameters(self, rng: np.random.Generator) -> LongRangeExample:
-    height, width, _ = self.image_shape
+    width = self.image_shape[1]
     side = self.side
-    colour_a, colour_b = (int(c) for c in rng.integers(0, len(self.PALETTE), size=2))
-    region_a = int(rng.integers(0, 2))
-    if region_a:
-      top_a = int(rng.integers(0, height // 2 - side + 1))
-    else:
-      top_a = int(rng.integers(math.ceil(height / 2), height - side + 1))
+    colour_a, colour_b, region_a, region_b = (int(v) for v in rng.integers(0, 2, size=4))
+    top_a = self._draw_top(rng, region_a)
     left_a = int(rng.integers(0, (3 * width) // 8 - side + 1))
-    top_b = int(rng.integers(0, height - side + 1))
+    top_b = self._draw_top(rng, region_b)
     left_b = int(rng.integers(math.ceil(5 * width / 8), width - side + 1))
-    label = (colour_a + colour_b + region_a) % self.num_classes
-    return LongRangeExample(colour_a, colour_b, region_a, top_a, left_a, top_b, left_b, side, label)
+    label = (colour_a ^ colour_b) + 2 * (region_a ^ region_b)
+    return LongRangeExample(colour_a, colour_b, region_a, region_b, top_a, left_a, top_b, left_b, side, label)
 
   def describe(self, index: int) -> LongRangeExample:
     """The generation parameters of example `index` (the same draws as `self[index]`, without rendering)."""

@@ -52,7 +52,8 @@ def test_label_formula_and_rendered_markers():
   for index in range(30):
     params = source.describe(index)
     example = source[index]
-    assert params.label == (params.colour_a + params.colour_b + params.region_a) % NUM_CLASSES
+    assert params.label == (params.colour_a ^ params.colour_b) + 2 * (params.region_a ^ params.region_b)
+    assert 0 <= params.label < NUM_CLASSES
     assert example['label'] == params.label
     image = example['image'].astype(np.int16)
     side = params.side
@@ -67,8 +68,8 @@ def test_label_formula_and_rendered_markers():
     assert np.abs(image[outside] - SyntheticLongRange.BACKGROUND).max() <= SyntheticLongRange.NOISE
 
 
-@pytest.mark.parametrize('image_size', [(32, 32), (32, 48), (200, 120), (256, 512)])
-def test_markers_are_far_apart_and_a_is_in_its_half(image_size):
+@pytest.mark.parametrize('image_size', [(32, 32), (32, 48), (200, 120), (256, 512), (33, 35)])
+def test_markers_are_far_apart_and_each_in_its_half(image_size):
   height, width = image_size
   source = SyntheticLongRange(image_size, 300)
   for index in range(300):
@@ -77,13 +78,12 @@ def test_markers_are_far_apart_and_a_is_in_its_half(image_size):
     assert params.left_a >= 0 and params.left_a + side <= width // 2
     assert params.left_b >= width / 2 and params.left_b + side <= width
     assert params.left_b - (params.left_a + side) >= width / 4
-    assert 0 <= params.top_b and params.top_b + side <= height
-    centre_row_a = params.top_a + side / 2
-    assert (centre_row_a < height / 2) == bool(params.region_a)
-    if params.region_a:
-      assert params.top_a + side <= height // 2
-    else:
-      assert params.top_a >= height / 2 and params.top_a + side <= height
+    for top, region in ((params.top_a, params.region_a), (params.top_b, params.region_b)):
+      assert (top + side / 2 < height / 2) == bool(region)
+      if region:
+        assert 0 <= top and top + side <= height // 2
+      else:
+        assert top >= height / 2 and top + side <= height
 
 
 def test_classes_are_balanced():
@@ -111,14 +111,11 @@ def test_additive_evidence_stays_near_chance_and_joint_evidence_solves_it():
   """docs/synthetic_task.md (i): scores u(A) + v(B) cannot represent the label; the joint one-hot can."""
   source = SyntheticLongRange(64, 8000, seed=2)
   params = [source.describe(index) for index in range(8000)]
-  colour_a = np.array([p.colour_a for p in params])
-  colour_b = np.array([p.colour_b for p in params])
-  region_a = np.array([p.region_a for p in params])
+  marker_a = np.array([p.colour_a * 2 + p.region_a for p in params])    # all the label uses of A
+  marker_b = np.array([p.colour_b * 2 + p.region_b for p in params])    # ... and of B
   labels = np.array([p.label for p in params])
-  # Everything about marker A that the label uses (its colour and half), and marker B's colour.
-  additive = np.concatenate([_one_hot(colour_a * 2 + region_a, 2 * NUM_CLASSES),
-                             _one_hot(colour_b, NUM_CLASSES)], axis=1)
-  joint = _one_hot((colour_a * NUM_CLASSES + colour_b) * 2 + region_a, 2 * NUM_CLASSES ** 2)
+  additive = np.concatenate([_one_hot(marker_a, 4), _one_hot(marker_b, 4)], axis=1)
+  joint = _one_hot(marker_a * 4 + marker_b, 16)
   train, test = slice(0, 4000), slice(4000, 8000)
   additive_accuracy, additive_error = _least_squares_fit(additive[train], labels[train], additive[test],
                                                          labels[test])
