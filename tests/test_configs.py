@@ -13,8 +13,10 @@ from atlas_jax import workdir as workdir_lib
 from atlas_jax.models import build_model, resolve_model_config
 from configs import common
 
-CONFIG_FILES = sorted(str(path) for path in (pathlib.Path(__file__).parents[1] / 'configs').glob('*.py')
-                      if path.name not in ('__init__.py', 'common.py'))
+ROOT = pathlib.Path(__file__).parents[1]
+# The model family; the quickstart (explicit small dims, 4 classes) has its own test.
+CONFIG_FILES = sorted(str(path) for path in (ROOT / 'configs').glob('*.py')
+                      if path.name not in ('__init__.py', 'common.py', 'quickstart.py'))
 
 
 def _parse(config_file, *overrides):
@@ -74,3 +76,12 @@ def test_parse_arg():
   assert (parsed.variant, parsed.runlocal, parsed.size) == ('B', True, 1024)
   with pytest.raises(ValueError, match='unknown config argument'):
     common.parse_arg('nope=1', variant='S')
+
+
+def test_quickstart_config():
+  config = _parse(str(ROOT / 'configs' / 'quickstart.py'))
+  assert '--config=configs/quickstart.py' in open(ROOT / 'configs' / 'quickstart.py').read()
+  resolved = resolve_model_config(config)
+  assert resolved.image_size == (64, 64) and resolved.model.num_classes == 4 and config.data.source == 'synthetic'
+  baseline = _parse(str(ROOT / 'configs' / 'quickstart.py') + ':model=window_vit,steps=10')
+  assert baseline.model.name == 'window_vit' and baseline.total_steps == 10

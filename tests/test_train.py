@@ -152,3 +152,10 @@ def test_data_parallel_on_8_devices_matches_1_device():
   assert report['devices'] == 8
   assert report['max_relative_difference'] < 1e-5, report
 
+
+
+def test_a_profile_window_writes_a_trace(tmp_path):
+  config = tiny_config(steps=3, profile__start_step=1, profile__num_steps=1, checkpoint__async_save=False,
+                       log__every_steps=10, eval__every_steps=10)
+  train.run(config, tmp_path)
+  assert list((tmp_path / 'profile').rglob('*.xplane.pb'))
