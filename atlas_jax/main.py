@@ -26,6 +26,9 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  if not FLAGS['verbosity'].present:
+    # orbax and JAX log every save at INFO; the run prints its own progress. --verbosity=0 brings INFO back.
+    logging.set_verbosity(logging.WARNING)
   import jax  # after absl parsed the flags, so XLA_FLAGS set by a launcher apply
 
   config = FLAGS.config
@@ -57,6 +60,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  # orbax and JAX log every save at INFO; the run prints its own progress. --verbosity=0 brings INFO back.
-  FLAGS.set_default('verbosity', logging.WARNING)
   app.run(main)
