@@ -190,7 +190,7 @@ def benchmark(config, batch_size: int, modes, steps: int = 20, warmup: int = 3, 
   optimizer = optim.make_optimizer(config)
   init = functools.partial(train.create_train_state, config, model, optimizer)
   abstract_state = jax.eval_shape(init, jax.random.PRNGKey(0))
-  state_sharding = sharding.state_shardings(abstract_state, mesh)
+  state_sharding = sharding.state_shardings(abstract_state, mesh, sharding.fsdp_min_size(config))
   device, peak_tflops = device_description()
   flops_forward = model_flops_per_image(config)
   images = np.random.default_rng(0).standard_normal((batch_size, *config.image_size, 3), np.float32)

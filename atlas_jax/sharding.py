@@ -2,8 +2,9 @@
 
 Mesh axes: `data` (pure data parallelism) and `fsdp` (data parallelism whose members also split the
 large parameter and optimizer leaves). A batch is split along its first axis over both. A state leaf with
-at least `FSDP_MIN_SIZE` elements is split along `fsdp` on its largest axis that divides evenly; smaller
-leaves (biases, norms) are replicated, since splitting them saves nothing and costs a gather each.
+at least `config.mesh.fsdp_min_size` elements (default FSDP_MIN_SIZE, 2^18 = 1 MiB of float32) is split
+along `fsdp` on its largest axis that divides evenly; smaller leaves (biases, norms) are replicated, since
+splitting them saves little and costs a gather each.
 """
 
 import math
@@ -66,9 +67,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def leaf_spec(shape, fsdp_size: int) -> PartitionSpec:
-  """Split the largest axis divisible by the fsdp size, for leaves of at least FSDP_MIN_SIZE elements."""
-  if fsdp_size == 1 or math.prod(shape) < FSDP_MIN_SIZE:
+def leaf_spec(shape, fsdp_size: int, min_size: int = FSDP_MIN_SIZE) -> PartitionSpec:
+  """Split the largest axis divisible by the fsdp size, for leaves of at least `min_size` elements."""
+  if fsdp_size == 1 or math.prod(shape) < min_size:
     return PartitionSpec()
   for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
     if shape[axis] % fsdp_size == 0:
@@ -76,10 +77,15 @@ def leaf_spec(shape, fsdp_size: int) -> PartitionSpec:
   return PartitionSpec()
 
 
-def state_shardings(abstract_state, mesh: Mesh):
+def state_shardings(abstract_state, mesh: Mesh, min_size: int = FSDP_MIN_SIZE):
   """NamedShardings for a tree of arrays or ShapeDtypeStructs (parameters, optimizer state, EMA)."""
   fsdp_size = mesh.shape['fsdp']
-  return jax.tree.map(lambda leaf: NamedSharding(mesh, leaf_spec(np.shape(leaf), fsdp_size)), abstract_state)
+  return jax.tree.map(lambda leaf: NamedSharding(mesh, leaf_spec(np.shape(leaf), fsdp_size, min_size)),
+                      abstract_state)
+
+
+def fsdp_min_size(config) -> int:
+  return int(config.mesh.get('fsdp_min_size', FSDP_MIN_SIZE))
 
 
 def global_batch(local_batch, mesh: Mesh):

@@ -134,7 +134,7 @@ def eval_dtype(config) -> str:
 
 def jit_train_step(config, model, optimizer, mesh, abstract_state):
   """The train step compiled for `mesh`: state sharded by `sharding.state_shardings`, donated."""
-  state_sharding = sharding.state_shardings(abstract_state, mesh)
+  state_sharding = sharding.state_shardings(abstract_state, mesh, sharding.fsdp_min_size(config))
   return jax.jit(make_train_step(config, model, optimizer),
                  in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
                  out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
@@ -274,7 +274,7 @@ def run(config, workdir) -> TrainState:
   init = functools.partial(create_train_state, config, model, optimizer)
   rng = jax.random.PRNGKey(config.seed)
   abstract_state = jax.eval_shape(init, rng)
-  state_sharding = sharding.state_shardings(abstract_state, mesh)
+  state_sharding = sharding.state_shardings(abstract_state, mesh, sharding.fsdp_min_size(config))
   checkpoints = checkpointing.Checkpoints(workdir, keep=config.checkpoint.keep,
                                           async_save=config.checkpoint.async_save)
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)

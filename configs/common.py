@@ -86,7 +86,8 @@ def base_config(variant: str, image_size: int | tuple[int, int]) -> ml_collectio
   # timm's Mixup in batch mode with its label smoothing; both alphas 0 turn mixing off.
   config.mixup = ml_collections.ConfigDict({'mixup_alpha': 0.8, 'cutmix_alpha': 1.0, 'switch_prob': 0.5,
                                            'label_smoothing': 0.1})
-  config.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1})
+  # fsdp_min_size: state leaves with at least this many elements are split over the fsdp axis.
+  config.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'fsdp_min_size': 2 ** 18})
   config.checkpoint = ml_collections.ConfigDict({'every_steps': 1000, 'keep': 3, 'async_save': True})
   # batch_size 0 = the training micro-batch (batch_size / grad_accum_steps).
   config.eval = ml_collections.ConfigDict({'every_steps': 1000, 'batch_size': 0})

@@ -1,24 +1,25 @@
-"""One train step on 1 device and on 8 (data parallel), printed as JSON; run by tests/test_train.py.
+"""One train step on 1 device, on 8 (data parallel) and on 8 as 2 data x 4 FSDP, printed as JSON.
 
-Run with XLA_FLAGS=--xla_force_host_platform_device_count=8. The model has a conv stem, so BatchNorm runs
-in train mode on statistics of the whole micro-batch, spread over the devices; each device holds other
-examples. Mixup/CutMix, drop path, accumulation and EMA are on.
+Run by tests/test_train.py with XLA_FLAGS=--xla_force_host_platform_device_count=8. The model has a conv
+stem, so BatchNorm runs in train mode on statistics of the whole micro-batch, spread over the devices;
+each device holds other examples. Mixup/CutMix, drop path, accumulation and EMA are on.
 """
 
 import functools
 import json
+import tempfile
 
 import jax
 import numpy as np
 
-from atlas_jax import optim, sharding, train
+from atlas_jax import checkpointing, optim, sharding, train
 from atlas_jax.data import pipeline, sources
 from atlas_jax.models import build_model
 from tests.train_configs import FULL_RECIPE, tiny_config
 
 
-def one_step(config, devices):
-  config.mesh.data = len(devices)
+def one_step(config, devices, fsdp: int = 1):
+  config.mesh.update(data=len(devices) // fsdp, fsdp=fsdp)
   model = build_model(config)
   optimizer = optim.make_optimizer(config)
   mesh = sharding.make_mesh(config, devices)
@@ -27,11 +28,61 @@ def one_step(config, devices):
   source = sources.make_source(config.data, config.image_size, 'train', 0)
   with pipeline.TrainLoader(source, config.batch_size, seed=0) as loader:
     local_batch = next(loader)
+  shardings = sharding.state_shardings(abstract, mesh, sharding.fsdp_min_size(config))
   with jax.set_mesh(mesh):
-    state = jax.jit(init, out_shardings=sharding.state_shardings(abstract, mesh))(jax.random.PRNGKey(0))
+    state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(0))
     step = train.jit_train_step(config, model, optimizer, mesh, abstract)
     state, metrics = step(state, sharding.global_batch(local_batch, mesh))
-  return jax.device_get((state.params, state.batch_stats, state.ema_params, metrics['loss']))
+  # Bytes of parameters whose arrays really are split over the fsdp axis, after the step.
+  split_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state.params) if 'fsdp' in leaf.sharding.spec)
+  total_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state.params))
+  values = jax.device_get((state.params, state.batch_stats, state.ema_params, metrics['loss']))
+  return values, split_bytes / total_bytes
+
+
+def max_relative_difference(got, want) -> float:
+  """Largest |got - want| over every leaf of a tree, relative to the largest |want| of that tree."""
+  got_leaves = [np.asarray(leaf, np.float64) for leaf in jax.tree.leaves(got)]
+  want_leaves = [np.asarray(leaf, np.float64) for leaf in jax.tree.leaves(want)]
+  scale = max(float(np.max(np.abs(leaf))) for leaf in want_leaves)
+  return max(float(np.max(np.abs(g - w))) for g, w in zip(got_leaves, want_leaves)) / max(scale, 1e-12)
+
+
+def restore_on_fewer_devices(config, local_batches) -> dict:
+  """A step on 8 devices (2 data x 4 FSDP) saved, restored on 4 (2 x 2) and on 1, then one more step each:
+  each continues as the 8-device run does."""
+  def setup(devices, fsdp):
+    run_config = config.copy_and_resolve_references()
+    run_config.mesh.update(data=len(devices) // fsdp, fsdp=fsdp)
+    model, optimizer = build_model(run_config), optim.make_optimizer(run_config)
+    mesh = sharding.make_mesh(run_config, devices)
+    init = functools.partial(train.create_train_state, run_config, model, optimizer)
+    abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+    shardings = sharding.state_shardings(abstract, mesh, sharding.fsdp_min_size(run_config))
+    return mesh, init, abstract, shardings, train.jit_train_step(run_config, model, optimizer, mesh, abstract)
+
+  devices = jax.devices()
+  loader_state = {'batches_consumed': np.asarray(1, np.int64)}
+  with tempfile.TemporaryDirectory() as workdir:
+    mesh, init, abstract, shardings, step = setup(devices[:8], 4)
+    checkpoints = checkpointing.Checkpoints(workdir)
+    with jax.set_mesh(mesh):
+      state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(0))
+      state, _ = step(state, sharding.global_batch(local_batches[0], mesh))
+      checkpoints.save(1, train.checkpoint_items(state, loader_state))
+      checkpoints.wait()
+      state, _ = step(state, sharding.global_batch(local_batches[1], mesh))
+      reference = jax.device_get((state.params, state.ema_params))
+    differences = {}
+    for count, fsdp in ((4, 2), (1, 1)):
+      mesh, init, abstract, shardings, step = setup(devices[:count], fsdp)
+      with jax.set_mesh(mesh):
+        state, _ = train.restore_state(checkpoints, 1, abstract, shardings, loader_state)
+        state, _ = step(state, sharding.global_batch(local_batches[1], mesh))
+        differences[f'restored_on_{count}'] = max_relative_difference(
+            jax.device_get((state.params, state.ema_params)), reference)
+    checkpoints.close()
+  return differences
 
 
 def main():
@@ -39,16 +90,26 @@ def main():
   overrides = {key.replace('.', '__'): value for key, value in FULL_RECIPE.items()}
   config = train.prepare_config(tiny_config(**overrides, image_size=(64, 64), model__patch_size=16,
                                             model__stem_width=8, model__stem_in_dim=8, model__depths=(1,),
-                                            batch_size=16))
+                                            batch_size=16, mesh__fsdp_min_size=256, warmup_steps=0,
+                                            optimizer__eps=1e-3))
+  # warmup 0: the first step really moves the parameters. eps 1e-3: some gradients are zero in exact
+  # arithmetic (conv biases before BatchNorm, the key bias under softmax) and hold only rounding noise,
+  # which depends on the reduction order, hence on the device count; Adam with eps 1e-8 would blow that
+  # noise up to full-size updates. A larger eps leaves the real gradients' updates as they are.
   devices = jax.devices()
-  single = one_step(config.copy_and_resolve_references(), devices[:1])
-  multi = one_step(config.copy_and_resolve_references(), devices[:8])
-  worst = 0.0
-  for got, want in zip(jax.tree.leaves(multi), jax.tree.leaves(single)):
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    worst = max(worst, float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-12)))
+  # Each part (parameters, BatchNorm statistics, EMA, loss) is compared relative to its own scale.
+  single, _ = one_step(config.copy_and_resolve_references(), devices[:1])
+  data_parallel, _ = one_step(config.copy_and_resolve_references(), devices[:8])
+  fsdp, fsdp_split = one_step(config.copy_and_resolve_references(), devices[:8], fsdp=4)
   assert jax.tree.leaves(single[1]), 'the model should have BatchNorm statistics'
-  print(json.dumps({'devices': len(devices[:8]), 'max_relative_difference': worst}))
+  source = sources.make_source(config.data, config.image_size, 'train', 0)
+  with pipeline.TrainLoader(source, config.batch_size, seed=0) as loader:
+    local_batches = [next(loader), next(loader)]
+  restored = restore_on_fewer_devices(config, local_batches)
+  print(json.dumps({**restored, 'devices': len(devices[:8]),
+                    'max_relative_difference': max(map(max_relative_difference, data_parallel, single)),
+                    'fsdp_max_relative_difference': max(map(max_relative_difference, fsdp, single)),
+                    'fsdp_split_fraction': fsdp_split}))
 
 
 if __name__ == '__main__':

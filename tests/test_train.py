@@ -140,7 +140,7 @@ def test_compile_mode_reports_memory_per_device():
   assert report['peak_gib_per_device'] > 0 and report['temp_gib'] > 0 and report['devices'] == 1
 
 
-def test_data_parallel_on_8_devices_matches_1_device():
+def test_data_parallel_and_fsdp_on_8_devices_match_1_device_and_restore_on_fewer():
   """One step with BatchNorm in train mode (conv stem), mixing, drop path and accumulation, in a subprocess
   that fakes 8 CPU devices."""
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0',
@@ -151,6 +151,10 @@ def test_data_parallel_on_8_devices_matches_1_device():
   report = json.loads(result.stdout.strip().splitlines()[-1])
   assert report['devices'] == 8
   assert report['max_relative_difference'] < 1e-5, report
+  # 2 data x 4 FSDP: most parameter bytes are split over fsdp, and the step is the same.
+  assert report['fsdp_split_fraction'] > 0.8 and report['fsdp_max_relative_difference'] < 1e-5, report
+  # Its checkpoint restores on 4 devices (2 x 2) and on 1, and the next step matches the 8-device one.
+  assert report['restored_on_4'] < 1e-5 and report['restored_on_1'] < 1e-5, report
 
 
 
