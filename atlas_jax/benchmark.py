@@ -176,7 +176,6 @@ def benchmark(config, batch_size: int, modes, steps: int = 20, warmup: int = 3, 
               check_fast_path: bool = True):
   """Yields one result dict per mode (infer first: its peak memory is not the train step's)."""
   import jax
-  import jax.numpy as jnp
   import numpy as np
   from atlas_jax import optim, sharding, train
   from atlas_jax.models import build_model

@@ -10,12 +10,12 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import logging
 
 from atlas_jax import checkpointing
 from atlas_jax import metrics as metrics_lib
 from atlas_jax import sharding
+from atlas_jax import train
 from atlas_jax import transfer
 from atlas_jax import workdir as workdir_lib
 from atlas_jax.data import pipeline, sources
@@ -63,15 +63,13 @@ def evaluate_state(config, eval_step, state, source, mesh) -> dict:
     weights['ema'] = state.ema_params
   results = {}
   for name, params in weights.items():
-    variables = {'params': params, 'batch_stats': state.batch_stats} if state.batch_stats else {'params': params}
+    variables = train.model_variables(params, state.batch_stats)
     results[name] = evaluate(eval_step, variables, source, config.eval.batch_size, mesh, config.data.workers)
   return results
 
 
 def run(config, workdir) -> dict:
   """`--config.mode=eval`: evaluates and appends the results to WORKDIR/metrics.jsonl."""
-  from atlas_jax import train  # for prepare_config and eval_dtype; train imports this module lazily
-
   config = train.prepare_config(config)
   workdir = pathlib.Path(workdir)
   mesh = sharding.make_mesh(config)

@@ -3,7 +3,6 @@
 import functools
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -38,11 +37,6 @@ def _batch(config, index=0):
   from atlas_jax.data import pipeline
   with pipeline.TrainLoader(source, config.batch_size, seed=index) as loader:
     return next(loader)
-
-
-def _relative_difference(got, want):
-  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-  return np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-12)
 
 
 def test_accumulation_of_micro_batches_equals_one_batch():
