@@ -3,31 +3,21 @@
 from typing import Any, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from atlas_jax.models import layout as layout_lib
-from atlas_jax.models.layers import LayerNorm, Linear
-from atlas_jax.models.msa import MSABlock, max_pool, windows_from_map
+from atlas_jax.models.layers import LayerNorm, Linear, remat_policy
+from atlas_jax.models.msa import MSABlock, map_from_windows, max_pool, windows_from_map
 from atlas_jax.models.stem import ConvStem, PatchifyStem
 
 REMAT_POLICIES = ('none', 'block')
 
 
-def remat_policy(name: str):
-  """'block' saves nothing inside a block; any other name is a jax.checkpoint_policies attribute."""
-  if name == 'block':
-    return None
-  policy = getattr(jax.checkpoint_policies, name, None)
-  if policy is None:
-    raise ValueError(f"model.remat must be 'none', 'block' or a jax.checkpoint_policies name, got {name!r}")
-  return policy
-
-
-def make_stem(patch_size: int, dim: int, stem_width: int, stem_in_dim: int, dtype, name='stem'):
+def make_stem(patch_size: int, dim: int, stem_width: int, stem_in_dim: int, dtype, remat: str = 'none',
+              name='stem'):
   if patch_size == 16:
-    return ConvStem(dim=dim, width=stem_width, in_dim=stem_in_dim, dtype=dtype, name=name)
+    return ConvStem(dim=dim, width=stem_width, in_dim=stem_in_dim, remat=remat, dtype=dtype, name=name)
   if patch_size in (4, 8):
     return PatchifyStem(dim=dim, patch_size=patch_size, dtype=dtype, name=name)
   raise ValueError(f'model.patch_size must be 16 (conv stem) or 4 or 8 (patchify stem), got {patch_size}')
@@ -78,7 +68,8 @@ class Atlas(nn.Module):
   def setup(self):
     self.layouts = layout_lib.check_image_size(self.image_size, self.patch_size, self.window, self.pool)
     self.stage_scales = layout_lib.stage_scales(len(self.layouts), self.depths, self.composition)
-    self.stem = make_stem(self.patch_size, self.dim, self.stem_width, self.stem_in_dim, self.dtype)
+    self.stem = make_stem(self.patch_size, self.dim, self.stem_width, self.stem_in_dim, self.dtype,
+                          self.remat)
     block = block_class(self.remat)
     blocks = []
     for stage, (depth, scales) in enumerate(zip(self.depths, self.stage_scales)):
@@ -117,6 +108,23 @@ class Atlas(nn.Module):
   def __call__(self, images, train: bool = False):
     """images (batch, H, W, 3) -> logits (batch, num_classes), float32."""
     return self.classify(self.encode(images, train)[1][-1])
+
+  def features(self, images, train: bool = False):
+    """Every scale as a map (batch, height, width, dim), finest first, for detection or segmentation heads."""
+    return self.scale_maps(self.encode(images, train)[1])
+
+  def scale_maps(self, stages):
+    """`encode`'s per-stage tokens -> every scale as a map (batch, height, width, dim), finest first.
+
+    Each scale comes from the end of the last stage that processes it: with `atlas` composition, scale s
+    from stage s, which drops it, and the scales the last stage keeps from the last stage.
+    """
+    latest = {}
+    for scales, stage_tokens in zip(self.stage_scales, stages):
+      latest.update(zip(scales, stage_tokens))
+    return [map_from_windows(latest[scale], layout.height, layout.width, layout.window_height,
+                             layout.window_width)
+            for scale, layout in enumerate(self.layouts)]
 
   def classify(self, last_stage_scales):
     """Readout over the tokens of every scale present at the end (each (batch * windows, tokens, dim))."""

@@ -19,7 +19,7 @@ import numpy as np
 from atlas_jax.models import layout as layout_lib
 from atlas_jax.models.atlas import Readout, block_class, make_stem
 from atlas_jax.models.layers import PositionMLP
-from atlas_jax.models.msa import windows_from_map
+from atlas_jax.models.msa import map_from_windows, windows_from_map
 
 
 class _SingleScale(nn.Module):
@@ -48,7 +48,8 @@ class _SingleScale(nn.Module):
 
   def setup(self):
     self.layout = self._layout()
-    self.stem = make_stem(self.patch_size, self.dim, self.stem_width, self.stem_in_dim, self.dtype)
+    self.stem = make_stem(self.patch_size, self.dim, self.stem_width, self.stem_in_dim, self.dtype,
+                          self.remat)
     depth = sum(self.depths)
     block = block_class(self.remat)
     self.blocks = [block(layouts=(self.layout,), dim=self.dim, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
@@ -70,6 +71,12 @@ class _SingleScale(nn.Module):
     tokens = self.encode(images, train)[1][-1][0]
     batch = tokens.shape[0] // self.layout.num_windows
     return self.readout(tokens.reshape(batch, -1, self.dim))
+
+  def features(self, images, train: bool = False):
+    """The one scale as a map: [(batch, height, width, dim)], the same contract as Atlas.features."""
+    tokens = self.encode(images, train)[1][-1][0]
+    layout = self.layout
+    return [map_from_windows(tokens, layout.height, layout.width, layout.window_height, layout.window_width)]
 
 
 class ViT(_SingleScale):

@@ -16,6 +16,16 @@ Dtype = Any
 torch_weight_init = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
 
 
+def remat_policy(name: str):
+  """'block' saves nothing inside a rematerialised unit; any other name is a jax.checkpoint_policies attribute."""
+  if name == 'block':
+    return None
+  policy = getattr(jax.checkpoint_policies, name, None)
+  if policy is None:
+    raise ValueError(f"model.remat must be 'none', 'block' or a jax.checkpoint_policies name, got {name!r}")
+  return policy
+
+
 def torch_bias_init(fan_in: int):
   bound = 1.0 / max(fan_in, 1) ** 0.5
 

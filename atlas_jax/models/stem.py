@@ -2,6 +2,10 @@
 
 `ConvStem` is the reference's `MultiConvEmbed` (FasterViT's stem), stride 16; `PatchifyStem` is one strided
 conv for patch 4 or 8 (small images, CPU work; no BatchNorm).
+
+With `remat` set, each unit of the conv stem (the two stride-2 convs with their norms, each residual, each
+downsample) is rematerialised: at 4096 px its activations are most of the training memory (the 1/2- and
+1/4-resolution maps), and the MSA blocks' own remat leaves them saved. Names stay those of the plain stem.
 """
 
 import functools
@@ -10,7 +14,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from atlas_jax.models.layers import Conv3x3, gelu, torch_bias_init, torch_weight_init
+from atlas_jax.models.layers import Conv3x3, gelu, remat_policy, torch_bias_init, torch_weight_init
 
 # PyTorch BatchNorm momentum 0.1 is Flax momentum 0.9; exact variance rather than E[x^2] - E[x]^2.
 BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, use_fast_variance=False)
@@ -49,20 +53,33 @@ class ConvStem(nn.Module):
   width: int
   in_dim: int = 64
   num_residual: int = 3
+  remat: str = 'none'                      # none | block | a jax.checkpoint_policies name
   dtype: Any = jnp.float32
 
-  @nn.compact
-  def __call__(self, images, train: bool = False):
+  def _to_quarter_resolution(self, images, train: bool):
+    """(batch, H, W, 3) -> (batch, H / 4, W / 4, width): two stride-2 convs, each with BN and ReLU."""
     x = Conv3x3(self.in_dim, images.shape[-1], strides=2, use_bias=False, dtype=self.dtype, name='conv1')(images)
     x = nn.relu(BatchNorm(use_running_average=not train, epsilon=1e-4, dtype=self.dtype, name='bn1')(x))
     x = Conv3x3(self.width, self.in_dim, strides=2, use_bias=False, dtype=self.dtype, name='conv2')(x)
-    x = nn.relu(BatchNorm(use_running_average=not train, epsilon=1e-4, dtype=self.dtype, name='bn2')(x))
+    return nn.relu(BatchNorm(use_running_average=not train, epsilon=1e-4, dtype=self.dtype, name='bn2')(x))
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    residual, downsample = ConvResidual, ConvDownsample
+    to_quarter_resolution = type(self)._to_quarter_resolution
+    if self.remat != 'none':
+      policy = remat_policy(self.remat)
+      residual = nn.remat(ConvResidual, static_argnums=(2,), policy=policy)
+      downsample = nn.remat(ConvDownsample, policy=policy)
+      # A lifted function of this module: its convs and norms keep their names directly under the stem.
+      to_quarter_resolution = nn.remat(to_quarter_resolution, static_argnums=(2,), policy=policy)
+    x = to_quarter_resolution(self, images, train)
     for i in range(self.num_residual):
-      x = ConvResidual(self.width, self.dtype, name=f'res1_{i}')(x, train)
-    x = ConvDownsample(self.width, 2 * self.width, self.dtype, name='down1')(x)
+      x = residual(self.width, self.dtype, name=f'res1_{i}')(x, train)
+    x = downsample(self.width, 2 * self.width, self.dtype, name='down1')(x)
     for i in range(self.num_residual):
-      x = ConvResidual(2 * self.width, self.dtype, name=f'res2_{i}')(x, train)
-    return ConvDownsample(2 * self.width, self.dim, self.dtype, name='down2')(x)
+      x = residual(2 * self.width, self.dtype, name=f'res2_{i}')(x, train)
+    return downsample(2 * self.width, self.dim, self.dtype, name='down2')(x)
 
 
 class PatchifyStem(nn.Module):

