@@ -10,6 +10,7 @@ peak. On GPU each line adds the largest logit difference of the fast path (confi
 against the float32 XLA path on the same weights and one image, and whether it is within tolerance.
 """
 
+import collections
 import functools
 import json
 import math
@@ -41,6 +42,9 @@ def define_flags():
   flags.DEFINE_string('output', None, 'Also append the JSON lines to this file.')
   flags.DEFINE_bool('fast_path', True, 'On GPU, compare the fast path\'s logits with float32 XLA (two more '
                     'compilations of the forward).')
+  flags.DEFINE_string('profile_dir', None, 'After timing, trace --profile_steps steps of each mode into '
+                      'DIR/<mode> (TensorBoard/xprof) and print where the device time went.')
+  flags.DEFINE_integer('profile_steps', 3, 'Steps traced per mode with --profile_dir.')
   flags.mark_flags_as_required(['config'])
 
 
@@ -162,6 +166,57 @@ def _time_steps(run_step, steps: int, warmup: int) -> list[float]:
   return times
 
 
+def device_time_by_op(trace_dir: str, steps: int, top: int = 20) -> dict[str, list[tuple[str, float]]]:
+  """The device time of a trace per step, in ms, by XLA op and by kernel (largest `top` of each, plus 'total';
+  a kind the trace has no events for is left out).
+
+  Reads the trace's XSpace with jax.profiler.ProfileData (no TensorBoard needed). On GPU/TPU the device
+  planes give an 'XLA Ops' line (HLO ops) and stream lines (kernels); on CPU, where there is no device
+  plane, XLA's thunks on the host's client threads give the ops, and there are no kernels.
+  """
+  import glob
+  import jax
+  paths = sorted(glob.glob(f'{trace_dir}/**/*.xplane.pb', recursive=True))
+  if not paths:
+    raise FileNotFoundError(f'no *.xplane.pb under {trace_dir}: the trace was not written')
+  data = jax.profiler.ProfileData.from_file(paths[-1])
+  by_kind = {'ops': collections.Counter(), 'kernels': collections.Counter()}
+  planes = [plane for plane in data.planes if plane.name.startswith('/device:')]
+  for plane in planes:
+    for line in plane.lines:
+      if line.name == 'XLA Ops':
+        kind = 'ops'
+      elif 'Stream' in line.name:
+        kind = 'kernels'
+      else:
+        continue
+      for event in line.events:
+        by_kind[kind][event.name] += event.duration_ns
+  if not planes:  # CPU: the client threads run the compiled program's thunks
+    for plane in data.planes:
+      for line in plane.lines:
+        if line.name.startswith('tf_XLAPjRtCpuClient'):
+          for event in line.events:
+            if not event.name.startswith('ThreadpoolListener'):
+              by_kind['ops'][event.name] += event.duration_ns
+    by_kind['kernels'] = by_kind['ops']
+  summary = {}
+  for kind, durations in by_kind.items():
+    if not durations:  # JAX 0.11's GPU traces had no events on 'XLA Ops': report the kernels alone
+      continue
+    per_step = [(name, total / 1e6 / steps) for name, total in durations.most_common(top)]
+    summary[kind] = [('total', sum(durations.values()) / 1e6 / steps)] + per_step
+  return summary
+
+
+def _print_device_time(mode: str, summary) -> None:
+  for kind, rows in summary.items():
+    total = rows[0][1]
+    print(f'# {mode}: device time per step by {kind[:-1]}, {total:.2f} ms in all', file=sys.stderr)
+    for name, ms in rows[1:]:
+      print(f'#   {ms:9.3f} ms {100 * ms / max(total, 1e-9):5.1f}%  {name[:100]}', file=sys.stderr)
+
+
 def _peak_memory_gib(compiled) -> float:
   import jax
   stats = jax.devices()[0].memory_stats() if jax.default_backend() != 'cpu' else None
@@ -172,9 +227,20 @@ def _peak_memory_gib(compiled) -> float:
           + memory.temp_size_in_bytes) / 2 ** 30
 
 
+def _trace(run_step, steps: int, trace_dir: str) -> None:
+  import jax
+  with jax.profiler.trace(trace_dir):
+    for _ in range(steps):
+      jax.block_until_ready(run_step())
+
+
 def benchmark(config, batch_size: int, modes, steps: int = 20, warmup: int = 3, config_name: str = '',
-              check_fast_path: bool = True):
-  """Yields one result dict per mode (infer first: its peak memory is not the train step's)."""
+              check_fast_path: bool = True, profile_dir: str | None = None, profile_steps: int = 3):
+  """Yields one result dict per mode (infer first: its peak memory is not the train step's).
+
+  With `profile_dir`, each mode's timing is followed by a trace of `profile_steps` steps into
+  `profile_dir/<mode>` and a summary of its device time on stderr (`device_time_by_op`).
+  """
   import jax
   import numpy as np
   from atlas_jax import optim, sharding, train
@@ -214,7 +280,8 @@ def benchmark(config, batch_size: int, modes, steps: int = 20, warmup: int = 3, 
         variables = train.model_variables(state.params, state.batch_stats)
         compiled = forward.lower(variables, batch['image']).compile()
         compile_s = time.perf_counter() - start
-        times = _time_steps(lambda: compiled(variables, batch['image']), steps, warmup)
+        run_step = lambda: compiled(variables, batch['image'])  # noqa: E731
+        times = _time_steps(run_step, steps, warmup)
         flops_per_image = flops_forward
       else:
         step = train.jit_train_step(config, model, optimizer, mesh, abstract_state)
@@ -225,9 +292,14 @@ def benchmark(config, batch_size: int, modes, steps: int = 20, warmup: int = 3, 
         def run_train_step():
           holder['state'], metrics = compiled(holder['state'], batch)
           return metrics
-        times = _time_steps(run_train_step, steps, warmup)
-        state = holder['state']
+        run_step = run_train_step
+        times = _time_steps(run_step, steps, warmup)
         flops_per_image = 3 * flops_forward
+      if profile_dir:
+        _trace(run_step, profile_steps, f'{profile_dir}/{mode}')
+        _print_device_time(mode, device_time_by_op(f'{profile_dir}/{mode}', profile_steps))
+      if mode == 'train':
+        state = holder['state']
       step_s = statistics.median(times)
       images_per_s = batch_size / step_s
       measured_xla = xla_flops(compiled)
@@ -258,7 +330,7 @@ def main(argv):
   batch_size = FLAGS.batch_size or config.batch_size // config.grad_accum_steps
   config_name = next((arg.split('=', 1)[1] for arg in sys.argv if arg.startswith('--config=')), '')
   for result in benchmark(config, batch_size, FLAGS.mode, FLAGS.steps, FLAGS.warmup, config_name,
-                          FLAGS.fast_path):
+                          FLAGS.fast_path, FLAGS.profile_dir, FLAGS.profile_steps):
     line = json.dumps(result)
     print(line, flush=True)
     if FLAGS.output:

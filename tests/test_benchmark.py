@@ -89,3 +89,20 @@ def test_command_line_prints_the_design_fields_without_the_data_pipeline(tmp_pat
   for line in lines:
     assert fields <= set(line) and line['images_per_s'] > 0 and line['peak_mem_gib'] > 0
   assert lines[1]['model_flops_per_image'] == 3 * lines[0]['model_flops_per_image']
+
+
+def test_device_time_by_op_reads_a_trace_without_tensorboard(tmp_path):
+  import jax
+  import jax.numpy as jnp
+  from atlas_jax import benchmark
+  step = jax.jit(lambda x: jnp.tanh(x @ x).sum())
+  matrix = jnp.ones((256, 256))
+  step(matrix).block_until_ready()
+  benchmark._trace(lambda: step(matrix), 2, str(tmp_path))
+  summary = benchmark.device_time_by_op(str(tmp_path), steps=2)
+  (total_name, total_ms), *ops = summary['ops']
+  assert total_name == 'total' and total_ms > 0
+  assert ops and all(ms >= 0 for _, ms in ops)
+  assert sum(ms for _, ms in ops) <= total_ms * (1 + 1e-6)
+  with pytest.raises(FileNotFoundError, match='xplane'):
+    benchmark.device_time_by_op(str(tmp_path / 'missing'), steps=1)
