@@ -1,16 +1,21 @@
 """Evaluation over a whole split: top-1, top-5 and cross-entropy, every example counted exactly once.
 
 The last global batch is padded to full size and its padding masked out, so one compiled step serves
-the whole split. `run` is `--config.mode=eval`: it evaluates the workdir's best (else latest) checkpoint,
-or `init_from` when the workdir has none, with raw weights and, when present, EMA weights.
+the whole split. Images get the eval transform (transforms.eval_transform: bicubic resize to the image
+size). An example that fails to decode is masked out like padding and counted as skipped
+(pipeline.EvalLoader): the counted and the skipped examples of all processes must add up to the split.
+`run` is `--config.mode=eval`: it evaluates the workdir's best (else latest) checkpoint, or `init_from`
+when the workdir has none, with raw weights and, when present, EMA weights.
 """
 
 import json
 import pathlib
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 from absl import logging
+import numpy as np
 
 from atlas_jax import checkpointing
 from atlas_jax import metrics as metrics_lib
@@ -18,7 +23,7 @@ from atlas_jax import sharding
 from atlas_jax import train
 from atlas_jax import transfer
 from atlas_jax import workdir as workdir_lib
-from atlas_jax.data import pipeline, sources
+from atlas_jax.data import pipeline, sources, transforms
 from atlas_jax.models import build_model
 
 
@@ -41,19 +46,34 @@ def make_eval_step(model, num_classes: int):
   return eval_step
 
 
-def evaluate(eval_step, variables, source, batch_size: int, mesh, workers: int = 0) -> dict:
-  """{'top1', 'top5', 'loss', 'examples'} of `variables` over all of `source`."""
+def evaluate(eval_step, variables, source, batch_size: int, mesh, workers: int = 0,
+             transform: pipeline.Transform | None = None,
+             max_bad_fraction: float = pipeline.DEFAULT_MAX_BAD_FRACTION) -> dict:
+  """{'top1', 'top5', 'loss', 'examples'} of `variables` over every example of `source` that decodes."""
   totals = {'top1': 0.0, 'top5': 0.0, 'loss': 0.0, 'examples': 0.0}
-  batches = pipeline.eval_batches(source, batch_size, process_index=jax.process_index(),
-                                  process_count=jax.process_count(), workers=workers)
-  for local_batch in batches:
-    sums = jax.device_get(eval_step(variables, sharding.global_batch(local_batch, mesh)))
-    for key in totals:
-      totals[key] += float(sums[key])
+  with pipeline.EvalLoader(source, batch_size, process_index=jax.process_index(),
+                           process_count=jax.process_count(), workers=workers, transform=transform,
+                           max_bad_fraction=max_bad_fraction) as loader:
+    for local_batch in loader:
+      sums = jax.device_get(eval_step(variables, sharding.global_batch(local_batch, mesh)))
+      for key in totals:
+        totals[key] += float(sums[key])
+    skipped = loader.skipped
+  if jax.process_count() > 1:                # each process knows the bad examples of its own slices
+    skipped = int(np.sum(multihost_utils.process_allgather(np.int64(skipped))))
   examples = totals.pop('examples')
-  if examples != len(source):
-    raise RuntimeError(f'evaluation counted {examples:.0f} examples, the split has {len(source)}')
+  if examples + skipped != len(source):
+    raise RuntimeError(f'evaluation counted {examples:.0f} examples and skipped {skipped} bad ones, the '
+                       f'split has {len(source)}')
+  if skipped:
+    logging.warning('evaluation skipped %d of %d examples that failed to decode', skipped, len(source))
   return {**{key: value / examples for key, value in totals.items()}, 'examples': int(examples)}
+
+
+def eval_options(config) -> dict:
+  """The data arguments of `evaluate` from `config`: workers, eval transform, bad-example limit."""
+  return {'workers': config.data.workers, 'transform': transforms.eval_transform(config),
+          'max_bad_fraction': config.data.max_bad_fraction}
 
 
 def evaluate_state(config, eval_step, state, source, mesh) -> dict:
@@ -64,7 +84,8 @@ def evaluate_state(config, eval_step, state, source, mesh) -> dict:
   results = {}
   for name, params in weights.items():
     variables = train.model_variables(params, state.batch_stats)
-    results[name] = evaluate(eval_step, variables, source, config.eval.batch_size, mesh, config.data.workers)
+    results[name] = evaluate(eval_step, variables, source, config.eval.batch_size, mesh,
+                             **eval_options(config))
   return results
 
 
@@ -74,7 +95,8 @@ def run(config, workdir) -> dict:
   workdir = pathlib.Path(workdir)
   mesh = sharding.make_mesh(config)
   sharding.check_batch_size(config.eval.batch_size, mesh, 'config.eval.batch_size')
-  source = sources.make_source(config.data, config.image_size, 'validation', config.seed)
+  source = sources.make_source(config.data, config.image_size, 'validation', config.seed,
+                               num_classes=config.model.num_classes)
   model = build_model(config, dtype=train.eval_dtype(config))
   abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *config.image_size, 3))))
 
@@ -105,7 +127,8 @@ def run(config, workdir) -> dict:
     with jax.set_mesh(mesh):
       for name, variables in weights.items():
         variables = jax.device_put(variables, sharding.replicated(mesh))
-        results[name] = evaluate(eval_step, variables, source, config.eval.batch_size, mesh, config.data.workers)
+        results[name] = evaluate(eval_step, variables, source, config.eval.batch_size, mesh,
+                                 **eval_options(config))
         writer.write(step, 'eval', {**results[name], 'weights': name})
         if jax.process_index() == 0:
           print(json.dumps({'step': step, 'weights': name, **results[name]}), flush=True)

@@ -89,19 +89,31 @@ def create_train_state(config, model, optimizer, rng) -> TrainState:
 
 
 def make_train_step(config, model, optimizer):
-  """(state, batch {'image' (B, H, W, 3) float, 'label' (B,) int}) -> (state, metrics of the step)."""
+  """(state, batch {'image' (B, h, w, 3) float, 'label' (B,) int}) -> (state, metrics of the step).
+
+  On real data the batch comes at `loader_image_size(config)` and the step finishes the train transform
+  (device_transforms.train_finish: upsampling to `image_size`, random erasing) before Mixup/CutMix.
+  """
   accum_steps = optim.grad_accum_steps(config)
   num_classes = config.model.num_classes
   mixup = dict(config.mixup)
   schedule = optim.learning_rate_schedule(config)
   ema_decay = optim.ema_decay(config)
+  finish = None  # the synthetic task has no transform, and the benchmark must not import the data package
+  if config.data.source != 'synthetic':
+    from atlas_jax.data import device_transforms
+    finish = device_transforms.train_finish(config)
 
   def train_step(state: TrainState, batch):
     def micro_step(carry, micro_batch):
       batch_stats, rng = carry
-      rng, mix_rng, dropout_rng = jax.random.split(rng, 3)
-      images, targets = losses.mixup_cutmix(mix_rng, micro_batch['image'], micro_batch['label'],
-                                            num_classes, **mixup)
+      images = micro_batch['image']
+      if finish is None:
+        rng, mix_rng, dropout_rng = jax.random.split(rng, 3)
+      else:  # a fourth key only here: the synthetic task's random streams stay as they were
+        rng, mix_rng, dropout_rng, finish_rng = jax.random.split(rng, 4)
+        images = finish(finish_rng, images)                                # (B/k, H, W, 3)
+      images, targets = losses.mixup_cutmix(mix_rng, images, micro_batch['label'], num_classes, **mixup)
 
       def loss_fn(params):
         logits, updates = model.apply(model_variables(params, batch_stats), images, train=True,
@@ -140,8 +152,17 @@ def jit_train_step(config, model, optimizer, mesh, abstract_state):
                  out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
 
 
+def loader_image_size(config) -> tuple[int, int]:
+  """(H, W) of the loader's training images: `image_size`, or on real data the host's share of the train
+  transform (transforms.host_image_size), which the step upsamples."""
+  if config.data.source == 'synthetic':
+    return tuple(config.image_size)
+  from atlas_jax.data import transforms  # imports the data package: kept out of module scope
+  return transforms.host_image_size(config.image_size, config.data.augment.host_max_side)
+
+
 def abstract_batch(config, batch_size: int):
-  return {'image': jax.ShapeDtypeStruct((batch_size, *config.image_size, 3), jnp.float32),
+  return {'image': jax.ShapeDtypeStruct((batch_size, *loader_image_size(config), 3), jnp.float32),
           'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
 
 
@@ -252,7 +273,7 @@ def check_finite(step: int, metrics, last_good: int | None, checkpoints_dir) -> 
 def run(config, workdir) -> TrainState:
   """Trains from scratch, from `init_from`, or from the workdir's latest checkpoint; returns the final state."""
   from atlas_jax import evaluate  # evaluate imports the data pipeline: kept out of module scope
-  from atlas_jax.data import pipeline, sources
+  from atlas_jax.data import pipeline, sources, transforms
 
   config = prepare_config(config)
   workdir = pathlib.Path(workdir)
@@ -262,8 +283,9 @@ def run(config, workdir) -> TrainState:
   sharding.check_batch_size(config.batch_size // config.grad_accum_steps, mesh,
                             'config.batch_size / config.grad_accum_steps')
   sharding.check_batch_size(config.eval.batch_size, mesh, 'config.eval.batch_size')
-  train_source = sources.make_source(config.data, config.image_size, 'train', config.seed)
-  val_source = sources.make_source(config.data, config.image_size, 'validation', config.seed)
+  num_classes = config.model.num_classes
+  train_source = sources.make_source(config.data, config.image_size, 'train', config.seed, num_classes)
+  val_source = sources.make_source(config.data, config.image_size, 'validation', config.seed, num_classes)
   check_resumable(workdir, config)
   if is_main:
     workdir_lib.write_config(workdir, config)
@@ -284,7 +306,8 @@ def run(config, workdir) -> TrainState:
     with jax.set_mesh(mesh):
       loader = pipeline.TrainLoader(train_source, config.batch_size, seed=config.seed,
                                     process_index=jax.process_index(), process_count=jax.process_count(),
-                                    workers=config.data.workers)
+                                    workers=config.data.workers, transform=transforms.train_transform(config),
+                                    max_bad_fraction=config.data.max_bad_fraction)
       latest = checkpoints.latest_step()
       if latest is not None:
         state, loader_state = restore_state(checkpoints, latest, abstract_state, state_sharding,

@@ -53,15 +53,41 @@ def model_config(variant: str = 'S') -> ml_collections.ConfigDict:
 def data_config() -> ml_collections.ConfigDict:
   data = ml_collections.ConfigDict()
   data.source = 'tfds'                                  # synthetic | tfds | folder
-  data.name = config_dict.placeholder(str)
-  data.data_dir = config_dict.placeholder(str)
-  data.classes = config_dict.placeholder(str)          # a class-list file
+  data.name = config_dict.placeholder(str)              # tfds: the dataset, e.g. imagenet2012 (or name:1.2.3)
+  data.data_dir = config_dict.placeholder(str)          # tfds: its data_dir; folder: holds train/ and val/
+  # A class-list file: only these classes, numbered in sorted order (HR-IN100 from imagenet2012:
+  # atlas_jax/resources/imagenet100_classes.txt; a folder from tools/prepare_hr_in100 needs none).
+  data.classes = config_dict.placeholder(str)
   data.workers = 8
-  data.max_bad_fraction = 0.01
-  data.max_pixels = 200_000_000
+  data.max_bad_fraction = 0.01                          # stop when more of the examples fail to decode
+  data.max_pixels = 200_000_000                         # larger: JPEGs decoded reduced, others skipped as bad
   data.synthetic_train_size = 50_000                    # examples of the built-in synthetic task
   data.synthetic_val_size = 2_000
+  data.augment = augment_config()
   return data
+
+
+def augment_config() -> ml_collections.ConfigDict:
+  """The reference's train augmentation (ATLAS.md §4: timm's transform with `rand-m9-mstd0.5-inc1` and random
+  erasing 0.25 in pixel mode) and where the upsampling runs (docs/data.md). Unused by the synthetic task."""
+  augment = ml_collections.ConfigDict()
+  augment.crop_scale = (0.08, 1.0)                      # random resized crop: fraction of the area
+  augment.crop_ratio = (3 / 4, 4 / 3)                   # and width / height, log-uniform
+  augment.hflip = 0.5
+  augment.randaug_num_ops = 2                           # RandAugment over timm's increasing set; 0 = off
+  augment.randaug_magnitude = 9.0
+  augment.randaug_magnitude_std = 0.5
+  augment.randaug_magnitude_max = 10.0
+  augment.randaug_prob = 0.5                            # each drawn operation applies with this probability
+  augment.erase_prob = 0.25                             # random erasing of the normalised image; 0 = off
+  augment.erase_mode = 'pixel'                          # pixel (N(0, 1) each) | rand (per box) | const (0)
+  augment.erase_area = (0.02, 1 / 3)
+  augment.erase_ratio = (0.3, 1 / 0.3)                  # height / width, log-uniform
+  augment.erase_count = 1
+  # The host crops and augments at most this many pixels per side and the accelerator resizes to
+  # image_size; 0 = everything on the host at image_size (the reference's exact order).
+  augment.host_max_side = 512
+  return augment
 
 
 def base_config(variant: str, image_size: int | tuple[int, int]) -> ml_collections.ConfigDict:

@@ -12,17 +12,31 @@ resumes at exactly the next batch, whatever the number of workers. Evaluation (`
 `eval_batches`) visits every example once in index order and pads the last global batch, with a mask
 marking the real examples.
 
+Bad input never stops a run by itself (decode.BadImageError from the source: a truncated, empty or
+unreadable file). Training replaces a bad example by the next example of the epoch's order that decodes (its
+augmentation drawn for the bad example's place), so batches keep their size and depend only on the data,
+never on thread timing, and resume stays exact. Evaluation masks a bad example out (zero image, mask False)
+and counts it in `EvalLoader.skipped`, so every good example is counted exactly once. Each bad example is
+logged with its path and a running count; the loader stops with TooManyBadExamples only when the bad
+fraction exceeds `max_bad_fraction` (see BadExampleCounter). Any other error of a source still raises.
+
 Batches are `{'image': float32 (B / P, H, W, 3) normalised with ImageNet's mean and std, 'label': int32
-(B / P,)}` plus `'mask': bool (B / P,)` for evaluation. numpy and the standard library only: nothing here
-knows of models or JAX.
+(B / P,)}` plus `'mask': bool (B / P,)` for evaluation. numpy, absl logging and the standard library only:
+nothing here knows of models or JAX.
 """
 
 import collections
 import concurrent.futures
 import dataclasses
+import math
+import threading
 from typing import Any, Callable, Iterator, Mapping
 
+from absl import logging
 import numpy as np
+
+from atlas_jax.data.decode import BadImageError
+from atlas_jax.data.sources import DataSourceError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -38,6 +52,64 @@ _TRANSFORM_STREAM = 0x5452
 # resizing); rng depends only on (seed, epoch, index). The image it returns must be uint8 (H, W, 3) of the
 # same size for every example.
 Transform = Callable[[dict[str, Any], np.random.Generator], dict[str, Any]]
+
+
+DEFAULT_MAX_BAD_FRACTION = 0.01
+
+
+class TooManyBadExamples(DataSourceError):
+  """More of the data failed to decode than `data.max_bad_fraction` allows."""
+
+
+class BadExampleCounter:
+  """Counts decode attempts and bad examples of one loader, logs each bad one, stops when too many fail.
+
+  Judging a running fraction early would stop a run on the luck of its first few files, so the fraction
+  bad / attempted is judged only after 20 / max_bad_fraction attempts (at least 100): by then 20 bad
+  examples are expected at the limit, and a source at half the limit crosses it with a probability below
+  1%. A fraction that is certain is acted on at once: more distinct bad examples than max_bad_fraction of
+  the whole split. Thread-safe.
+  """
+
+  MIN_ATTEMPTS = 100
+  EXPECTED_BAD_AT_JUDGEMENT = 20
+
+  def __init__(self, max_bad_fraction: float, num_examples: int):
+    if not 0.0 <= max_bad_fraction <= 1.0:
+      raise ValueError(f'max_bad_fraction must be in [0, 1], got {max_bad_fraction}')
+    self.max_bad_fraction = float(max_bad_fraction)
+    self.num_examples = int(num_examples)
+    self.judged_after = (self.MIN_ATTEMPTS if max_bad_fraction == 0.0 else
+                         max(self.MIN_ATTEMPTS, math.ceil(self.EXPECTED_BAD_AT_JUDGEMENT / max_bad_fraction)))
+    self.attempted = 0
+    self.bad = 0
+    self.bad_indices: set[int] = set()
+    self._lock = threading.Lock()
+
+  def record_good(self) -> None:
+    with self._lock:
+      self.attempted += 1
+
+  def record_bad(self, index: int, error: BadImageError) -> None:
+    """Counts and logs a bad example; raises TooManyBadExamples when the fraction is over the limit."""
+    with self._lock:
+      self.attempted += 1
+      self.bad += 1
+      self.bad_indices.add(int(index))
+      attempted, bad, distinct = self.attempted, self.bad, len(self.bad_indices)
+    logging.warning('skipping bad example %d, %s (%d bad of %d attempted so far)', index, error, bad,
+                    attempted)
+    limit = self.max_bad_fraction
+    if distinct > limit * self.num_examples:
+      raise TooManyBadExamples(
+          f'{distinct} of the {self.num_examples} examples failed to decode, more than '
+          f'data.max_bad_fraction={limit} of the split; the last: {error}. Fix or remove the bad files, or '
+          'raise --config.data.max_bad_fraction')
+    if attempted >= self.judged_after and bad > limit * attempted:
+      raise TooManyBadExamples(
+          f'{bad} of {attempted} examples loaded so far failed to decode ({bad / attempted:.2%}), more than '
+          f'data.max_bad_fraction={limit}; the last: {error}. Fix or remove the bad files, or raise '
+          '--config.data.max_bad_fraction')
 
 
 def normalize_image(image: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -85,7 +157,8 @@ class _BatchLoader:
   """
 
   def __init__(self, source, global_batch_size: int, seed: int, process_index: int, process_count: int,
-               workers: int, prefetch: int, transform: Transform | None, num_batches: int | None):
+               workers: int, prefetch: int, transform: Transform | None, num_batches: int | None,
+               max_bad_fraction: float):
     self.source = source
     self.global_batch_size = int(global_batch_size)
     self.seed = int(seed)
@@ -101,6 +174,7 @@ class _BatchLoader:
     self.workers = int(workers)
     self.prefetch = int(prefetch)
     self.transform = transform
+    self.bad_examples = BadExampleCounter(max_bad_fraction, self.num_examples)
     self._num_batches = num_batches           # None: never ends
     self._next_batch = 0                      # the batch number the caller gets next
     self._in_flight: collections.deque[_PendingBatch] = collections.deque()
@@ -116,24 +190,61 @@ class _BatchLoader:
     """Batch `number` -> (source indices (B / P,) int64, real-example mask (B / P,) bool, epoch)."""
     raise NotImplementedError
 
+  def _replacement(self, index: int, epoch: int, attempt: int) -> int | None:
+    """The example that stands in for bad example `index` at its `attempt`-th (1, 2, ...) replacement, or None
+    to leave the slot empty (masked out)."""
+    raise NotImplementedError
+
   # Loading.
 
   def _probe_image_shape(self) -> tuple[int, ...]:
     shape = getattr(self.source, 'image_shape', None)
     if shape is not None and self.transform is None:
       return tuple(shape)
-    # One throwaway example: the batch arrays are allocated before any of their examples is loaded.
-    return tuple(self._load_example(0, 0)['image'].shape)
+    # One throwaway example (the first that decodes): the batch arrays are allocated before any of their
+    # examples is loaded.
+    for index in range(self.num_examples):
+      try:
+        example = self._load_example(index, 0, index)
+      except BadImageError as error:
+        self.bad_examples.record_bad(index, error)
+        continue
+      self.bad_examples.record_good()
+      return tuple(example['image'].shape)
+    raise TooManyBadExamples(f'none of the {self.num_examples} examples decodes; the data is unreadable')
 
-  def _load_example(self, index: int, epoch: int) -> dict[str, Any]:
+  def _load_example(self, index: int, epoch: int, place: int) -> dict[str, Any]:
+    """Example `index`, transformed with the rng of `place` (the index it stands in for, usually itself)."""
     example = self.source[int(index)]
     if self.transform is not None:
-      rng = np.random.default_rng([_TRANSFORM_STREAM, self.seed, epoch, int(index)])
+      rng = np.random.default_rng([_TRANSFORM_STREAM, self.seed, epoch, int(place)])
       example = self.transform(example, rng)
     return example
 
+  def _load_good_example(self, index: int, epoch: int) -> dict[str, Any] | None:
+    """Example `index`, or its replacement when it is bad; None when the slot is to be left empty."""
+    candidate = index
+    for attempt in range(1, self.num_examples + 1):
+      try:
+        example = self._load_example(candidate, epoch, index)
+      except BadImageError as error:
+        self.bad_examples.record_bad(candidate, error)
+        candidate = self._replacement(index, epoch, attempt)
+        if candidate is None:
+          return None
+        continue
+      self.bad_examples.record_good()
+      return example
+    raise TooManyBadExamples(f'none of the {self.num_examples} examples decodes; the data is unreadable')
+
   def _fill_slot(self, batch: _PendingBatch, slot: int, index: int, epoch: int) -> None:
-    example = self._load_example(index, epoch)
+    example = self._load_good_example(index, epoch)
+    if example is None:
+      batch.images[slot] = 0.0         # a bad example evaluation skips: zeros, label 0, masked out
+      batch.labels[slot] = 0
+      batch.mask[slot] = False
+      self._skipped(index)
+      return
     image = example['image']
     if image.shape != self.image_shape or image.dtype != np.uint8:
       raise ValueError(f'example {index} has image {image.dtype}{list(image.shape)}, the batch takes '
@@ -166,6 +277,10 @@ class _BatchLoader:
       last = min(last, self._num_batches)
     for number in range(following, last):
       self._in_flight.append(self._start(number))
+
+  def _skipped(self, index: int) -> None:
+    """Notes that example `index` was left out of its batch (evaluation only)."""
+    raise NotImplementedError
 
   def _discard_in_flight(self) -> None:
     while self._in_flight:
@@ -225,30 +340,34 @@ class TrainLoader(_BatchLoader):
     prefetch: batches loaded ahead of the caller when workers > 1.
     transform: optional `transform(example, rng) -> example` before normalisation (augmentation).
     state: a `get_state()` dict to resume from (as `set_state`).
+    max_bad_fraction: the fraction of examples that may fail to decode before the loader stops.
   Yields {'image': float32 (B / P, H, W, 3), 'label': int32 (B / P,)}.
   """
 
   def __init__(self, source, global_batch_size: int, seed: int, process_index: int = 0,
                process_count: int = 1, workers: int = 0, prefetch: int = 2,
-               transform: Transform | None = None, state: Mapping[str, Any] | None = None):
+               transform: Transform | None = None, state: Mapping[str, Any] | None = None,
+               max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION):
     if len(source) < global_batch_size:
       raise ValueError(f'the source has {len(source)} examples, fewer than one global batch of '
                        f'{global_batch_size}: lower the batch size or use a larger split')
     self._permutations: dict[int, np.ndarray] = {}
+    self._permutations_lock = threading.Lock()   # workers look up replacements in the epoch's order
     super().__init__(source, global_batch_size, seed, process_index, process_count, workers, prefetch,
-                     transform, num_batches=None)
+                     transform, num_batches=None, max_bad_fraction=max_bad_fraction)
     self.batches_per_epoch = self.num_examples // self.global_batch_size
     if state is not None:
       self.set_state(state)
 
   def permutation(self, epoch: int) -> np.ndarray:
     """The order of the whole split in `epoch`: (num_examples,) int64, from (seed, epoch) only."""
-    if epoch not in self._permutations:
-      if len(self._permutations) >= 2:  # prefetching spans at most the current and the next epoch
-        del self._permutations[min(self._permutations)]
-      rng = np.random.default_rng([_SHUFFLE_STREAM, self.seed, epoch])
-      self._permutations[epoch] = rng.permutation(self.num_examples)
-    return self._permutations[epoch]
+    with self._permutations_lock:
+      if epoch not in self._permutations:
+        if len(self._permutations) >= 2:  # prefetching spans at most the current and the next epoch
+          del self._permutations[min(self._permutations)]
+        rng = np.random.default_rng([_SHUFFLE_STREAM, self.seed, epoch])
+        self._permutations[epoch] = rng.permutation(self.num_examples)
+      return self._permutations[epoch]
 
   def _plan(self, number):
     epoch, batch_in_epoch = divmod(number, self.batches_per_epoch)
@@ -256,6 +375,13 @@ class TrainLoader(_BatchLoader):
     global_indices = self.permutation(epoch)[start:start + self.global_batch_size]  # (B,)
     host_indices = global_indices[self._host_positions]                              # (B / P,)
     return host_indices, np.ones((self.host_batch_size,), np.bool_), epoch
+
+  def _replacement(self, index, epoch, attempt):
+    # The example `attempt` places after the bad one in the epoch's order (wrapping around): what stands in
+    # depends only on the data, not on which worker got there first.
+    order = self.permutation(epoch)
+    position = int(np.flatnonzero(order == index)[0])
+    return int(order[(position + attempt) % self.num_examples])
 
   @property
   def batches_consumed(self) -> int:
@@ -305,16 +431,21 @@ class EvalLoader(_BatchLoader):
   """Every example of a source once, in index order: `len(self)` batches of this process's slice.
 
   Global batch b holds examples [b * B, (b + 1) * B); positions past the end of the split are padding
-  (zero image, label 0, mask False), so every process gets the same number of equally shaped batches.
-  Each `iter(self)` is a fresh pass. Arguments as TrainLoader's; `seed` only seeds the transform's rng.
+  (zero image, label 0, mask False), so every process gets the same number of equally shaped batches. A bad
+  example is masked out like padding and counted in `skipped`, so the masks of a pass add up to
+  `len(source)` minus the bad examples of all processes. Each `iter(self)` is a fresh pass. Arguments as
+  TrainLoader's; `seed` only seeds the transform's rng.
   Yields {'image': float32 (B / P, H, W, 3), 'label': int32 (B / P,), 'mask': bool (B / P,)}.
   """
 
   def __init__(self, source, global_batch_size: int, process_index: int = 0, process_count: int = 1,
-               workers: int = 0, prefetch: int = 2, transform: Transform | None = None, seed: int = 0):
+               workers: int = 0, prefetch: int = 2, transform: Transform | None = None, seed: int = 0,
+               max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION):
     num_batches = -(-len(source) // global_batch_size)
+    self._skipped_indices: set[int] = set()
+    self._skipped_lock = threading.Lock()
     super().__init__(source, global_batch_size, seed, process_index, process_count, workers, prefetch,
-                     transform, num_batches=num_batches)
+                     transform, num_batches=num_batches, max_bad_fraction=max_bad_fraction)
 
   def __len__(self) -> int:
     return self._num_batches
@@ -325,17 +456,32 @@ class EvalLoader(_BatchLoader):
     mask = host_positions < self.num_examples
     return np.where(mask, host_positions, 0), mask, 0
 
+  def _replacement(self, index, epoch, attempt):
+    return None                         # evaluation counts each good example once: no stand-ins
+
+  def _skipped(self, index):
+    with self._skipped_lock:
+      self._skipped_indices.add(int(index))
+
+  @property
+  def skipped(self) -> int:
+    """Bad examples this process masked out in the current (or last) pass."""
+    with self._skipped_lock:
+      return len(self._skipped_indices)
+
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     self._discard_in_flight()
     self._next_batch = 0
+    with self._skipped_lock:
+      self._skipped_indices.clear()
     while self._next_batch < self._num_batches:
       yield self._take_next()
 
 
 def eval_batches(source, global_batch_size: int, process_index: int = 0, process_count: int = 1,
-                 workers: int = 0, prefetch: int = 2,
-                 transform: Transform | None = None) -> Iterator[dict[str, np.ndarray]]:
+                 workers: int = 0, prefetch: int = 2, transform: Transform | None = None,
+                 max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION) -> Iterator[dict[str, np.ndarray]]:
   """One pass of EvalLoader over `source`, its threads stopped when the pass ends or is abandoned."""
   with EvalLoader(source, global_batch_size, process_index, process_count, workers, prefetch,
-                  transform) as loader:
+                  transform, max_bad_fraction=max_bad_fraction) as loader:
     yield from loader

@@ -1,0 +1,165 @@
+"""Tests for the tfds source on a real dataset prepared in the test (tests/data/tiny_tfds.py): ArrayRecord and
+TFRecord read without TensorFlow, labels by sorted class name equal to an image folder's, the class filter,
+bad records, and one-line errors for data that is not where the config points."""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from atlas_jax.data import pipeline, sources
+from atlas_jax.data.decode import BadImageError
+from tests.data import tiny_tfds
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope='module')
+def prepared(tmp_path_factory):
+  """{file format: data_dir} of the tiny dataset prepared both ways."""
+  data_dirs = {}
+  for file_format in ('array_record', 'tfrecord'):
+    data_dirs[file_format] = tmp_path_factory.mktemp(file_format)
+    tiny_tfds.prepare(data_dirs[file_format], file_format)
+  return data_dirs
+
+
+def decoded_examples(source) -> dict[str, tuple[int, int]]:
+  """{file_name: (label, pixel value)} of every good example."""
+  found = {}
+  for index in range(len(source)):
+    try:
+      example = source[index]
+    except BadImageError:
+      continue
+    found[source.encoded(index)['file_name']] = (int(example['label']), int(example['image'][0, 0, 0]))
+  return found
+
+
+@pytest.mark.parametrize('file_format', ['array_record', 'tfrecord'])
+def test_every_record_reads_with_labels_of_sorted_class_names(prepared, file_format):
+  for split, size in tiny_tfds.SPLIT_SIZES.items():
+    source = sources.TfdsSource(tiny_tfds.NAME, prepared[file_format], split)
+    assert len(source) == size and source.classes == sorted(tiny_tfds.CLASS_NAMES)
+    found = decoded_examples(source)
+    expected = {}
+    for index, example in tiny_tfds.examples(split):
+      if split == 'train' and index == tiny_tfds.BAD_TRAIN_RECORD:
+        continue
+      class_name = tiny_tfds.CLASS_NAMES[example['label']]
+      expected[example['file_name']] = (sorted(tiny_tfds.CLASS_NAMES).index(class_name),
+                                        tiny_tfds.example_value(split, index))
+    assert found == expected
+    assert source[0]['image'].shape == tiny_tfds.IMAGE_SHAPE and source[0]['label'].dtype == np.int32
+
+
+def test_the_same_class_gets_the_same_label_from_tfds_and_a_folder(prepared, tmp_path):
+  for split, folder_split in (('train', 'train'), ('validation', 'val')):
+    for index, example in tiny_tfds.examples(split):
+      directory = tmp_path / folder_split / tiny_tfds.CLASS_NAMES[example['label']]
+      directory.mkdir(parents=True, exist_ok=True)
+      (directory / example['file_name']).write_bytes(example['image'])
+  for split in ('train', 'validation'):
+    folder = sources.ImageFolder(tmp_path, split)
+    tfds_source = sources.TfdsSource(tiny_tfds.NAME, prepared['array_record'], split)
+    assert folder.classes == tfds_source.classes
+    from_folder = {folder.path(i).name: int(folder.labels[i]) for i in range(len(folder))}
+    from_tfds = {tfds_source.encoded(i)['file_name']: tfds_source.encoded(i)['label']
+                 for i in range(len(tfds_source))}
+    assert from_folder == from_tfds
+
+
+def test_a_class_list_keeps_and_renumbers_classes(prepared, tmp_path):
+  class_list = tmp_path / 'classes.txt'
+  class_list.write_text('n03000134\nn01440764\n')
+  source = sources.TfdsSource(tiny_tfds.NAME, prepared['tfrecord'], 'validation', classes_file=class_list)
+  assert source.classes == ['n01440764', 'n03000134'] and len(source) == 4        # 2 of 3 classes of 6
+  names = [tiny_tfds.CLASS_NAMES[example['label']] for _, example in tiny_tfds.examples('validation')]
+  for index in range(len(source)):
+    encoded = source.encoded(index)
+    class_name = source.classes[encoded['label']]
+    assert names[int(encoded['file_name'].split('_')[-1].split('.')[0])] == class_name
+  assert source.scanned_labels.tolist() == [source.encoded(i)['label'] for i in range(len(source))]
+  class_list.write_text('n01440764\nn04444444\n')
+  with pytest.raises(sources.DataSourceError, match='no class n04444444'):
+    sources.TfdsSource(tiny_tfds.NAME, prepared['array_record'], 'train', classes_file=class_list)
+
+
+def test_a_bad_record_is_named_and_replaced_by_the_loader(prepared):
+  source = sources.TfdsSource(tiny_tfds.NAME, prepared['array_record'], 'train')
+  bad_name = f'_train_{tiny_tfds.BAD_TRAIN_RECORD}.png'
+  bad = [i for i in range(len(source)) if source.encoded(i)['file_name'].endswith(bad_name)]
+  named = rf'^tfds {tiny_tfds.NAME}/1.0.0 train\[{bad[0]}\]: cannot decode: .*(?i:truncated)'
+  with pytest.raises(BadImageError, match=named):
+    source[bad[0]]
+
+  def crop(example, rng):
+    del rng
+    return {'image': np.ascontiguousarray(example['image'][:16, :16]), 'label': example['label']}
+
+  with pipeline.TrainLoader(source, 3, seed=0, transform=crop, max_bad_fraction=0.2) as loader:
+    for _ in range(3):
+      assert next(loader)['image'].shape == (3, 16, 16, 3)
+    assert loader.bad_examples.bad_indices == set(bad)
+
+
+def test_data_that_is_not_there_gets_one_line(prepared, tmp_path):
+  cases = [
+      ((tiny_tfds.NAME, tmp_path / 'nowhere', 'train'), 'is not a directory'),
+      (('imagenet2012', prepared['array_record'], 'train'), 'no prepared tfds dataset imagenet2012'),
+      ((tiny_tfds.NAME + ':9.9.9', prepared['array_record'], 'train'), 'no prepared tfds dataset'),
+  ]
+  for args, match in cases:
+    with pytest.raises(sources.DataSourceError, match=match) as caught:
+      sources.TfdsSource(*args)
+    assert '\n' not in str(caught.value)
+  shard = next((prepared['tfrecord'] / tiny_tfds.NAME / '1.0.0').glob('*-train.tfrecord-*'))
+  cut = tmp_path / 'cut'
+  shutil.copytree(shard.parent, cut / tiny_tfds.NAME / '1.0.0')
+  (cut / tiny_tfds.NAME / '1.0.0' / shard.name).write_bytes(shard.read_bytes()[:-7])  # ends mid-record
+  with pytest.raises(sources.DataSourceError, match='cut short; prepare the dataset again'):
+    sources.TfdsSource(tiny_tfds.NAME, cut, 'train')
+
+
+def test_both_formats_load_where_tensorflow_cannot_be_imported(prepared):
+  # The path finder, minus tensorflow: as where TensorFlow is not installed, even where it is. (Making the
+  # import fail otherwise misleads tfds: it takes a 'tensorflow' key in sys.modules, or a spec found, for
+  # TensorFlow present.)
+  code = f'''
+import importlib.machinery, json, sys
+class PathFinderWithoutTensorFlow(importlib.machinery.PathFinder):
+  @classmethod
+  def find_spec(cls, name, path=None, target=None):
+    if name.partition('.')[0] == 'tensorflow':
+      return None
+    return importlib.machinery.PathFinder.find_spec(name, path, target)
+sys.meta_path[sys.meta_path.index(importlib.machinery.PathFinder)] = PathFinderWithoutTensorFlow
+from atlas_jax.data import pipeline, sources
+counts = {{}}
+for file_format, data_dir in {json.dumps({k: str(v) for k, v in prepared.items()})}.items():
+  data = type('Data', (), {{'source': 'tfds', 'name': '{tiny_tfds.NAME}', 'data_dir': data_dir,
+                           'classes': None, 'max_pixels': 1000000}})()
+  source = sources.make_source(data, 32, 'validation', 0, num_classes=3)
+  labels = [int(batch['label'][i]) for batch in pipeline.eval_batches(source, 4)
+            for i in range(4) if batch['mask'][i]]
+  counts[file_format] = sorted(labels)
+try:
+  import tensorflow
+  counts['tensorflow'] = 'imported'
+except ImportError:
+  counts['tensorflow'] = 'unimportable'
+counts['tensorflow_loaded'] = 'tensorflow' in sys.modules
+print(json.dumps(counts))
+'''
+  python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get('PYTHONPATH')]))
+  env = {**os.environ, 'PYTHONPATH': python_path}
+  result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  counts = json.loads(result.stdout.strip().splitlines()[-1])
+  assert counts['tensorflow'] == 'unimportable' and not counts['tensorflow_loaded']
+  assert counts['array_record'] == counts['tfrecord'] == [0, 0, 1, 1, 2, 2]
