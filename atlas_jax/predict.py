@@ -1,117 +1,161 @@
-r"""Classifies images with a trained or converted Atlas.
+r"""Classifies image files and folders with a trained or converted Atlas.
 
 python -m atlas_jax.predict --checkpoint=WORKDIR [--config=configs/NAME.py] [--output=preds.jsonl] \
-    [--step=N] [--top_k=5] IMAGE_OR_FOLDER...
+    [--step=N] [--top_k=5] [--batch_size=N] [--dtype=float32|bfloat16] [--ema] IMAGE_OR_FOLDER...
 
-Preprocessing is the reference's evaluation transform: decode to RGB (EXIF orientation applied, which the
-reference does not do), bicubic resize to the config's size with PIL, scale to [0, 1], ImageNet mean/std.
-Computes in float32 on CPU, in the config's dtype on accelerators. `--output` gets one JSON line per
-readable image: {"path", "top_k": [{"index", "label", "prob"}, ...], "logits"}. Unreadable files are
-reported on stderr and skipped; the exit code is 0 when at least one image was classified.
+Folders are walked recursively for image files (sorted). Each image goes through the evaluation transform
+(data/decode.py's decoding: EXIF orientation applied, which the reference does not do; bicubic resize to
+the config's size; ImageNet mean/std), in batches split over all local devices, while worker threads decode
+the next batch. Computes in float32 on CPU and in the config's dtype on accelerators unless `--dtype` says.
+`--output` gets one JSON line per readable image: {"path", "top_k": [{"index", "label", "prob"}, ...],
+"logits"}; without it each image gets a line on stdout. A progress bar goes to stderr when there is more
+than one batch. Unreadable files are reported on stderr, counted at the end and skipped; the exit code is 0
+when at least one image was classified, else 1. The same from Python: atlas_jax/inference.py.
 """
 
+import concurrent.futures
 import json
+import os
 import pathlib
 import sys
+import time
 
 from absl import app, flags, logging
-import jax
-import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
-from PIL import Image, ImageOps
 
-from atlas_jax import checkpointing, workdir as workdir_lib
-from atlas_jax.models import build_model, resolve_model_config
+from atlas_jax import inference, metrics
+from atlas_jax.data.decode import BadImageError
+# Re-exported: the evaluation transform of a file and the class names, as earlier releases had them here.
+from atlas_jax.inference import class_names, load_image  # noqa: F401
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm', '.pgm'}
-HR_IN100_CLASSES = pathlib.Path(__file__).parent / 'resources' / 'imagenet100_classes.txt'
 
+
+class PredictError(ValueError):
+  """Inputs predict cannot work on: no image files found."""
 
 
 def define_flags():
   """The command line's flags; defined only when run as a program, so the module imports anywhere."""
-  global _CONFIG, _CHECKPOINT, _OUTPUT, _STEP, _TOP_K, _BATCH_SIZE
+  global _CONFIG, _CHECKPOINT, _OUTPUT, _STEP, _TOP_K, _BATCH_SIZE, _DTYPE, _EMA, _WORKERS
   _CONFIG = config_flags.DEFINE_config_file('config', None, "Config file; default: the workdir's config.json.",
                                             lock_config=True)
   _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Workdir holding checkpoints/ and config.json.')
-  _OUTPUT = flags.DEFINE_string('output', None, 'Write JSON lines here.')
-  _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step; default: the latest.')
+  _OUTPUT = flags.DEFINE_string('output', None, 'Write JSON lines here (else a line per image on stdout).')
+  _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step; default: the best recorded, else the latest.')
   _TOP_K = flags.DEFINE_integer('top_k', 5, 'How many classes to report per image.')
-  _BATCH_SIZE = flags.DEFINE_integer('batch_size', 8, 'Images per forward pass.')
-
-
-def load_image(path, image_size) -> np.ndarray:
-  """The evaluation transform: file -> (H, W, 3) float32, normalised. Raises OSError/ValueError if unreadable."""
-  height, width = image_size
-  with Image.open(path) as image:
-    image = ImageOps.exif_transpose(image)
-    image = image.convert('RGB').resize((width, height), Image.BICUBIC)
-    pixels = np.asarray(image, np.float32) / 255.0
-  return (pixels - IMAGENET_MEAN) / IMAGENET_STD
-
-
-def class_names(config) -> list[str]:
-  """Label of each class index: `data.classes`' names, sorted (DESIGN.md), HR-IN100's for 100 classes, or the index."""
-  num_classes = config.model.num_classes
-  if config.data.classes:
-    source = pathlib.Path(config.data.classes)
-    if not source.is_file():
-      raise ValueError(f'data.classes names {source}, which does not exist: point it at the class-list file '
-                       'the model was trained with')
-  elif num_classes == 100:
-    source = HR_IN100_CLASSES
-  else:
-    return [str(index) for index in range(num_classes)]
-  names = sorted(line.strip() for line in source.read_text().splitlines() if line.strip())
-  if len(names) != num_classes:
-    raise ValueError(f'{source} lists {len(names)} classes but the model has {num_classes}')
-  return names
+  _BATCH_SIZE = flags.DEFINE_integer('batch_size', None, 'Images per forward pass over all local devices, '
+                                     'rounded up to a multiple of their count; default: 8 per device.')
+  _DTYPE = flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16', 'float16'],
+                             "Compute dtype; default: float32 on CPU, the config's dtype on accelerators.")
+  _EMA = flags.DEFINE_bool('ema', False, 'Use the EMA weights of the checkpoint.')
+  _WORKERS = flags.DEFINE_integer('workers', min(8, os.cpu_count() or 1), 'Threads decoding images.')
 
 
 def image_paths(inputs) -> list[pathlib.Path]:
-  """Files as given; folders walked (sorted) for files with an image suffix."""
+  """Files as given; folders walked (recursively, sorted) for files with an image suffix."""
   paths = []
   for entry in map(pathlib.Path, inputs):
     if entry.is_dir():
       paths.extend(sorted(p for p in entry.rglob('*') if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
     else:
       paths.append(entry)
+  if not paths:
+    raise PredictError(f'no image files in {" ".join(map(str, inputs))} (suffixes: '
+                       f'{", ".join(sorted(IMAGE_SUFFIXES))})')
   return paths
 
 
-class Predictor:
-  """A model and its restored variables, and a jitted forward pass over fixed-size batches."""
-
-  def __init__(self, workdir, config=None, step=None, batch_size=8):
-    config = resolve_model_config(config if config is not None else workdir_lib.read_config(workdir))
-    self.config = config
-    # float32 on CPU (bf16 there is slow and less exact); the config's dtype on accelerators.
-    self.model = build_model(config, dtype='float32' if jax.default_backend() == 'cpu' else None)
-    self.batch_size = batch_size
-    images = jax.ShapeDtypeStruct((1,) + tuple(config.image_size) + (3,), jnp.float32)
-    abstract = jax.eval_shape(self.model.init, jax.random.key(0), images)
-    self.variables, self.step = checkpointing.restore_inference_variables(workdir, abstract, step)
-    self._logits = jax.jit(lambda variables, images: self.model.apply(variables, images))
-
-  def logits(self, images: np.ndarray) -> np.ndarray:
-    """(n, H, W, 3) normalised -> (n, classes) float32, in batches padded to `batch_size` (one compile)."""
-    outputs = []
-    for start in range(0, len(images), self.batch_size):
-      batch = images[start:start + self.batch_size]
-      padded = np.zeros((self.batch_size,) + batch.shape[1:], np.float32)
-      padded[:len(batch)] = batch
-      outputs.append(np.asarray(self._logits(self.variables, padded))[:len(batch)])
-    return np.concatenate(outputs)
+def _load(path, image_size, max_pixels):
+  """(normalised image, None), or (None, why it is unreadable)."""
+  try:
+    return load_image(path, image_size, max_pixels), None
+  except BadImageError as error:
+    return None, error.reason
 
 
-def predictions(logits: np.ndarray, names: list[str], top_k: int) -> list[list[dict]]:
-  probabilities = np.asarray(jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1))
-  order = np.argsort(-probabilities, axis=-1, kind='stable')[:, :top_k]
-  return [[{'index': int(i), 'label': names[i], 'prob': float(row[i])} for i in indices]
-          for row, indices in zip(probabilities, order)]
+def decoded_batches(paths, image_size, max_pixels: int, batch_size: int, workers: int):
+  """Yields per batch of `paths`: [(path, normalised image or None, error or None)], in order.
+
+  The next batch is decoding in `workers` threads while the caller computes on the current one.
+  """
+  chunks = [paths[start:start + batch_size] for start in range(0, len(paths), batch_size)]
+  with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+
+    def submit(chunk):
+      return [pool.submit(_load, path, image_size, max_pixels) for path in chunk]
+
+    pending = submit(chunks[0]) if chunks else []
+    for index, chunk in enumerate(chunks):
+      current, pending = pending, submit(chunks[index + 1]) if index + 1 < len(chunks) else []
+      yield [(path, *future.result()) for path, future in zip(chunk, current)]
+
+
+class ProgressBar:
+  """'predict [=====>    ] 120/1000 images  31.2 img/s  ETA 0:00:28' on a stream (stderr).
+
+  On a terminal the line is redrawn in place; otherwise (a log file) a line is printed every 10%.
+  """
+
+  WIDTH = 30
+
+  def __init__(self, total: int, stream=sys.stderr, clock=time.monotonic):
+    self.total, self.stream, self.clock = total, stream, clock
+    self.start = clock()
+    self.interactive = stream.isatty()
+    self._next_decile = 1
+
+  def update(self, done: int) -> None:
+    fraction = done / self.total
+    if not self.interactive and fraction < self._next_decile / 10 and done < self.total:
+      return
+    self._next_decile = int(fraction * 10) + 1
+    elapsed = self.clock() - self.start
+    rate = done / elapsed if elapsed > 0 else float('nan')
+    eta = (self.total - done) / rate if rate > 0 else float('nan')
+    filled = int(fraction * self.WIDTH)
+    bar = '=' * filled + ('>' if filled < self.WIDTH else '') + ' ' * (self.WIDTH - filled - 1)
+    line = (f'predict [{bar}] {done}/{self.total} images  {rate:.1f} img/s  '
+            f'ETA {metrics.format_duration(eta)}')
+    if self.interactive:
+      self.stream.write('\r' + line + ('\n' if done >= self.total else ''))
+    else:
+      self.stream.write(line + '\n')
+    self.stream.flush()
+
+
+def run(predictor, paths, output=None, top_k: int = 5, workers: int = 1, stdout=sys.stdout,
+        stderr=sys.stderr) -> tuple[int, int]:
+  """Classifies the image files `paths`; JSON lines into `output` (a file object) or readable lines on
+  `stdout`. Returns (classified, unreadable)."""
+  top_k = min(top_k, len(predictor.labels))
+  # A bar for more than one batch, unless the per-image lines go to the same terminal.
+  show_progress = len(paths) > predictor.batch_size and (output is not None or not stdout.isatty())
+  progress = ProgressBar(len(paths), stderr) if show_progress else None
+  max_pixels = int(predictor.config.data.get('max_pixels', inference.DEFAULT_MAX_PIXELS))
+  classified = unreadable = done = 0
+  for batch in decoded_batches(paths, predictor.image_size, max_pixels, predictor.batch_size, workers):
+    readable = [(path, image) for path, image, _ in batch if image is not None]
+    for path, _, error in batch:
+      if error is not None:
+        unreadable += 1
+        print(f'predict: skipping {path}: {error}', file=stderr)
+    if readable:
+      logits = predictor.logits(np.stack([image for _, image in readable]), pad_to=predictor.batch_size)
+      tops = inference.top_k_predictions(logits, predictor.labels, top_k)
+      for (path, _), row, top in zip(readable, logits, tops):
+        if output is not None:
+          record = {'path': str(path), 'top_k': top, 'logits': [float(value) for value in row]}
+          output.write(json.dumps(record) + '\n')
+        else:
+          ranked = ', '.join(f'{entry["label"]} {entry["prob"]:.4f}' for entry in top)
+          print(f'{path}: {ranked}', file=stdout)
+      classified += len(readable)
+    done += len(batch)
+    if progress:
+      progress.update(done)
+  return classified, unreadable
 
 
 def main(argv):
@@ -119,37 +163,25 @@ def main(argv):
   inputs = argv[1:]
   if _CHECKPOINT.value is None or not inputs:
     raise app.UsageError('usage: python -m atlas_jax.predict --checkpoint=WORKDIR IMAGE_OR_FOLDER...')
-  if _TOP_K.value < 1 or _BATCH_SIZE.value < 1:
+  if _TOP_K.value < 1 or (_BATCH_SIZE.value is not None and _BATCH_SIZE.value < 1):
     raise app.UsageError('--top_k and --batch_size must be at least 1')
+  output = None
   try:
-    predictor = Predictor(_CHECKPOINT.value, _CONFIG.value, _STEP.value, _BATCH_SIZE.value)
-    names = class_names(predictor.config)
-  except (ValueError, FileNotFoundError) as error:
+    paths = image_paths(inputs)
+    predictor = inference.load(_CHECKPOINT.value, _STEP.value, _DTYPE.value, _EMA.value, _CONFIG.value,
+                               _BATCH_SIZE.value)
+    output = open(_OUTPUT.value, 'w') if _OUTPUT.value else None
+    classified, unreadable = run(predictor, paths, output, _TOP_K.value, _WORKERS.value)
+  except (ValueError, OSError) as error:  # CheckpointError, InferenceError, PredictError, missing files
     print(f'predict: {error}', file=sys.stderr)
     sys.exit(1)
-  top_k = min(_TOP_K.value, len(names))
-  readable, arrays, unreadable = [], [], 0
-  for path in image_paths(inputs):
-    try:
-      arrays.append(load_image(path, predictor.config.image_size))
-      readable.append(path)
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-      unreadable += 1
-      print(f'predict: skipping {path}: {error}', file=sys.stderr)
-  output = open(_OUTPUT.value, 'w') if _OUTPUT.value else None
-  try:
-    if arrays:
-      logits = predictor.logits(np.stack(arrays))
-      for path, row, top in zip(readable, logits, predictions(logits, names, top_k)):
-        print(f'{path}: ' + ', '.join(f'{entry["label"]} {entry["prob"]:.4f}' for entry in top))
-        if output:
-          output.write(json.dumps({'path': str(path), 'top_k': top, 'logits': [float(v) for v in row]}) + '\n')
   finally:
-    if output:
+    if output is not None:
       output.close()
-  print(f'classified {len(readable)} images with step {predictor.step}; {unreadable} unreadable skipped',
-        file=sys.stderr)
-  sys.exit(0 if readable else 1)
+  devices = predictor.mesh.devices
+  print(f'classified {classified} images with step {predictor.step} on {devices.size} '
+        f'{devices.flat[0].platform} device(s); {unreadable} unreadable skipped', file=sys.stderr)
+  sys.exit(0 if classified else 1)
 
 
 if __name__ == '__main__':
