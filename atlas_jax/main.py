@@ -20,6 +20,8 @@ flags.DEFINE_string('workdir', None, 'Where config.json, checkpoints/, tb/ and m
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for multi-host runs.')
 flags.DEFINE_integer('num_processes', None, 'Number of processes of a multi-host run.')
 flags.DEFINE_integer('process_id', None, 'This process of a multi-host run, 0 to num_processes - 1.')
+flags.DEFINE_bool('multihost', False, 'Initialize jax.distributed from the cluster environment (SLURM, Cloud '
+                  'TPU, Open MPI) instead of --coordinator_address/--num_processes/--process_id.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -32,8 +34,19 @@ def main(argv):
   import jax  # after absl parsed the flags, so XLA_FLAGS set by a launcher apply
 
   config = FLAGS.config
-  if FLAGS.coordinator_address or FLAGS.num_processes:
-    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  try:
+    if FLAGS.coordinator_address or FLAGS.num_processes:
+      jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    elif FLAGS.multihost:
+      jax.distributed.initialize()  # JAX reads the coordinator, process count and id from the environment
+  except (ValueError, RuntimeError) as error:
+    where = ('--coordinator_address/--num_processes/--process_id' if FLAGS.coordinator_address or
+             FLAGS.num_processes else 'the environment (SLURM, Cloud TPU, Open MPI)')
+    reason = str(error).rstrip('.')
+    print(f'error: jax.distributed could not start from {where}: {reason}. Run under the cluster\'s '
+          'launcher or pass --coordinator_address=HOST:PORT --num_processes=N --process_id=I',
+          file=sys.stderr, flush=True)
+    sys.exit(1)
   if config.compilation_cache_dir:
     jax.config.update('jax_compilation_cache_dir', os.path.expanduser(config.compilation_cache_dir))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)

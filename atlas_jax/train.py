@@ -63,7 +63,8 @@ def prepare_config(config):
   optim.validate_config(config)
   if config.mode not in MODES:
     raise ValueError(f'config.mode must be one of {MODES}, got {config.mode!r}')
-  for name in ('batch_size', 'checkpoint.every_steps', 'eval.every_steps', 'log.every_steps'):
+  for name in ('batch_size', 'checkpoint.every_steps', 'checkpoint.preemption_sync_steps', 'eval.every_steps',
+               'log.every_steps'):
     value = config
     for part in name.split('.'):
       value = value[part]
@@ -88,11 +89,13 @@ def create_train_state(config, model, optimizer, rng) -> TrainState:
                     ema_params=ema_params, rng=train_rng)
 
 
-def make_train_step(config, model, optimizer):
+def make_train_step(config, model, optimizer, mesh=None):
   """(state, batch {'image' (B, h, w, 3) float, 'label' (B,) int}) -> (state, metrics of the step).
 
   On real data the batch comes at `loader_image_size(config)` and the step finishes the train transform
   (device_transforms.train_finish: upsampling to `image_size`, random erasing) before Mixup/CutMix.
+  With `mesh`, each micro-batch is pinned to the batch sharding, so every device keeps its own examples
+  through the accumulation loop whatever XLA's propagation would choose.
   """
   accum_steps = optim.grad_accum_steps(config)
   num_classes = config.model.num_classes
@@ -124,6 +127,9 @@ def make_train_step(config, model, optimizer):
       return (batch_stats, rng), (loss, ()), grads
 
     micro_batches = optim.split_micro_batches(batch, accum_steps)  # leaves (k, B / k, ...)
+    if mesh is not None:
+      micro_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.BATCH_AXES))
+      micro_batches = jax.lax.with_sharding_constraint(micro_batches, micro_sharding)
     step_rng = jax.random.fold_in(state.rng, state.step)
     (batch_stats, _), loss, _, grads = optim.accumulated_grads(micro_step, micro_batches,
                                                               (state.batch_stats, step_rng))
@@ -147,7 +153,7 @@ def eval_dtype(config) -> str:
 def jit_train_step(config, model, optimizer, mesh, abstract_state):
   """The train step compiled for `mesh`: state sharded by `sharding.state_shardings`, donated."""
   state_sharding = sharding.state_shardings(abstract_state, mesh, sharding.fsdp_min_size(config))
-  return jax.jit(make_train_step(config, model, optimizer),
+  return jax.jit(make_train_step(config, model, optimizer, mesh),
                  in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
                  out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
 
@@ -244,15 +250,32 @@ def check_resumable(workdir, config) -> None:
 
 
 class Preemption:
-  """SIGTERM sets a flag; the loop saves at the next step boundary and returns (DESIGN.md)."""
+  """SIGTERM on any process -> every process saves the same step and returns (DESIGN.md).
 
-  def __init__(self):
-    self.requested = False
+  The handler only sets this process's flag. Processes must stop at the same step, since a checkpoint is
+  written collectively, so in a multi-process run they agree every `sync_steps` steps on the maximum of their
+  flags (one all-gather of an int). This handler replaces the one jax.distributed installs, whose own sync
+  point therefore never fires. One process reads its flag at every step.
+  """
+
+  def __init__(self, sync_steps: int = 1):
+    self.requested = False           # this process got SIGTERM
+    self.sync_steps = sync_steps
     self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del signum, frame
     self.requested = True
+
+  def stop_after(self, step: int) -> bool:
+    """Whether every process stops after `step`; every process must call this at every step."""
+    if jax.process_count() == 1:
+      return self.requested
+    if step % self.sync_steps:
+      return False
+    from jax.experimental import multihost_utils
+    flags = multihost_utils.process_allgather(np.int32(self.requested))  # (process_count,)
+    return bool(np.max(flags))
 
   def restore(self):
     signal.signal(signal.SIGTERM, self._previous)
@@ -301,7 +324,7 @@ def run(config, workdir) -> TrainState:
                                           async_save=config.checkpoint.async_save)
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
   loader = None
-  preemption = Preemption()
+  preemption = Preemption(config.checkpoint.preemption_sync_steps)
   try:
     with jax.set_mesh(mesh):
       loader = pipeline.TrainLoader(train_source, config.batch_size, seed=config.seed,
@@ -376,6 +399,7 @@ def _train_loop(config, workdir, mesh, state, train_step, eval_step, loader, val
       profiling = False
 
     final = done == total_steps
+    stop = preemption.stop_after(done)   # the same answer on every process
     if done % config.log.every_steps == 0 or final:
       check_finite(*previous, last_saved, checkpoints.directory)
       elapsed = time.perf_counter() - interval_start
@@ -397,11 +421,11 @@ def _train_loop(config, workdir, mesh, state, train_step, eval_step, loader, val
                 f'top-5 {result["top5"]:.4f}  loss {result["loss"]:.4f}', flush=True)
       save(done, {'top1': max(result['top1'] for result in results.values())})
       interval_start = time.perf_counter()  # evaluation time is not training speed
-    elif done % config.checkpoint.every_steps == 0 or preemption.requested:
+    elif done % config.checkpoint.every_steps == 0 or stop:
       check_finite(*previous, last_saved, checkpoints.directory)
       save(done)
 
-    if preemption.requested and not final:
+    if stop and not final:
       checkpoints.wait()
       logging.warning('SIGTERM: saved step %d in %s; restart the same command to resume', done,
                       checkpoints.directory)

@@ -114,7 +114,10 @@ def base_config(variant: str, image_size: int | tuple[int, int]) -> ml_collectio
                                            'label_smoothing': 0.1})
   # fsdp_min_size: state leaves with at least this many elements are split over the fsdp axis.
   config.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'fsdp_min_size': 2 ** 18})
-  config.checkpoint = ml_collections.ConfigDict({'every_steps': 1000, 'keep': 3, 'async_save': True})
+  # preemption_sync_steps: in a multi-process run, how often (in steps) the processes agree whether any of
+  # them got SIGTERM; one small all-gather each time. A single process checks every step.
+  config.checkpoint = ml_collections.ConfigDict({'every_steps': 1000, 'keep': 3, 'async_save': True,
+                                               'preemption_sync_steps': 10})
   # batch_size 0 = the training micro-batch (batch_size / grad_accum_steps).
   config.eval = ml_collections.ConfigDict({'every_steps': 1000, 'batch_size': 0})
   config.log = ml_collections.ConfigDict({'every_steps': 50})
