@@ -11,16 +11,17 @@ against the float32 XLA path on the same weights and one image, and whether it i
 """
 
 import collections
-import functools
 import json
 import math
 import statistics
 import sys
 import time
 
-from absl import app
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
+
+from atlas_jax import config as config_lib
+from atlas_jax.errors import one_line_errors
 
 FLAGS = flags.FLAGS
 
@@ -91,9 +92,10 @@ def model_flops_per_image(config) -> int:
   """Forward FLOPs of one image: the float32 XLA-attention model, traced only (nothing compiles)."""
   import jax
   import jax.numpy as jnp
+
   from atlas_jax.models import build_model
 
-  reference_config = config.copy_and_resolve_references()
+  reference_config = config_lib.resolve(config)
   reference_config.model.attention = 'xla'
   reference_config.model.remat = 'none'
   model = build_model(reference_config, dtype='float32')
@@ -129,14 +131,17 @@ def fast_path_check(config, params, batch_stats, fast_model=None) -> tuple[float
   """Logits of the fast model (the config's dtype and attention) against float32 XLA, same weights."""
   import jax
   import numpy as np
+
+  from atlas_jax import run_setup
   from atlas_jax.models import build_model
 
-  reference_config = config.copy_and_resolve_references()
+  config = config_lib.resolve(config)
+  reference_config = config_lib.resolve(config)
   reference_config.model.attention = 'xla'
   reference_model = build_model(reference_config, dtype='float32')
   fast_model = fast_model or build_model(config)
   image = np.random.default_rng(0).standard_normal((1, *config.image_size, 3)).astype(np.float32)
-  variables = {'params': params, **({'batch_stats': batch_stats} if batch_stats else {})}
+  variables = run_setup.model_variables(params, batch_stats)
   fast = jax.jit(lambda v, x: fast_model.apply(v, x, train=False))(variables, image)
   reference = jax.jit(lambda v, x: reference_model.apply(v, x, train=False))(variables, image)
   return logit_difference(fast, reference, config.model.dtype)
@@ -175,6 +180,7 @@ def device_time_by_op(trace_dir: str, steps: int, top: int = 20) -> dict[str, li
   plane, XLA's thunks on the host's client threads give the ops, and there are no kernels.
   """
   import glob
+
   import jax
   paths = sorted(glob.glob(f'{trace_dir}/**/*.xplane.pb', recursive=True))
   if not paths:
@@ -243,19 +249,15 @@ def benchmark(config, batch_size: int, modes, steps: int = 20, warmup: int = 3, 
   """
   import jax
   import numpy as np
-  from atlas_jax import optim, sharding, train
-  from atlas_jax.models import build_model
+
+  from atlas_jax import run_setup, sharding, train
 
   config = config.copy_and_resolve_references()
   config.batch_size, config.grad_accum_steps = batch_size, 1  # a benchmark step is one micro-batch
-  config = train.prepare_config(config)
-  mesh = sharding.make_mesh(config)
+  config = config_lib.resolve(config)
+  setup = run_setup.train_setup(config)
+  mesh, model = setup.mesh, setup.model
   sharding.check_batch_size(batch_size, mesh, '--batch_size')
-  model = build_model(config)
-  optimizer = optim.make_optimizer(config)
-  init = functools.partial(train.create_train_state, config, model, optimizer)
-  abstract_state = jax.eval_shape(init, jax.random.PRNGKey(0))
-  state_sharding = sharding.state_shardings(abstract_state, mesh, sharding.fsdp_min_size(config))
   device, peak_tflops = device_description()
   flops_forward = model_flops_per_image(config)
   images = np.random.default_rng(0).standard_normal((batch_size, *config.image_size, 3), np.float32)
@@ -266,7 +268,7 @@ def benchmark(config, batch_size: int, modes, steps: int = 20, warmup: int = 3, 
             'peak_tflops': peak_tflops}
 
   with jax.set_mesh(mesh):
-    state = jax.jit(init, out_shardings=state_sharding)(jax.random.PRNGKey(0))
+    state = jax.jit(setup.init, out_shardings=setup.state_sharding)(jax.random.PRNGKey(0))
     batch = sharding.global_batch({'image': images, 'label': labels}, mesh)
     fast_path = {}
     if jax.default_backend() == 'gpu' and check_fast_path:
@@ -277,14 +279,14 @@ def benchmark(config, batch_size: int, modes, steps: int = 20, warmup: int = 3, 
       start = time.perf_counter()
       if mode == 'infer':
         forward = jax.jit(lambda variables, x: model.apply(variables, x, train=False))
-        variables = train.model_variables(state.params, state.batch_stats)
+        variables = run_setup.model_variables(state.params, state.batch_stats)
         compiled = forward.lower(variables, batch['image']).compile()
         compile_s = time.perf_counter() - start
         run_step = lambda: compiled(variables, batch['image'])  # noqa: E731
         times = _time_steps(run_step, steps, warmup)
         flops_per_image = flops_forward
       else:
-        step = train.jit_train_step(config, model, optimizer, mesh, abstract_state)
+        step = train.jit_train_step(setup)
         compiled = step.lower(state, batch).compile()
         compile_s = time.perf_counter() - start
         holder = {'state': state}
@@ -314,12 +316,14 @@ def benchmark(config, batch_size: int, modes, steps: int = 20, warmup: int = 3, 
       yield result
 
 
+@one_line_errors
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   import jax
-  config = FLAGS.config
-  if config.get('compilation_cache_dir'):
+
+  config = config_lib.resolve(FLAGS.config)
+  if config.compilation_cache_dir:
     import os
     jax.config.update('jax_compilation_cache_dir', os.path.expanduser(config.compilation_cache_dir))
   unknown = set(FLAGS.mode) - {'train', 'infer'}

@@ -13,6 +13,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
 from atlas_jax import workdir as workdir_lib
+from atlas_jax.errors import AtlasError
 
 __version__ = '0.1.0'
 # Bumped whenever parameter names or layouts change; checkpoints of another version need migrating.
@@ -20,7 +21,7 @@ PARAM_TREE_VERSION = 1
 ITEMS = ('params', 'batch_stats', 'opt_state', 'ema_params', 'train_state', 'data')
 
 
-class CheckpointError(ValueError):
+class CheckpointError(AtlasError, ValueError):
   """A missing, incomplete or incompatible checkpoint."""
 
 
@@ -77,10 +78,6 @@ class Checkpoints:
               if (metrics := self.manager.metrics(step))]
     # Ties go to the later step, the one orbax's BestN keeps.
     return max(ranked)[1] if ranked else None
-
-  def metrics_at(self, step: int) -> dict | None:
-    metrics = self.manager.metrics(step)
-    return dict(metrics) if metrics else None
 
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())

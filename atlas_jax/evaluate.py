@@ -11,19 +11,16 @@ when the workdir has none, with raw weights and, when present, EMA weights.
 import json
 import pathlib
 
+from absl import logging
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
-from absl import logging
 import numpy as np
 
-from atlas_jax import checkpointing
+from atlas_jax import checkpointing, run_setup, sharding, transfer
+from atlas_jax import config as config_lib
 from atlas_jax import metrics as metrics_lib
-from atlas_jax import sharding
-from atlas_jax import train
-from atlas_jax import transfer
 from atlas_jax import workdir as workdir_lib
-from atlas_jax.data import pipeline, sources, transforms
 from atlas_jax.models import build_model
 
 
@@ -46,10 +43,10 @@ def make_eval_step(model, num_classes: int):
   return eval_step
 
 
-def evaluate(eval_step, variables, source, batch_size: int, mesh, workers: int = 0,
-             transform: pipeline.Transform | None = None,
-             max_bad_fraction: float = pipeline.DEFAULT_MAX_BAD_FRACTION) -> dict:
+def evaluate(eval_step, variables, source, batch_size: int, mesh, workers: int, transform,
+             max_bad_fraction: float) -> dict:
   """{'top1', 'top5', 'loss', 'examples'} of `variables` over every example of `source` that decodes."""
+  from atlas_jax.data import pipeline  # the data libraries: kept out of module scope
   totals = {'top1': 0.0, 'top5': 0.0, 'loss': 0.0, 'examples': 0.0}
   with pipeline.EvalLoader(source, batch_size, process_index=jax.process_index(),
                            process_count=jax.process_count(), workers=workers, transform=transform,
@@ -72,6 +69,7 @@ def evaluate(eval_step, variables, source, batch_size: int, mesh, workers: int =
 
 def eval_options(config) -> dict:
   """The data arguments of `evaluate` from `config`: workers, eval transform, bad-example limit."""
+  from atlas_jax.data import transforms
   return {'workers': config.data.workers, 'transform': transforms.eval_transform(config),
           'max_bad_fraction': config.data.max_bad_fraction}
 
@@ -83,7 +81,7 @@ def evaluate_state(config, eval_step, state, source, mesh) -> dict:
     weights['ema'] = state.ema_params
   results = {}
   for name, params in weights.items():
-    variables = train.model_variables(params, state.batch_stats)
+    variables = run_setup.model_variables(params, state.batch_stats)
     results[name] = evaluate(eval_step, variables, source, config.eval.batch_size, mesh,
                              **eval_options(config))
   return results
@@ -91,14 +89,16 @@ def evaluate_state(config, eval_step, state, source, mesh) -> dict:
 
 def run(config, workdir) -> dict:
   """`--config.mode=eval`: evaluates and appends the results to WORKDIR/metrics.jsonl."""
-  config = train.prepare_config(config)
+  from atlas_jax.data import sources
+
+  config = config_lib.resolve(config)
   workdir = pathlib.Path(workdir)
   mesh = sharding.make_mesh(config)
   sharding.check_batch_size(config.eval.batch_size, mesh, 'config.eval.batch_size')
   source = sources.make_source(config.data, config.image_size, 'validation', config.seed,
                                num_classes=config.model.num_classes)
-  model = build_model(config, dtype=train.eval_dtype(config))
-  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *config.image_size, 3))))
+  model = build_model(config, dtype=run_setup.compute_dtype(config))
+  abstract = run_setup.abstract_variables(model, config.image_size)
 
   checkpoints_dir = workdir_lib.checkpoints_dir(workdir)
   has_checkpoints = checkpoints_dir.is_dir() and any(path.name.isdigit() for path in checkpoints_dir.iterdir())

@@ -34,12 +34,15 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from atlas_jax import checkpointing, workdir as workdir_lib
+from atlas_jax import checkpointing, run_setup
+from atlas_jax import config as config_lib
+from atlas_jax import workdir as workdir_lib
 from atlas_jax.data import sources
 from atlas_jax.data.decode import decode_image
 from atlas_jax.data.pipeline import normalize_image
 from atlas_jax.data.transforms import eval_resize
-from atlas_jax.models import DTYPES, build_model, resolve_model_config
+from atlas_jax.errors import AtlasError
+from atlas_jax.models import build_model
 
 RESOURCES = pathlib.Path(__file__).parent / 'resources'
 HR_IN100_CLASSES = sources.HR_IN100_CLASSES
@@ -48,10 +51,9 @@ IMAGENET_NAMES = RESOURCES / 'imagenet100_names.tsv'
 SYNTHETIC_CLASS_NAMES = ('same colour, same half', 'colours differ, same half',
                          'same colour, halves differ', 'colours differ, halves differ')
 IMAGES_PER_DEVICE = 8
-DEFAULT_MAX_PIXELS = sources.DEFAULT_MAX_PIXELS
 
 
-class InferenceError(ValueError):
+class InferenceError(AtlasError, ValueError):
   """Inputs or a checkpoint that inference cannot use: bad image values, an unknown dtype, a missing file."""
 
 
@@ -102,7 +104,7 @@ def class_labels(config) -> list[str]:
 # Images.
 
 
-def load_image(path, image_size, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def load_image(path, image_size, max_pixels: int) -> np.ndarray:
   """The evaluation transform of a file: (H, W, 3) float32, normalised; BadImageError if unreadable.
 
   Decoded as the data sources decode (data/decode.py: EXIF orientation, RGB, transparency on white).
@@ -155,8 +157,9 @@ def as_image_list(images) -> list:
 
 def feature_shapes(config, batch_size: int = 1) -> list[tuple[int, ...]]:
   """Shapes of `features` for `config`'s model: per scale, finest first. Traced only (jax.eval_shape)."""
+  config = config_lib.resolve(config)
   model = build_model(config)
-  height, width = resolve_model_config(config).image_size
+  height, width = config.image_size
   images = jax.ShapeDtypeStruct((batch_size, height, width, 3), jnp.float32)
 
   def init_and_features(images):
@@ -248,15 +251,6 @@ def _round_up(value: int, multiple: int) -> int:
   return math.ceil(value / multiple) * multiple
 
 
-def inference_dtype(config, dtype: str | None = None) -> str:
-  """`dtype` when given; else float32 on CPU and the config's dtype on accelerators (DESIGN.md)."""
-  if dtype is None:
-    return 'float32' if jax.default_backend() == 'cpu' else config.model.dtype
-  if dtype not in DTYPES:
-    raise InferenceError(f'dtype must be one of {sorted(DTYPES)}, got {dtype!r}')
-  return dtype
-
-
 def load(workdir, step: int | None = None, dtype: str | None = None, use_ema: bool = False,
          config: ml_collections.ConfigDict | None = None, batch_size: int | None = None) -> Predictor:
   """A workdir (trained or converted) -> a Predictor; unpacks as (model, variables, config).
@@ -266,10 +260,9 @@ def load(workdir, step: int | None = None, dtype: str | None = None, use_ema: bo
   dtype (default: float32 on CPU, the config's on accelerators). `batch_size` is images per forward pass
   over all local devices (default 8 per device).
   """
-  config = resolve_model_config(config if config is not None else workdir_lib.read_config(workdir))
-  model = build_model(config, dtype=inference_dtype(config, dtype))
-  images = jax.ShapeDtypeStruct((1,) + tuple(config.image_size) + (3,), jnp.float32)
-  abstract = jax.eval_shape(model.init, jax.random.key(0), images)
+  config = config_lib.resolve(config if config is not None else workdir_lib.read_config(workdir))
+  model = build_model(config, dtype=run_setup.compute_dtype(config, dtype))
+  abstract = run_setup.abstract_variables(model, config.image_size)
   variables, step = checkpointing.restore_inference_variables(workdir, abstract, step, use_ema)
   return Predictor(model, variables, config, step, batch_size)
 
@@ -279,7 +272,7 @@ def checkpoint_origin(workdir) -> str:
   atlas_jax, or a converted reference checkpoint (tools/convert_torch writes config.json and step 0, and no
   metrics.jsonl)."""
   workdir = pathlib.Path(workdir)
-  config = resolve_model_config(workdir_lib.read_config(workdir))
+  config = config_lib.resolve(workdir_lib.read_config(workdir))
   model = config.model
   size = 'x'.join(str(side) for side in config.image_size)
   described = (f'{model.name} (dim {model.dim}, depths {tuple(model.depths)}) at {size} px with '

@@ -6,12 +6,11 @@ the configured mesh and batch, and report the memory it needs per device).
 """
 
 import os
-import sys
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 from ml_collections import config_flags
+
+from atlas_jax.errors import AtlasError, one_line_errors
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'A config file under configs/, optionally with `:ARG`.',
@@ -25,6 +24,7 @@ flags.DEFINE_bool('multihost', False, 'Initialize jax.distributed from the clust
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+@one_line_errors  # an AtlasError is one line a user can act on, exit code 1; any other error is a bug
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
@@ -33,7 +33,24 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   import jax  # after absl parsed the flags, so XLA_FLAGS set by a launcher apply
 
-  config = FLAGS.config
+  from atlas_jax import config as config_lib
+  config = config_lib.resolve(FLAGS.config)  # every field checked before anything starts or compiles
+  _start_distributed(jax)
+  if config.compilation_cache_dir:
+    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(config.compilation_cache_dir))
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+  logging.info('JAX %s on %d %s devices, process %d of %d', jax.__version__, jax.device_count(),
+               jax.default_backend(), jax.process_index(), jax.process_count())
+  from atlas_jax import evaluate, train  # after distributed initialization
+  if config.mode == 'eval':
+    evaluate.run(config, FLAGS.workdir)
+  elif config.mode == 'compile':
+    train.compile_only(config)
+  else:
+    train.run(config, FLAGS.workdir)
+
+
+def _start_distributed(jax) -> None:
   try:
     if FLAGS.coordinator_address or FLAGS.num_processes:
       jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
@@ -43,33 +60,8 @@ def main(argv):
     where = ('--coordinator_address/--num_processes/--process_id' if FLAGS.coordinator_address or
              FLAGS.num_processes else 'the environment (SLURM, Cloud TPU, Open MPI)')
     reason = str(error).rstrip('.')
-    print(f'error: jax.distributed could not start from {where}: {reason}. Run under the cluster\'s '
-          'launcher or pass --coordinator_address=HOST:PORT --num_processes=N --process_id=I',
-          file=sys.stderr, flush=True)
-    sys.exit(1)
-  if config.compilation_cache_dir:
-    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(config.compilation_cache_dir))
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
-  logging.info('JAX %s on %d %s devices, process %d of %d', jax.__version__, jax.device_count(),
-               jax.default_backend(), jax.process_index(), jax.process_count())
-
-  from atlas_jax import evaluate, train  # noqa: E402 (after distributed initialization)
-  from atlas_jax import checkpointing, transfer
-  from atlas_jax.data import sources
-  from atlas_jax.sharding import MeshError
-  try:
-    if config.mode == 'eval':
-      evaluate.run(config, FLAGS.workdir)
-    elif config.mode == 'compile':
-      train.compile_only(config)
-    else:
-      train.run(config, FLAGS.workdir)
-  except (train.TrainingDiverged, checkpointing.CheckpointError, transfer.InitFromError, sources.DataSourceError,
-          MeshError, ValueError) as error:
-    # One line a user can act on, not a traceback; exit code 1 so schedulers see the failure.
-    logging.debug('traceback of the error below (shown with --verbosity=1)', exc_info=True)
-    print(f'error: {error}', file=sys.stderr, flush=True)
-    sys.exit(1)
+    raise AtlasError(f'jax.distributed could not start from {where}: {reason}. Run under the cluster\'s '
+                     'launcher or pass --coordinator_address=HOST:PORT --num_processes=N --process_id=I') from None
 
 
 if __name__ == '__main__':

@@ -1,4 +1,4 @@
-"""Training metrics: WORKDIR/metrics.jsonl, TensorBoard event files under WORKDIR/tb/, a console progress.
+"""Training metrics: WORKDIR/metrics.jsonl and TensorBoard event files under WORKDIR/tb/.
 
 metrics.jsonl holds one JSON object per `MetricWriter.write`: {"step": int, "kind": str, **metrics}, e.g.
   {"step": 100, "kind": "train", "loss": 2.31, "lr": 0.0004, "grad_norm": 1.7, "images_per_s": 312.4, ...}
@@ -10,26 +10,30 @@ in append mode (a resumed run appends) and flushed after every record, so a kill
 wrote. After a resume, `truncate_after(step)` drops the killed run's records past the restored step, so the
 file ends up as an uninterrupted run's.
 
-The TensorBoard events are written without TensorFlow or the tensorboard package: the Event protobuf is
-encoded by hand (only the few fields scalars need) and framed as TFRecords with masked CRC-32C checksums.
-Every numeric value of a record becomes a scalar tagged '<kind>/<name>'; string values label the record and
-join the tag path, so {"weights": "ema", "top1": ...} of kind "eval" is plotted as 'eval/ema/top1'.
+The TensorBoard events are written by tensorboardX, which needs neither TensorFlow nor the tensorboard
+package. Every numeric value of a record becomes a scalar tagged '<kind>/<name>'; string values label the
+record and join the tag path, so {"weights": "ema", "top1": ...} of kind "eval" is plotted as
+'eval/ema/top1'. tensorboardX writes events from a background thread: they reach the file within
+`TENSORBOARD_FLUSH_SECS` and on close(); metrics.jsonl, written synchronously, is the record to trust.
+The console progress line is atlas_jax/progress.py's.
 """
 
+from collections.abc import Mapping
 import json
 import math
 import os
 import pathlib
 import socket
-import struct
-import time
-from collections.abc import Mapping
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
+import tensorboardX
+from tensorboardX.proto import event_pb2, summary_pb2
 
 METRICS_FILE = 'metrics.jsonl'
 TENSORBOARD_DIR = 'tb'
+# Longest a TensorBoard point waits in tensorboardX's queue before it is on disk (a killed run loses those).
+TENSORBOARD_FLUSH_SECS = 5
 _RESERVED_KEYS = ('step', 'kind')
 # JSON has no NaN or infinity: non-finite floats travel as these strings (float() parses them back).
 _NON_FINITE_STRINGS = {'nan': math.nan, 'inf': math.inf, '-inf': -math.inf}
@@ -96,87 +100,7 @@ def _numeric(value: Any) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# TFRecord framing and the Event protobuf, by hand.
-
-
-def _crc32c_table() -> tuple[int, ...]:
-  """The byte-at-a-time table of CRC-32C (Castagnoli), reflected polynomial 0x82F63B78."""
-  table = []
-  for byte in range(256):
-    crc = byte
-    for _ in range(8):
-      crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
-    table.append(crc)
-  return tuple(table)
-
-
-_CRC32C_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-  """CRC-32C of `data`, in pure Python: fast enough for records of a few hundred bytes per logged step."""
-  crc = 0xFFFFFFFF
-  table = _CRC32C_TABLE
-  for byte in data:
-    crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-  return crc ^ 0xFFFFFFFF
-
-
-def masked_crc32c(data: bytes) -> int:
-  """TFRecord's masked CRC: rotated and offset, because a CRC of data that holds CRCs is weak."""
-  crc = crc32c(data)
-  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def tfrecord(data: bytes) -> bytes:
-  """One TFRecord: uint64 length, masked CRC of the length, data, masked CRC of the data (little-endian)."""
-  length = struct.pack('<Q', len(data))
-  return length + struct.pack('<I', masked_crc32c(length)) + data + struct.pack('<I', masked_crc32c(data))
-
-
-def _varint(number: int) -> bytes:
-  number &= 0xFFFFFFFFFFFFFFFF  # negative int64 values take ten bytes, as protobuf encodes them
-  out = bytearray()
-  while True:
-    low_bits = number & 0x7F
-    number >>= 7
-    if number:
-      out.append(low_bits | 0x80)
-    else:
-      out.append(low_bits)
-      return bytes(out)
-
-
-def _length_delimited(field: int, payload: bytes) -> bytes:
-  return _varint(field << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _float32_bytes(value: float) -> bytes:
-  with np.errstate(over='ignore'):  # beyond float32's range is +-inf, as TensorFlow would store it
-    return np.float32(value).astype('<f4').tobytes()
-
-
-def _scalar_value(tag: str, value: float) -> bytes:
-  """Summary.Value{tag = 1 (string), simple_value = 2 (float, fixed32)}."""
-  return _length_delimited(1, tag.encode('utf-8')) + _varint(2 << 3 | 5) + _float32_bytes(value)
-
-
-def encode_event(wall_time: float, step: int, *, file_version: str | None = None,
-                 scalars: Mapping[str, float] | None = None, session_start: bool = False) -> bytes:
-  """Serialized tensorboard Event: wall_time = 1 (double), step = 2 (int64), then one of (a protobuf oneof)
-  file_version = 3 (string), summary = 5 (Summary{repeated Value value = 1}) or session_log = 7
-  (SessionLog{status = 1, START = 1})."""
-  if (file_version is not None) + bool(scalars) + session_start > 1:
-    raise ValueError('an Event holds one of file_version, scalars and session_start (a protobuf oneof)')
-  event = _varint(1 << 3 | 1) + struct.pack('<d', wall_time) + _varint(2 << 3 | 0) + _varint(step)
-  if file_version is not None:
-    event += _length_delimited(3, file_version.encode('utf-8'))
-  if scalars:
-    summary = b''.join(_length_delimited(1, _scalar_value(tag, value)) for tag, value in scalars.items())
-    event += _length_delimited(5, summary)
-  if session_start:
-    event += _length_delimited(7, _varint(1 << 3 | 0) + _varint(1))
-  return event
+# TensorBoard.
 
 
 def scalar_tags(kind: str, record: Mapping[str, Any]) -> dict[str, float]:
@@ -187,8 +111,21 @@ def scalar_tags(kind: str, record: Mapping[str, Any]) -> dict[str, float]:
           if key not in _RESERVED_KEYS and _numeric(value)}
 
 
-def _events_file_name() -> str:
-  return f'events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.atlas_jax'
+def _events_file_suffix(directory: pathlib.Path) -> str:
+  """A `filename_suffix` for tensorboardX that no events file of this host in `directory` ends with:
+  '.<pid>.atlas_jax', numbered ('.<pid>.atlas_jax.1', ...) when taken.
+
+  tensorboardX names a file 'events.out.tfevents.<seconds>.<host>' + suffix and overwrites one of that name,
+  so a second writer of this process in the same second needs a number; it sorts after the first, and
+  TensorBoard reads a directory's files in name order (a resumed run's purge comes after the killed run).
+  """
+  names = [path.name for path in directory.iterdir()]
+  number = 0
+  while True:
+    suffix = f'.{os.getpid()}.atlas_jax' + (f'.{number}' if number else '')
+    if not any(name.endswith(f'.{socket.gethostname()}{suffix}') for name in names):
+      return suffix
+    number += 1
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -235,7 +172,7 @@ class MetricWriter:
     self.path = metrics_path(workdir)
     self.events_path: pathlib.Path | None = None
     self._jsonl = None
-    self._events = None
+    self._events: tensorboardX.FileWriter | None = None
     self._closed = False
     if not enabled:
       return
@@ -254,25 +191,14 @@ class MetricWriter:
         file.truncate(data.rfind(b'\n') + 1)  # 0 when the partial line is the only one
 
   def _open_events_file(self) -> None:
+    """One new events file per writer; tensorboardX writes its file_version event first."""
     directory = tensorboard_dir(self.workdir)
     directory.mkdir(parents=True, exist_ok=True)
-    name = _events_file_name()
-    # Unique per writer: a second writer of this process in the same second gets a numbered name, which
-    # sorts after the first (TensorBoard reads a directory's files in name order).
-    candidate, number = directory / name, 0
-    while True:
-      try:
-        self._events = open(candidate, 'xb')
-        break
-      except FileExistsError:
-        number += 1
-        candidate = directory / f'{name}.{number}'
-    self.events_path = candidate
-    self._write_event(encode_event(time.time(), 0, file_version='brain.Event:2'))
-
-  def _write_event(self, event: bytes) -> None:
-    self._events.write(tfrecord(event))
-    self._events.flush()
+    suffix = _events_file_suffix(directory)
+    self._events = tensorboardX.FileWriter(str(directory), flush_secs=TENSORBOARD_FLUSH_SECS,
+                                           filename_suffix=suffix)
+    ending = f'.{socket.gethostname()}{suffix}'
+    [self.events_path] = [path for path in directory.iterdir() if path.name.endswith(ending)]
 
   def _check_open(self) -> None:
     if self._closed:
@@ -300,8 +226,10 @@ class MetricWriter:
     self._jsonl.flush()
     if self._events is not None:
       scalars = scalar_tags(kind, record)
-      if scalars:
-        self._write_event(encode_event(time.time(), record['step'], scalars=scalars))
+      if scalars:  # one event per record, float32 values as TensorBoard stores them (beyond range: +-inf)
+        summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag, simple_value=value)
+                                             for tag, value in scalars.items()])
+        self._events.add_summary(summary, record['step'])
     return record
 
   def truncate_after(self, step: int) -> None:
@@ -309,7 +237,9 @@ class MetricWriter:
 
     The file is rewritten to a temporary file that then replaces it, so a crash leaves the old or the new
     file, never a mix. In TensorBoard, a SessionLog START event at step + 1 makes the reader discard the
-    killed run's points past `step` from the older event files.
+    points past `step` that it read before it: the killed run's, in the older event files, and any this
+    writer logged. It is the event tensorboardX's `SummaryWriter(purge_step=step + 1)` starts a file with;
+    written into this writer's open file, a resume needs no second file.
     """
     if not self.enabled:
       return
@@ -328,9 +258,11 @@ class MetricWriter:
     finally:
       self._jsonl = open(self.path, 'a', encoding='utf-8')  # still usable after a corrupt-file error
     if self._events is not None:
-      self._write_event(encode_event(time.time(), step + 1, session_start=True))
+      restart = event_pb2.Event(session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START))
+      self._events.add_event(restart, step=step + 1)
 
   def flush(self) -> None:
+    """Flushes metrics.jsonl and the TensorBoard events that tensorboardX's thread has written so far."""
     if not self.enabled or self._closed:
       return
     self._jsonl.flush()
@@ -338,7 +270,7 @@ class MetricWriter:
       self._events.flush()
 
   def close(self) -> None:
-    """Closes the files; closing twice is harmless."""
+    """Closes the files, once every queued TensorBoard event is written; closing twice is harmless."""
     if not self.enabled or self._closed:
       return
     self._closed = True
@@ -351,74 +283,3 @@ class MetricWriter:
 
   def __exit__(self, *exc_info) -> None:
     self.close()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Console progress.
-
-
-def format_duration(seconds: float) -> str:
-  """'H:MM:SS' (hours not wrapped at 24), rounded to the second; '--:--:--' when not finite."""
-  if not math.isfinite(seconds):
-    return '--:--:--'
-  total = max(0, round(seconds))
-  hours, rest = divmod(total, 3600)
-  minutes, secs = divmod(rest, 60)
-  return f'{hours}:{minutes:02d}:{secs:02d}'
-
-
-def _format_metric(key: str, value: Any) -> str:
-  if key == 'images_per_s' and _numeric(value):
-    return f'{value:.1f} img/s'
-  if key == 'lr' and _numeric(value):
-    return f'lr {value:.1e}'
-  if isinstance(value, int):  # bool included
-    return f'{key} {value}'
-  if isinstance(value, float):
-    if value == 0 or not math.isfinite(value) or 1e-3 <= abs(value) < 1e5:
-      return f'{key} {value:.4f}'
-    return f'{key} {value:.3e}'
-  return f'{key} {value}'
-
-
-class Progress:
-  """A console progress line: step/total, percentage, the given metrics and the ETA.
-
-  The first call to `line` sets the baseline (its time and step): the ETA uses the average time per step
-  since then, which leaves out what came before it, such as compiling the train step. `start_step` is the
-  step the run (re)started from; a step before it is a caller error.
-  """
-
-  def __init__(self, total_steps: int, start_step: int = 0, clock: Callable[[], float] = time.monotonic):
-    if total_steps <= 0:
-      raise ValueError(f'total_steps must be > 0, got {total_steps}')
-    self.total_steps = int(total_steps)
-    self.start_step = int(start_step)
-    self.clock = clock
-    self._baseline: tuple[float, int] | None = None
-
-  def eta_seconds(self, step: int) -> float:
-    """Seconds left at the average pace since the baseline (which the first call sets); NaN before a pace
-    is known."""
-    now = self.clock()
-    if self._baseline is None:
-      self._baseline = (now, step)
-    baseline_time, baseline_step = self._baseline
-    if step >= self.total_steps:
-      return 0.0
-    if step <= baseline_step:
-      return math.nan
-    return (now - baseline_time) / (step - baseline_step) * (self.total_steps - step)
-
-  def line(self, step: int, metrics: Mapping[str, Any] | None = None) -> str:
-    """E.g. 'step 120/2000 (6.0%)  loss 1.2345  lr 4.0e-04  312.4 img/s  ETA 0:05:12'."""
-    step = int(step)
-    if step < self.start_step:
-      raise ValueError(f'step {step} is before the start step {self.start_step}')
-    parts = [f'step {step}/{self.total_steps} ({100.0 * step / self.total_steps:.1f}%)']
-    for key, value in (metrics or {}).items():
-      value = to_python_scalar(value, key)
-      if value is not None:
-        parts.append(_format_metric(key, value))
-    parts.append(f'ETA {format_duration(self.eta_seconds(step))}')
-    return '  '.join(parts)

@@ -5,28 +5,20 @@ and conv kernels only; linear warmup from 0 to `lr`, then cosine decay to `min_l
 optimizer step; optional global-norm gradient clipping; gradients averaged over micro-batches; an
 optional EMA of the weights. Everything here is a pure function of (config, arrays) and jits.
 
-Config fields read (ml_collections.ConfigDict or any object with these attributes):
-  lr: float >= 0, peak learning rate, reached at the end of warmup.
-  min_lr: float >= 0, learning rate at `total_steps` and after.
-  warmup_steps: int >= 0, optimizer steps of linear warmup from 0 to `lr`.
-  total_steps: int > 0, optimizer steps in the whole run (>= warmup_steps). Optimizer steps, not
-    micro-batches: with gradient accumulation one step consumes `grad_accum_steps` micro-batches.
-  weight_decay: float >= 0, AdamW decoupled weight decay (reference 0.24), on ndim > 1 leaves only.
-  optimizer.b1, optimizer.b2, optimizer.eps: AdamW moments (reference 0.9, 0.999, 1e-8).
-  optimizer.clip_grad_norm: max global gradient norm; None or 0 turns clipping off (optional field).
-  ema.decay: EMA decay per optimizer step, in [0, 1); None, 0 or no `ema` group turns EMA off.
-  grad_accum_steps: int >= 1, micro-batches per optimizer step (optional field, default 1).
+Config fields read, from a resolved config (atlas_jax.config checks their ranges): lr, min_lr, warmup_steps,
+total_steps (optimizer steps, not micro-batches), weight_decay (on ndim > 1 leaves only),
+optimizer.{b1, b2, eps, clip_grad_norm (0 = off)}, ema.decay (0 = off).
 
 Inside a jitted train step (sketch):
-  micro_batches = split_micro_batches(batch, grad_accum_steps(config))
+  micro_batches = split_micro_batches(batch, config.grad_accum_steps)
   (batch_stats, rng), loss, aux, grads = accumulated_grads(grad_fn, micro_batches, (batch_stats, rng))
   updates, opt_state = tx.update(grads, opt_state, params)  # tx = make_optimizer(config)
   params = optax.apply_updates(params, updates)
-  ema_params = ema_update(ema_params, params, ema_decay(config))  # when ema_enabled(config)
+  ema_params = ema_update(ema_params, params, config.ema.decay)  # when ema_enabled(config)
 """
 
-import math
 from collections.abc import Mapping
+import math
 from typing import Any, Callable
 
 import jax
@@ -35,45 +27,6 @@ import numpy as np
 import optax
 
 PyTree = Any
-_REQUIRED = object()
-
-
-def _read(config, dotted_name: str, default=_REQUIRED):
-  """config.a.b by name; a missing optional field (or group) gives `default`."""
-  value = config
-  for part in dotted_name.split('.'):
-    value = getattr(value, part, _REQUIRED) if value is not None else _REQUIRED
-    if value is _REQUIRED:
-      if default is _REQUIRED:
-        raise AttributeError(f'config.{dotted_name} is required by atlas_jax.optim')
-      return default
-  return value
-
-
-def validate_config(config) -> None:
-  """Raises ValueError, naming the field, for any optimizer field out of range."""
-  lr, min_lr = _read(config, 'lr'), _read(config, 'min_lr')
-  warmup_steps, total_steps = _read(config, 'warmup_steps'), _read(config, 'total_steps')
-  if lr < 0:
-    raise ValueError(f'config.lr must be >= 0, got {lr}')
-  if min_lr < 0:
-    raise ValueError(f'config.min_lr must be >= 0, got {min_lr}')
-  if total_steps <= 0:
-    raise ValueError(f'config.total_steps must be > 0, got {total_steps}')
-  if warmup_steps < 0 or warmup_steps > total_steps:
-    raise ValueError(f'config.warmup_steps must be in [0, total_steps={total_steps}], got {warmup_steps}')
-  weight_decay = _read(config, 'weight_decay', 0.0)
-  if weight_decay < 0:
-    raise ValueError(f'config.weight_decay must be >= 0, got {weight_decay}')
-  clip = _read(config, 'optimizer.clip_grad_norm', None)
-  if clip is not None and clip < 0:
-    raise ValueError(f'config.optimizer.clip_grad_norm must be None, 0 (off) or > 0, got {clip}')
-  accum = _read(config, 'grad_accum_steps', 1)
-  if int(accum) != accum or accum < 1:
-    raise ValueError(f'config.grad_accum_steps must be an integer >= 1, got {accum}')
-  decay = _read(config, 'ema.decay', None)
-  if decay is not None and not 0 <= decay < 1:
-    raise ValueError(f'config.ema.decay must be in [0, 1) (0 or None = off), got {decay}')
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -87,7 +40,6 @@ def learning_rate_schedule(config) -> optax.Schedule:
   min_lr + (lr - min_lr) * (1 + cos(pi * (step - warmup_steps) / (total_steps - warmup_steps))) / 2,
   held at min_lr from total_steps on.
   """
-  validate_config(config)
   lr, min_lr = float(config.lr), float(config.min_lr)
   warmup_steps, total_steps = int(config.warmup_steps), int(config.total_steps)
   decay_steps = max(total_steps - warmup_steps, 1)  # warmup == total: min_lr from the step after
@@ -125,11 +77,9 @@ def cast_to_float32() -> optax.GradientTransformation:
 
 def make_optimizer(config) -> optax.GradientTransformation:
   """float32 cast -> optional clip by global norm -> AdamW (decay masked to kernels), lr from the schedule."""
-  validate_config(config)
-  clip = _read(config, 'optimizer.clip_grad_norm', None)
   transforms = [cast_to_float32()]
-  if clip:  # None or 0 = off
-    transforms.append(optax.clip_by_global_norm(float(clip)))
+  if config.optimizer.clip_grad_norm:  # 0 = off
+    transforms.append(optax.clip_by_global_norm(float(config.optimizer.clip_grad_norm)))
   transforms.append(optax.adamw(
       learning_rate=learning_rate_schedule(config),
       b1=float(config.optimizer.b1), b2=float(config.optimizer.b2), eps=float(config.optimizer.eps),
@@ -139,12 +89,6 @@ def make_optimizer(config) -> optax.GradientTransformation:
 
 # ---------------------------------------------------------------------------------------------------
 # Gradient accumulation.
-
-
-def grad_accum_steps(config) -> int:
-  """config.grad_accum_steps (default 1), validated."""
-  validate_config(config)
-  return int(_read(config, 'grad_accum_steps', 1))
 
 
 def split_micro_batches(batch: PyTree, k: int) -> PyTree:
@@ -202,15 +146,9 @@ def accumulated_grads(grad_fn: Callable, micro_batches: PyTree, carry: PyTree):
 # Exponential moving average of the weights.
 
 
-def ema_decay(config) -> float:
-  """config.ema.decay as a float; 0.0 when EMA is off (decay None/0 or no `ema` group)."""
-  validate_config(config)
-  return float(_read(config, 'ema.decay', None) or 0.0)
-
-
 def ema_enabled(config) -> bool:
-  """Whether config.ema.decay turns the weight EMA on."""
-  return ema_decay(config) > 0.0
+  """Whether config.ema.decay (0 = off) turns the weight EMA on."""
+  return config.ema.decay > 0.0
 
 
 def ema_update(ema_params: PyTree, params: PyTree, decay) -> PyTree:

@@ -15,25 +15,25 @@ when at least one image was classified, else 1. The same from Python: atlas_jax/
 
 import concurrent.futures
 import json
+import math
 import os
 import pathlib
 import sys
-import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 import numpy as np
+import tqdm
 
-from atlas_jax import inference, metrics
+from atlas_jax import inference
 from atlas_jax.data.decode import BadImageError
-# Re-exported: the evaluation transform of a file and the class names, as earlier releases had them here.
-from atlas_jax.inference import class_names, load_image  # noqa: F401
+from atlas_jax.errors import AtlasError, one_line_errors
 
 IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm', '.pgm'}
 
 
-class PredictError(ValueError):
-  """Inputs predict cannot work on: no image files found."""
+class PredictError(AtlasError, ValueError):
+  """Inputs or outputs predict cannot work with: no image files found, an output it cannot write."""
 
 
 def define_flags():
@@ -70,7 +70,7 @@ def image_paths(inputs) -> list[pathlib.Path]:
 def _load(path, image_size, max_pixels):
   """(normalised image, None), or (None, why it is unreadable)."""
   try:
-    return load_image(path, image_size, max_pixels), None
+    return inference.load_image(path, image_size, max_pixels), None
   except BadImageError as error:
     return None, error.reason
 
@@ -92,37 +92,16 @@ def decoded_batches(paths, image_size, max_pixels: int, batch_size: int, workers
       yield [(path, *future.result()) for path, future in zip(chunk, current)]
 
 
-class ProgressBar:
-  """'predict [=====>    ] 120/1000 images  31.2 img/s  ETA 0:00:28' on a stream (stderr).
+def progress_bar(total: int, stream, show: bool) -> tqdm.tqdm:
+  """tqdm's bar of `total` images on `stream`, or a disabled one that prints nothing.
 
-  On a terminal the line is redrawn in place; otherwise (a log file) a line is printed every 10%.
+  On a terminal tqdm redraws it in place; otherwise (a log file) it is redrawn only every 10% of the images,
+  so the log gets about ten updates rather than one per batch.
   """
-
-  WIDTH = 30
-
-  def __init__(self, total: int, stream=sys.stderr, clock=time.monotonic):
-    self.total, self.stream, self.clock = total, stream, clock
-    self.start = clock()
-    self.interactive = stream.isatty()
-    self._next_decile = 1
-
-  def update(self, done: int) -> None:
-    fraction = done / self.total
-    if not self.interactive and fraction < self._next_decile / 10 and done < self.total:
-      return
-    self._next_decile = int(fraction * 10) + 1
-    elapsed = self.clock() - self.start
-    rate = done / elapsed if elapsed > 0 else float('nan')
-    eta = (self.total - done) / rate if rate > 0 else float('nan')
-    filled = int(fraction * self.WIDTH)
-    bar = '=' * filled + ('>' if filled < self.WIDTH else '') + ' ' * (self.WIDTH - filled - 1)
-    line = (f'predict [{bar}] {done}/{self.total} images  {rate:.1f} img/s  '
-            f'ETA {metrics.format_duration(eta)}')
-    if self.interactive:
-      self.stream.write('\r' + line + ('\n' if done >= self.total else ''))
-    else:
-      self.stream.write(line + '\n')
-    self.stream.flush()
+  interactive = stream.isatty()
+  return tqdm.tqdm(total=total, desc='predict', unit='images', file=stream, disable=not show,
+                   miniters=None if interactive else math.ceil(total / 10),
+                   mininterval=0.1 if interactive else 0.0)
 
 
 def run(predictor, paths, output=None, top_k: int = 5, workers: int = 1, stdout=sys.stdout,
@@ -132,32 +111,31 @@ def run(predictor, paths, output=None, top_k: int = 5, workers: int = 1, stdout=
   top_k = min(top_k, len(predictor.labels))
   # A bar for more than one batch, unless the per-image lines go to the same terminal.
   show_progress = len(paths) > predictor.batch_size and (output is not None or not stdout.isatty())
-  progress = ProgressBar(len(paths), stderr) if show_progress else None
-  max_pixels = int(predictor.config.data.get('max_pixels', inference.DEFAULT_MAX_PIXELS))
-  classified = unreadable = done = 0
-  for batch in decoded_batches(paths, predictor.image_size, max_pixels, predictor.batch_size, workers):
-    readable = [(path, image) for path, image, _ in batch if image is not None]
-    for path, _, error in batch:
-      if error is not None:
-        unreadable += 1
-        print(f'predict: skipping {path}: {error}', file=stderr)
-    if readable:
-      logits = predictor.logits(np.stack([image for _, image in readable]), pad_to=predictor.batch_size)
-      tops = inference.top_k_predictions(logits, predictor.labels, top_k)
-      for (path, _), row, top in zip(readable, logits, tops):
-        if output is not None:
-          record = {'path': str(path), 'top_k': top, 'logits': [float(value) for value in row]}
-          output.write(json.dumps(record) + '\n')
-        else:
-          ranked = ', '.join(f'{entry["label"]} {entry["prob"]:.4f}' for entry in top)
-          print(f'{path}: {ranked}', file=stdout)
-      classified += len(readable)
-    done += len(batch)
-    if progress:
-      progress.update(done)
+  max_pixels = int(predictor.config.data.max_pixels)  # the resolved config has every field
+  classified = unreadable = 0
+  with progress_bar(len(paths), stderr, show_progress) as progress:
+    for batch in decoded_batches(paths, predictor.image_size, max_pixels, predictor.batch_size, workers):
+      readable = [(path, image) for path, image, _ in batch if image is not None]
+      for path, _, error in batch:
+        if error is not None:
+          unreadable += 1
+          progress.write(f'predict: skipping {path}: {error}', file=stderr)  # above the bar, not through it
+      if readable:
+        logits = predictor.logits(np.stack([image for _, image in readable]), pad_to=predictor.batch_size)
+        tops = inference.top_k_predictions(logits, predictor.labels, top_k)
+        for (path, _), row, top in zip(readable, logits, tops):
+          if output is not None:
+            record = {'path': str(path), 'top_k': top, 'logits': [float(value) for value in row]}
+            output.write(json.dumps(record) + '\n')
+          else:
+            ranked = ', '.join(f'{entry["label"]} {entry["prob"]:.4f}' for entry in top)
+            print(f'{path}: {ranked}', file=stdout)
+        classified += len(readable)
+      progress.update(len(batch))
   return classified, unreadable
 
 
+@one_line_errors
 def main(argv):
   logging.set_verbosity(logging.WARNING)
   inputs = argv[1:]
@@ -165,16 +143,15 @@ def main(argv):
     raise app.UsageError('usage: python -m atlas_jax.predict --checkpoint=WORKDIR IMAGE_OR_FOLDER...')
   if _TOP_K.value < 1 or (_BATCH_SIZE.value is not None and _BATCH_SIZE.value < 1):
     raise app.UsageError('--top_k and --batch_size must be at least 1')
-  output = None
+  paths = image_paths(inputs)
+  predictor = inference.load(_CHECKPOINT.value, _STEP.value, _DTYPE.value, _EMA.value, _CONFIG.value,
+                             _BATCH_SIZE.value)
   try:
-    paths = image_paths(inputs)
-    predictor = inference.load(_CHECKPOINT.value, _STEP.value, _DTYPE.value, _EMA.value, _CONFIG.value,
-                               _BATCH_SIZE.value)
     output = open(_OUTPUT.value, 'w') if _OUTPUT.value else None
+  except OSError as error:
+    raise PredictError(f'cannot write --output={_OUTPUT.value}: {error.strerror}') from None
+  try:
     classified, unreadable = run(predictor, paths, output, _TOP_K.value, _WORKERS.value)
-  except (ValueError, OSError) as error:  # CheckpointError, InferenceError, PredictError, missing files
-    print(f'predict: {error}', file=sys.stderr)
-    sys.exit(1)
   finally:
     if output is not None:
       output.close()

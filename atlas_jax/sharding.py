@@ -2,7 +2,7 @@
 
 Mesh axes: `data` (pure data parallelism) and `fsdp` (data parallelism whose members also split the
 large parameter and optimizer leaves). A batch is split along its first axis over both. A state leaf with
-at least `config.mesh.fsdp_min_size` elements (default FSDP_MIN_SIZE, 2^18 = 1 MiB of float32) is split
+at least `config.mesh.fsdp_min_size` elements (configs/common.py: 2^18, 1 MiB of float32) is split
 along `fsdp` on its largest axis that divides evenly; smaller leaves (biases, norms) are replicated, since
 splitting them saves little and costs a gather each.
 """
@@ -10,15 +10,16 @@ splitting them saves little and costs a gather each.
 import math
 
 import jax
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+import numpy as np
+
+from atlas_jax.errors import AtlasError
 
 MESH_AXES = ('data', 'fsdp')
 BATCH_AXES = ('data', 'fsdp')
-FSDP_MIN_SIZE = 2 ** 18  # elements; 1 MiB in float32
 
 
-class MeshError(ValueError):
+class MeshError(AtlasError, ValueError):
   """A mesh that does not fit the devices, or a batch that does not fit the mesh."""
 
 
@@ -67,7 +68,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def leaf_spec(shape, fsdp_size: int, min_size: int = FSDP_MIN_SIZE) -> PartitionSpec:
+def leaf_spec(shape, fsdp_size: int, min_size: int) -> PartitionSpec:
   """Split the largest axis divisible by the fsdp size, for leaves of at least `min_size` elements."""
   if fsdp_size == 1 or math.prod(shape) < min_size:
     return PartitionSpec()
@@ -77,15 +78,11 @@ def leaf_spec(shape, fsdp_size: int, min_size: int = FSDP_MIN_SIZE) -> Partition
   return PartitionSpec()
 
 
-def state_shardings(abstract_state, mesh: Mesh, min_size: int = FSDP_MIN_SIZE):
+def state_shardings(abstract_state, mesh: Mesh, min_size: int):
   """NamedShardings for a tree of arrays or ShapeDtypeStructs (parameters, optimizer state, EMA)."""
   fsdp_size = mesh.shape['fsdp']
   return jax.tree.map(lambda leaf: NamedSharding(mesh, leaf_spec(np.shape(leaf), fsdp_size, min_size)),
                       abstract_state)
-
-
-def fsdp_min_size(config) -> int:
-  return int(config.mesh.get('fsdp_min_size', FSDP_MIN_SIZE))
 
 
 def global_batch(local_batch, mesh: Mesh):

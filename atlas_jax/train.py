@@ -6,106 +6,57 @@ and updates the BatchNorm statistics once, as a PyTorch loop that calls backward
 Every random draw of step s comes from `fold_in(state.rng, s)`, so a resumed run repeats exactly the
 draws of an uninterrupted one.
 
-The data pipeline is imported inside `run`, never at module scope: the step builds (for the benchmark)
-where only JAX, flax, optax and ml_collections are installed.
+The data sources and host transforms are imported inside `run`, never at module scope: the step builds (for
+the benchmark) without the image and dataset libraries.
 """
 
-import functools
 import json
 import pathlib
 import signal
 import time
-from typing import Any
 
-import flax
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import logging
 
-from atlas_jax import checkpointing
-from atlas_jax import losses
+from atlas_jax import augment, checkpointing, evaluate, losses, optim, run_setup, sharding, transfer
+from atlas_jax import config as config_lib
 from atlas_jax import metrics as metrics_lib
-from atlas_jax import optim
-from atlas_jax import sharding
-from atlas_jax import transfer
+from atlas_jax import progress as progress_lib
 from atlas_jax import workdir as workdir_lib
-from atlas_jax.models import build_model, resolve_model_config
+from atlas_jax.errors import AtlasError
+from atlas_jax.models import build_model
+from atlas_jax.run_setup import TrainState
 
-MODES = ('train', 'eval', 'compile')
 # Fields a resumed run must share with the run that wrote the workdir; the rest (total_steps,
 # intervals, workers, ...) may change between restarts.
 RESUME_FIELDS = ('image_size', 'model', 'batch_size', 'grad_accum_steps', 'seed', 'mixup', 'data.source')
 
 
-class TrainingDiverged(FloatingPointError):
+class TrainingDiverged(AtlasError, FloatingPointError):
   """The loss became NaN or Inf."""
 
 
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array          # optimizer steps taken, int32 ()
-  params: Any              # float32
-  batch_stats: Any         # {} for models without BatchNorm
-  opt_state: Any
-  ema_params: Any          # None when EMA is off
-  rng: jax.Array           # uint32 (2,), fixed; step s draws from fold_in(rng, s)
-
-
-def model_variables(params, batch_stats) -> dict:
-  return {'params': params, 'batch_stats': batch_stats} if batch_stats else {'params': params}
-
-
-def prepare_config(config):
-  """The config with every derived field resolved; a field out of range is refused by name."""
-  config = resolve_model_config(config)
-  optim.validate_config(config)
-  if config.mode not in MODES:
-    raise ValueError(f'config.mode must be one of {MODES}, got {config.mode!r}')
-  for name in ('batch_size', 'checkpoint.every_steps', 'checkpoint.preemption_sync_steps', 'eval.every_steps',
-               'log.every_steps'):
-    value = config
-    for part in name.split('.'):
-      value = value[part]
-    if int(value) < 1:
-      raise ValueError(f'config.{name} must be >= 1, got {value}')
-  if config.batch_size % config.grad_accum_steps:
-    raise ValueError(f'config.batch_size={config.batch_size} is not divisible by '
-                     f'config.grad_accum_steps={config.grad_accum_steps}')
-  if config.eval.batch_size == 0:
-    config.eval.batch_size = config.batch_size // config.grad_accum_steps
-  return config
-
-
-def create_train_state(config, model, optimizer, rng) -> TrainState:
-  params_rng, train_rng = jax.random.split(rng)
-  images = jnp.zeros((1, *config.image_size, 3), jnp.float32)
-  variables = model.init({'params': params_rng}, images, train=False)
-  params = variables['params']
-  ema_params = jax.tree.map(jnp.copy, params) if optim.ema_enabled(config) else None
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables.get('batch_stats', {}), opt_state=optimizer.init(params),
-                    ema_params=ema_params, rng=train_rng)
+class ResumeError(AtlasError, ValueError):
+  """A workdir that holds a run of another config: another model, batch size or seed."""
 
 
 def make_train_step(config, model, optimizer, mesh=None):
   """(state, batch {'image' (B, h, w, 3) float, 'label' (B,) int}) -> (state, metrics of the step).
 
   On real data the batch comes at `loader_image_size(config)` and the step finishes the train transform
-  (device_transforms.train_finish: upsampling to `image_size`, random erasing) before Mixup/CutMix.
+  (augment.train_finish: upsampling to `image_size`, random erasing) before Mixup/CutMix.
   With `mesh`, each micro-batch is pinned to the batch sharding, so every device keeps its own examples
   through the accumulation loop whatever XLA's propagation would choose.
   """
-  accum_steps = optim.grad_accum_steps(config)
+  accum_steps = config.grad_accum_steps
   num_classes = config.model.num_classes
   mixup = dict(config.mixup)
   schedule = optim.learning_rate_schedule(config)
-  ema_decay = optim.ema_decay(config)
-  finish = None  # the synthetic task has no transform, and the benchmark must not import the data package
-  if config.data.source != 'synthetic':
-    from atlas_jax.data import device_transforms
-    finish = device_transforms.train_finish(config)
+  ema_decay = config.ema.decay
+  finish = augment.train_finish(config)  # None for the synthetic task, which has no transform
 
   def train_step(state: TrainState, batch):
     def micro_step(carry, micro_batch):
@@ -116,10 +67,10 @@ def make_train_step(config, model, optimizer, mesh=None):
       else:  # a fourth key only here: the synthetic task's random streams stay as they were
         rng, mix_rng, dropout_rng, finish_rng = jax.random.split(rng, 4)
         images = finish(finish_rng, images)                                # (B/k, H, W, 3)
-      images, targets = losses.mixup_cutmix(mix_rng, images, micro_batch['label'], num_classes, **mixup)
+      images, targets = augment.mixup_cutmix(mix_rng, images, micro_batch['label'], num_classes, **mixup)
 
       def loss_fn(params):
-        logits, updates = model.apply(model_variables(params, batch_stats), images, train=True,
+        logits, updates = model.apply(run_setup.model_variables(params, batch_stats), images, train=True,
                                       rngs={'dropout': dropout_rng}, mutable=['batch_stats'])
         return losses.soft_target_cross_entropy(logits, targets), updates.get('batch_stats', {})
 
@@ -145,17 +96,12 @@ def make_train_step(config, model, optimizer, mesh=None):
   return train_step
 
 
-def eval_dtype(config) -> str:
-  """Evaluation computes in float32 on CPU and in the config's dtype on accelerators (DESIGN.md)."""
-  return 'float32' if jax.default_backend() == 'cpu' else config.model.dtype
-
-
-def jit_train_step(config, model, optimizer, mesh, abstract_state):
-  """The train step compiled for `mesh`: state sharded by `sharding.state_shardings`, donated."""
-  state_sharding = sharding.state_shardings(abstract_state, mesh, sharding.fsdp_min_size(config))
-  return jax.jit(make_train_step(config, model, optimizer, mesh),
-                 in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-                 out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+def jit_train_step(setup: run_setup.TrainSetup):
+  """The train step compiled for the setup's mesh: state sharded as `setup.state_sharding`, donated."""
+  mesh = setup.mesh
+  return jax.jit(make_train_step(setup.config, setup.model, setup.optimizer, mesh),
+                 in_shardings=(setup.state_sharding, sharding.batch_sharding(mesh)),
+                 out_shardings=(setup.state_sharding, sharding.replicated(mesh)), donate_argnums=0)
 
 
 def loader_image_size(config) -> tuple[int, int]:
@@ -174,17 +120,13 @@ def abstract_batch(config, batch_size: int):
 
 def compile_only(config) -> dict:
   """`--config.mode=compile`: compiles the train step for the mesh and batch, no data; prints its memory."""
-  config = prepare_config(config)
-  mesh = sharding.make_mesh(config)
+  config = config_lib.resolve(config)
+  setup = run_setup.train_setup(config)
+  mesh = setup.mesh
   sharding.check_batch_size(config.batch_size, mesh)
-  model = build_model(config)
-  optimizer = optim.make_optimizer(config)
-  abstract_state = jax.eval_shape(functools.partial(create_train_state, config, model, optimizer),
-                                  jax.random.PRNGKey(config.seed))
   start = time.perf_counter()
   with jax.set_mesh(mesh):
-    compiled = jit_train_step(config, model, optimizer, mesh, abstract_state).lower(
-        abstract_state, abstract_batch(config, config.batch_size)).compile()
+    compiled = jit_train_step(setup).lower(setup.abstract_state, abstract_batch(config, config.batch_size)).compile()
   memory = compiled.memory_analysis()
   gib = 2.0 ** 30
   report = {'devices': mesh.size, 'mesh': dict(mesh.shape), 'batch_size': config.batch_size,
@@ -235,13 +177,11 @@ def check_resumable(workdir, config) -> None:
     return
   stored = workdir_lib.read_config(workdir)
   for name in RESUME_FIELDS:
-    ours, theirs = config, stored
-    for part in name.split('.'):
-      ours, theirs = ours.get(part), theirs.get(part) if theirs is not None else None
+    ours, theirs = config_lib.get(config, name), config_lib.get(stored, name)
     if hasattr(ours, 'to_dict'):
       ours, theirs = ours.to_dict(), theirs.to_dict() if theirs is not None else None
     if ours != theirs:
-      raise ValueError(f'{workdir} holds a run with {name}={theirs!r}, this config has {ours!r}: '
+      raise ResumeError(f'{workdir} holds a run with {name}={theirs!r}, this config has {ours!r}: '
                        'resume with the same config or use a new --workdir')
 
 
@@ -295,13 +235,13 @@ def check_finite(step: int, metrics, last_good: int | None, checkpoints_dir) -> 
 
 def run(config, workdir) -> TrainState:
   """Trains from scratch, from `init_from`, or from the workdir's latest checkpoint; returns the final state."""
-  from atlas_jax import evaluate  # evaluate imports the data pipeline: kept out of module scope
-  from atlas_jax.data import pipeline, sources, transforms
+  from atlas_jax.data import pipeline, sources, transforms  # the data libraries: kept out of module scope
 
-  config = prepare_config(config)
+  config = config_lib.resolve(config)
   workdir = pathlib.Path(workdir)
   is_main = jax.process_index() == 0
-  mesh = sharding.make_mesh(config)
+  setup = run_setup.train_setup(config)
+  mesh = setup.mesh
   sharding.check_batch_size(config.batch_size, mesh)
   sharding.check_batch_size(config.batch_size // config.grad_accum_steps, mesh,
                             'config.batch_size / config.grad_accum_steps')
@@ -313,13 +253,7 @@ def run(config, workdir) -> TrainState:
   if is_main:
     workdir_lib.write_config(workdir, config)
 
-  model = build_model(config)
-  eval_model = build_model(config, dtype=eval_dtype(config))
-  optimizer = optim.make_optimizer(config)
-  init = functools.partial(create_train_state, config, model, optimizer)
-  rng = jax.random.PRNGKey(config.seed)
-  abstract_state = jax.eval_shape(init, rng)
-  state_sharding = sharding.state_shardings(abstract_state, mesh, sharding.fsdp_min_size(config))
+  eval_model = build_model(config, dtype=run_setup.compute_dtype(config))
   checkpoints = checkpointing.Checkpoints(workdir, keep=config.checkpoint.keep,
                                           async_save=config.checkpoint.async_save)
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
@@ -333,26 +267,27 @@ def run(config, workdir) -> TrainState:
                                     max_bad_fraction=config.data.max_bad_fraction)
       latest = checkpoints.latest_step()
       if latest is not None:
-        state, loader_state = restore_state(checkpoints, latest, abstract_state, state_sharding,
+        state, loader_state = restore_state(checkpoints, latest, setup.abstract_state, setup.state_sharding,
                                             loader.get_state())
         loader.set_state(loader_state)
         logging.info('resuming from step %d in %s', latest, checkpoints.directory)
         if is_main:
           print(f'resuming from step {latest} in {checkpoints.directory}', flush=True)
       else:
-        state = jax.jit(init, out_shardings=state_sharding)(rng)
+        state = setup.init_state()
         if config.init_from:
-          variables, source_step = transfer.load(config, model_variables(state.params, state.batch_stats))
+          variables, source_step = transfer.load(config, run_setup.model_variables(state.params,
+                                                                                    state.batch_stats))
           state = state.replace(params=variables['params'], batch_stats=variables.get('batch_stats', {}),
                                 ema_params=None if state.ema_params is None else variables['params'])
-          state = jax.device_put(state, state_sharding)
+          state = jax.device_put(state, setup.state_sharding)
           logging.info('initialized from step %d of %s', source_step, config.init_from)
       start_step = int(state.step)
       if is_main:
         print(optim.param_overview(state.params), flush=True)
       writer.truncate_after(start_step)  # a killed run may have logged steps past its last checkpoint
 
-      train_step = jit_train_step(config, model, optimizer, mesh, abstract_state)
+      train_step = jit_train_step(setup)
       eval_step = jax.jit(evaluate.make_eval_step(eval_model, config.model.num_classes))
       state = _train_loop(config, workdir, mesh, state, train_step, eval_step, loader, val_source,
                           checkpoints, writer, preemption, start_step)
@@ -368,10 +303,8 @@ def run(config, workdir) -> TrainState:
 
 def _train_loop(config, workdir, mesh, state, train_step, eval_step, loader, val_source, checkpoints, writer,
                 preemption, start_step):
-  from atlas_jax import evaluate
-
   total_steps = config.total_steps
-  progress = metrics_lib.Progress(total_steps, start_step)
+  progress = progress_lib.Progress(total_steps, start_step)
   last_saved = checkpoints.latest_step()
   previous = None              # (step, metrics) checked one step late: keeps dispatch asynchronous
   interval_start, interval_steps = time.perf_counter(), 0

@@ -7,24 +7,26 @@ computes something else would train or evaluate silently wrong.
 """
 
 import jax
-import jax.numpy as jnp
 
-from atlas_jax import checkpointing
+from atlas_jax import checkpointing, run_setup
+from atlas_jax import config as config_lib
 from atlas_jax import workdir as workdir_lib
-from atlas_jax.models import build_model, resolve_model_config
+from atlas_jax.errors import AtlasError
+from atlas_jax.models import build_model
 
 # Fields that do not change the function the parameters define.
 COMPUTE_ONLY_FIELDS = ('drop_path_rate', 'dtype', 'attention', 'remat')
 
 
-class InitFromError(ValueError):
+class InitFromError(AtlasError, ValueError):
   """A source workdir whose parameters do not fit this config."""
 
 
 def check_compatible(source_config, config) -> bool:
-  """Raises InitFromError naming the first model field that differs; returns whether the head differs."""
-  source_model = resolve_model_config(source_config).model
-  model = resolve_model_config(config).model
+  """Raises InitFromError naming the first model field that differs; returns whether the head differs.
+
+  Both configs are resolved."""
+  source_model, model = source_config.model, config.model
   for field in sorted(set(source_model.keys()) | set(model.keys())):
     if field in COMPUTE_ONLY_FIELDS or field == 'num_classes':
       continue
@@ -45,11 +47,9 @@ def load(config, fresh_variables):
   if not workdir_lib.config_path(source).exists():
     raise InitFromError(f'init_from={source} has no config.json: point it at a workdir written by '
                         'atlas_jax.main or atlas_jax.tools.convert_torch')
-  source_config = workdir_lib.read_config(source)
+  source_config = config_lib.resolve(workdir_lib.read_config(source))
   new_head = check_compatible(source_config, config)
-  source_model = build_model(source_config)
-  source_size = resolve_model_config(source_config).image_size
-  abstract = jax.eval_shape(lambda: source_model.init(jax.random.key(0), jnp.zeros((1, *source_size, 3))))
+  abstract = run_setup.abstract_variables(build_model(source_config), source_config.image_size)
   restored, step = checkpointing.restore_inference_variables(source, abstract)
 
   params = restored['params']

@@ -11,7 +11,17 @@ import pathlib
 import ml_collections
 from ml_collections import config_dict
 
+from atlas_jax.errors import AtlasError
+
 CONFIG_FILE = 'config.json'
+
+
+class WorkdirNotFound(AtlasError, FileNotFoundError):
+  """A directory that is not a workdir: it has no config.json."""
+
+
+class ConfigFileError(AtlasError, ValueError):
+  """A config.json that cannot be read back."""
 CHECKPOINTS = 'checkpoints'
 
 
@@ -83,10 +93,10 @@ def write_config(workdir, config: ml_collections.ConfigDict) -> pathlib.Path:
 def read_config(workdir) -> ml_collections.ConfigDict:
   path = config_path(workdir)
   if not path.is_file():
-    raise FileNotFoundError(f'{path} not found: is {workdir} a workdir written by atlas_jax '
+    raise WorkdirNotFound(f'{path} not found: is {workdir} a workdir written by atlas_jax '
                             '(main or tools.convert_torch)?')
   try:
     values = json.loads(path.read_text())
   except json.JSONDecodeError as error:
-    raise ValueError(f'{path} is not valid JSON ({error}); restore it or rewrite it from the config file') from None
+    raise ConfigFileError(f'{path} is not valid JSON ({error}); restore it or rewrite it from the config file') from None
   return _decode(values)

@@ -48,14 +48,13 @@ def parse_seeds(text: str) -> list[int]:
 
 def set_fields(config, overrides: dict) -> None:
   """Sets dotted `overrides` ({'model.communication': 'none'}) on `config`; unknown fields are refused."""
-  for dotted, value in overrides.items():
-    *parents, leaf = dotted.split('.')
-    node = config
-    for part in parents:
-      node = node[part]
-    if leaf not in node:
-      raise ExperimentError(f'config has no field {dotted!r}')
-    node[leaf] = value
+  config.lock()  # a locked ConfigDict refuses new fields
+  try:
+    config.update_from_flattened_dict(overrides)
+  except (AttributeError, KeyError) as error:
+    raise ExperimentError(f'config has no field named in {sorted(overrides)}: {error}') from None
+  finally:
+    config.unlock()
 
 
 def quickstart_config(model: str, steps: int, seed: int, overrides: dict, quick: bool):
@@ -69,8 +68,8 @@ def quickstart_config(model: str, steps: int, seed: int, overrides: dict, quick:
 
 def configure_jax(config) -> None:
   """What `atlas_jax.main` does before training: the persistent compilation cache, quiet absl logging."""
-  import jax
   from absl import logging
+  import jax
   logging.set_verbosity(logging.WARNING)
   if config.compilation_cache_dir:
     jax.config.update('jax_compilation_cache_dir', os.path.expanduser(config.compilation_cache_dir))
@@ -84,6 +83,7 @@ def read_metrics(workdir: pathlib.Path) -> list[dict]:
 
 def check_workdir(config, workdir: pathlib.Path) -> None:
   """Refuses a workdir that holds another run (model, batch, seed, recipe fields or number of steps)."""
+  from atlas_jax import config as config_lib
   from atlas_jax import train as train_lib
   from atlas_jax import workdir as workdir_lib
   if not workdir_lib.config_path(workdir).exists():
@@ -93,8 +93,8 @@ def check_workdir(config, workdir: pathlib.Path) -> None:
     raise ExperimentError(f'{workdir} holds a run of {stored_steps} steps, not {config.total_steps}: '
                           'remove it or pass another --output')
   try:
-    train_lib.check_resumable(workdir, train_lib.prepare_config(config))
-  except ValueError as error:
+    train_lib.check_resumable(workdir, config_lib.resolve(config))
+  except train_lib.ResumeError as error:
     raise ExperimentError(f'{error} (or pass another --output)') from None
 
 

@@ -1,10 +1,32 @@
-"""Test-wide settings: XLA's CPU backend without its slow optimisation passes.
+"""Test-wide settings: XLA's CPU backend without its slow optimisation passes, and one compilation cache.
 
 The tests compile many small graphs; at optimisation level 0 XLA compiles them about twice as fast,
 and the results are the same numbers (parity tolerances are unchanged).
+
+Many tests compile the same programs: the same tiny model in several test modules, and the same training
+run in every subprocess of the command-line tests (a run, its resumed twin, the other host). A persistent
+compilation cache private to this test session, set through the environment, serves them all: the pytest
+workers and every subprocess they start inherit it, and the session removes it at the end. An executable
+from the cache is the one a fresh compile makes, so no result changes.
 """
 
 import os
+import shutil
+import tempfile
+import uuid
 
 if 'xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_backend_optimization_level=0').strip()
+
+# The first process of the session (pytest itself, before it starts any xdist worker) names the session;
+# the workers and subprocesses inherit the name through the environment.
+_SESSION = os.environ.setdefault('ATLAS_JAX_TEST_SESSION', uuid.uuid4().hex)
+CACHE_DIR = os.path.join(tempfile.gettempdir(), f'atlas_jax_test_xla_cache_{_SESSION}')
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', CACHE_DIR)
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
+
+
+def pytest_sessionfinish(session, exitstatus):
+  del exitstatus
+  if not hasattr(session.config, 'workerinput'):  # the controller (or a plain run), after every worker
+    shutil.rmtree(CACHE_DIR, ignore_errors=True)

@@ -5,33 +5,29 @@ stem, so BatchNorm runs in train mode on statistics of the whole micro-batch, sp
 each device holds other examples. Mixup/CutMix, drop path, accumulation and EMA are on.
 """
 
-import functools
 import json
 import tempfile
 
 import jax
 import numpy as np
 
-from atlas_jax import checkpointing, optim, sharding, train
+from atlas_jax import checkpointing, run_setup, sharding, train
+from atlas_jax import config as config_lib
 from atlas_jax.data import pipeline, sources
-from atlas_jax.models import build_model
 from tests.train_configs import FULL_RECIPE, tiny_config
 
 
 def one_step(config, devices, fsdp: int = 1):
   config.mesh.update(data=len(devices) // fsdp, fsdp=fsdp)
-  model = build_model(config)
-  optimizer = optim.make_optimizer(config)
-  mesh = sharding.make_mesh(config, devices)
-  init = functools.partial(train.create_train_state, config, model, optimizer)
-  abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+  setup = run_setup.train_setup(config, sharding.make_mesh(config, devices))
   source = sources.make_source(config.data, config.image_size, 'train', 0)
-  with pipeline.TrainLoader(source, config.batch_size, seed=0) as loader:
+  with pipeline.TrainLoader(source, config.batch_size, seed=0,
+                            max_bad_fraction=config.data.max_bad_fraction) as loader:
     local_batch = next(loader)
-  shardings = sharding.state_shardings(abstract, mesh, sharding.fsdp_min_size(config))
+  mesh = setup.mesh
   with jax.set_mesh(mesh):
-    state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(0))
-    step = train.jit_train_step(config, model, optimizer, mesh, abstract)
+    state = setup.init_state(jax.random.PRNGKey(0))
+    step = train.jit_train_step(setup)
     state, metrics = step(state, sharding.global_batch(local_batch, mesh))
   # Bytes of parameters whose arrays really are split over the fsdp axis, after the step.
   split_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state.params) if 'fsdp' in leaf.sharding.spec)
@@ -54,20 +50,17 @@ def restore_on_fewer_devices(config, local_batches) -> dict:
   def setup(devices, fsdp):
     run_config = config.copy_and_resolve_references()
     run_config.mesh.update(data=len(devices) // fsdp, fsdp=fsdp)
-    model, optimizer = build_model(run_config), optim.make_optimizer(run_config)
-    mesh = sharding.make_mesh(run_config, devices)
-    init = functools.partial(train.create_train_state, run_config, model, optimizer)
-    abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
-    shardings = sharding.state_shardings(abstract, mesh, sharding.fsdp_min_size(run_config))
-    return mesh, init, abstract, shardings, train.jit_train_step(run_config, model, optimizer, mesh, abstract)
+    run = run_setup.train_setup(run_config, sharding.make_mesh(run_config, devices))
+    return run, train.jit_train_step(run)
 
   devices = jax.devices()
   loader_state = {'batches_consumed': np.asarray(1, np.int64)}
   with tempfile.TemporaryDirectory() as workdir:
-    mesh, init, abstract, shardings, step = setup(devices[:8], 4)
+    run, step = setup(devices[:8], 4)
+    mesh = run.mesh
     checkpoints = checkpointing.Checkpoints(workdir)
     with jax.set_mesh(mesh):
-      state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(0))
+      state = run.init_state(jax.random.PRNGKey(0))
       state, _ = step(state, sharding.global_batch(local_batches[0], mesh))
       checkpoints.save(1, train.checkpoint_items(state, loader_state))
       checkpoints.wait()
@@ -75,9 +68,10 @@ def restore_on_fewer_devices(config, local_batches) -> dict:
       reference = jax.device_get((state.params, state.ema_params))
     differences = {}
     for count, fsdp in ((4, 2), (1, 1)):
-      mesh, init, abstract, shardings, step = setup(devices[:count], fsdp)
+      run, step = setup(devices[:count], fsdp)
+      mesh = run.mesh
       with jax.set_mesh(mesh):
-        state, _ = train.restore_state(checkpoints, 1, abstract, shardings, loader_state)
+        state, _ = train.restore_state(checkpoints, 1, run.abstract_state, run.state_sharding, loader_state)
         state, _ = step(state, sharding.global_batch(local_batches[1], mesh))
         differences[f'restored_on_{count}'] = max_relative_difference(
             jax.device_get((state.params, state.ema_params)), reference)
@@ -93,7 +87,7 @@ def main():
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   # A conv stem (patch 16) at 64 px: 4 x 4 tokens, one window; BatchNorm in every stem stage.
   overrides = {key.replace('.', '__'): value for key, value in FULL_RECIPE.items()}
-  config = train.prepare_config(tiny_config(**overrides, image_size=(64, 64), model__patch_size=16,
+  config = config_lib.resolve(tiny_config(**overrides, image_size=(64, 64), model__patch_size=16,
                                             model__stem_width=8, model__stem_in_dim=8, model__depths=(1,),
                                             batch_size=16, mesh__fsdp_min_size=256, warmup_steps=0,
                                             optimizer__eps=1e-3))
@@ -108,7 +102,8 @@ def main():
   fsdp, fsdp_split = one_step(config.copy_and_resolve_references(), devices[:8], fsdp=4)
   assert jax.tree.leaves(single[1]), 'the model should have BatchNorm statistics'
   source = sources.make_source(config.data, config.image_size, 'train', 0)
-  with pipeline.TrainLoader(source, config.batch_size, seed=0) as loader:
+  with pipeline.TrainLoader(source, config.batch_size, seed=0,
+                            max_bad_fraction=config.data.max_bad_fraction) as loader:
     local_batches = [next(loader), next(loader)]
   restored = restore_on_fewer_devices(config, local_batches)
   print(json.dumps({**restored, 'devices': len(devices[:8]),

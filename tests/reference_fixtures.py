@@ -27,11 +27,12 @@ def load_fixture(name: str):
 
 
 def fixture_config(meta: dict, parent_window: str | None = None):
-  """A config (configs/common.py) building exactly the fixture's model, float32."""
+  """A resolved config (configs/common.py) building exactly the fixture's model, float32."""
+  from atlas_jax import config as config_lib
   from configs import common
   config = common.base_config('T', meta['resolution'])
   config.model.update(dim=meta['dim'], num_heads=meta['num_heads'], stem_width=meta['stem_width'],
                       depths=tuple(meta['depths']), num_classes=meta['num_classes'], dtype='float32',
                       drop_path_rate=0.0,
                       parent_window=parent_window or meta['parent_window'].split()[0])
-  return config
+  return config_lib.resolve(config)

@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from atlas_jax import benchmark, train
+from atlas_jax import benchmark
+from atlas_jax import config as config_lib
 from atlas_jax.models import build_model, layers, msa
 from configs import atlas_b_1024
 from tests.train_configs import ROOT, command_line_overrides, tiny_config
@@ -61,7 +62,7 @@ def test_jaxpr_flops_counts_dots_convolutions_and_scans():
 
 @pytest.mark.parametrize('dtype, fault', [('bfloat16', None), ('float32', 'tanh_gelu'), ('bfloat16', 'no_second_mlp')])
 def test_fast_path_check_passes_a_clean_model_and_catches_planted_faults(dtype, fault):
-  config = train.prepare_config(tiny_config(model__dtype=dtype))
+  config = config_lib.resolve(tiny_config(model__dtype=dtype))
   model = build_model(config)
   variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
   fast_model = {None: model,
@@ -94,6 +95,7 @@ def test_command_line_prints_the_design_fields_without_the_data_pipeline(tmp_pat
 def test_device_time_by_op_reads_a_trace_without_tensorboard(tmp_path):
   import jax
   import jax.numpy as jnp
+
   from atlas_jax import benchmark
   step = jax.jit(lambda x: jnp.tanh(x @ x).sum())
   matrix = jnp.ones((256, 256))

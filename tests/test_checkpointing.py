@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from atlas_jax import checkpointing
+from atlas_jax.config import resolve
 from atlas_jax.models import build_model
 from configs import common
 
@@ -14,7 +15,7 @@ def _patchify_model():
   config = common.base_config('T', 32)
   config.model.update(patch_size=4, dim=16, num_heads=2, stem_width=4, depths=(1, 1), window=4, pool=2,
                       dtype='float32')
-  return build_model(config)
+  return build_model(resolve(config))
 
 
 def test_model_without_batchnorm_saves_and_restores(tmp_path):

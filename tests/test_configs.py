@@ -10,7 +10,8 @@ from ml_collections import config_flags
 import pytest
 
 from atlas_jax import workdir as workdir_lib
-from atlas_jax.models import build_model, resolve_model_config
+from atlas_jax.config import resolve
+from atlas_jax.models import build_model
 from configs import common
 
 ROOT = pathlib.Path(__file__).parents[1]
@@ -48,26 +49,26 @@ def test_config_file(config_file, tmp_path):
   config = _parse(config_file)
   assert config.model.num_classes == 100
   assert f'--config=configs/{pathlib.Path(config_file).name}' in open(config_file).read().split('"""')[1]
-  resolved = resolve_model_config(config)
+  resolved = resolve(config)
   workdir_lib.write_config(tmp_path, resolved)
   restored = workdir_lib.read_config(tmp_path)
   assert restored.to_dict() == resolved.to_dict()
   assert isinstance(restored.image_size, tuple) and isinstance(restored.model.depths, tuple)
   restored.init_from = '/still/overridable'  # a placeholder stays a typed placeholder
 
-  model = build_model(config)
+  model = build_model(resolved)
   images = jax.ShapeDtypeStruct((1,) + resolved.image_size + (3,), jnp.float32)
   logits = jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), jnp.zeros(images.shape))[0])
   assert logits.shape == (1, 100)
 
-  depths = resolve_model_config(_parse(config_file, '--config.model.depths=(1,1,1)', '--config.image_size=(2048,2048)'))
+  depths = resolve(_parse(config_file, '--config.model.depths=(1,1,1)', '--config.image_size=(2048,2048)'))
   assert depths.model.depths == (1, 1, 1)
   assert _parse(config_file, '--config.init_from=/some/dir').init_from == '/some/dir'
-  small = resolve_model_config(_parse(config_file, '--config.model.variant=S'))
+  small = resolve(_parse(config_file, '--config.model.variant=S'))
   assert (small.model.dim, small.model.num_heads, small.model.stem_width) == (384, 6, 96)
-  bigger = resolve_model_config(_parse(config_file, '--config.image_size=(2048,2048)'))
+  bigger = resolve(_parse(config_file, '--config.image_size=(2048,2048)'))
   assert bigger.image_size == (2048, 2048) and bigger.model.depths == (2, 2, 8)
-  square = resolve_model_config(_parse(config_file, '--config.image_size=1024'))
+  square = resolve(_parse(config_file, '--config.image_size=1024'))
   assert square.image_size == (1024, 1024) and square.model.depths == (2, 10)
 
 
@@ -81,7 +82,7 @@ def test_parse_arg():
 def test_quickstart_config():
   config = _parse(str(ROOT / 'configs' / 'quickstart.py'))
   assert '--config=configs/quickstart.py' in open(ROOT / 'configs' / 'quickstart.py').read()
-  resolved = resolve_model_config(config)
+  resolved = resolve(config)
   assert resolved.image_size == (64, 64) and resolved.model.num_classes == 4 and config.data.source == 'synthetic'
   baseline = _parse(str(ROOT / 'configs' / 'quickstart.py') + ':model=window_vit,steps=10')
   assert baseline.model.name == 'window_vit' and baseline.total_steps == 10

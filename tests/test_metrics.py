@@ -1,9 +1,10 @@
-"""metrics.jsonl records, TensorBoard events read back by TensorBoard's own reader, the progress line."""
+"""metrics.jsonl records, and tensorboardX's TensorBoard events read back by TensorBoard's own reader."""
 
 import json
 import math
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 import textwrap
@@ -13,7 +14,6 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator, event_file_loader
 from tensorboard.compat.proto import event_pb2
-from tensorboard.compat.tensorflow_stub import pywrap_tensorflow as tensorboard_records
 
 from atlas_jax import metrics
 
@@ -117,7 +117,7 @@ def test_truncate_after_makes_a_resumed_run_equal_an_uninterrupted_one(tmp_path)
     _log_run(writer, range(4, 7))
   assert (resumed / 'metrics.jsonl').read_text() == (uninterrupted / 'metrics.jsonl').read_text()
   assert sorted(p.name for p in resumed.iterdir()) == ['metrics.jsonl', 'tb']  # no temporary file left
-  assert len(list((resumed / 'tb').iterdir())) == 2  # one events file per writer
+  assert len(list((resumed / 'tb').iterdir())) == 2  # one events file per writer, none for the purge
   # TensorBoard drops the killed run's points past step 3 (the SessionLog START at step 4).
   assert _scalars(resumed / 'tb') == _scalars(uninterrupted / 'tb')
 
@@ -150,47 +150,50 @@ def test_tensorboard_reads_back_tags_steps_and_values(tmp_path):
   assert scalars['eval/ema/top1'] == [(200, f32(0.7125))]
   assert scalars['eval/ema/top5'] == [(200, f32(0.9))]
   assert scalars['eval/raw/loss'] == [(200, f32(1.35))]
-  # Every record survived the reader's CRC checks (it stops at the first bad one), file_version first.
+  # One event per record with numbers, after the file_version event; the name says host and process.
   [events_file] = list((tmp_path / 'tb').iterdir())
+  assert events_file == writer.events_path
   assert events_file.name.startswith('events.out.tfevents.') and events_file.name.endswith(
-      f'.{os.getpid()}.atlas_jax')
+      f'.{socket.gethostname()}.{os.getpid()}.atlas_jax')
   events = _events(events_file)
   assert len(events) == 5 and events[0].file_version == 'brain.Event:2'
   assert [event.step for event in events[1:]] == [100, 200, 200, 200]
+  assert [len(event.summary.value) for event in events[1:]] == [4, 4, 3, 3]
 
 
-def test_crc32c_matches_the_standard_and_tensorboard():
-  assert metrics.crc32c(b'123456789') == 0xE3069283  # the CRC-32C check value
-  assert metrics.crc32c(b'') == 0
-  data = np.random.default_rng(0).integers(0, 256, 1000, dtype=np.uint8).tobytes()
-  for chunk in (data[:1], data[:7], data):
-    assert metrics.crc32c(chunk) == tensorboard_records.crc32c(chunk)
-    assert metrics.masked_crc32c(chunk) == tensorboard_records.masked_crc32c(chunk)
-
-
-def test_hand_encoded_events_parse_as_tensorboards_protobuf():
-  parse = event_pb2.Event.FromString
-  event = parse(metrics.encode_event(1234.5, 2**40, scalars={'train/loss': 0.5, 'eval/ema/top1 é': 1e300}))
-  assert event.wall_time == 1234.5 and event.step == 2**40
-  assert [(value.tag, value.simple_value) for value in event.summary.value] == [
-      ('train/loss', 0.5), ('eval/ema/top1 é', math.inf)]  # beyond float32's range: inf
-  first = parse(metrics.encode_event(1.0, -3, file_version='brain.Event:2'))
-  assert first.step == -3 and first.file_version == 'brain.Event:2' and not first.HasField('summary')
-  restart = parse(metrics.encode_event(2.0, 7, session_start=True))
-  assert restart.step == 7 and restart.session_log.status == event_pb2.SessionLog.START
-  with pytest.raises(ValueError, match='oneof'):
-    metrics.encode_event(1.0, 1, scalars={'a': 1.0}, session_start=True)
-
-
-def test_tensorboard_reader_rejects_a_bad_crc(tmp_path):
-  """So that reading every event back above really checks the CRCs."""
+def test_tags_keep_their_characters_and_values_beyond_float32_become_inf(tmp_path):
   with metrics.MetricWriter(tmp_path) as writer:
-    writer.write(1, 'train', {'loss': 1.0})
-    events_path = writer.events_path
-  data = bytearray(events_path.read_bytes())
-  data[-1] ^= 0xFF  # the data CRC of the last record
-  events_path.write_bytes(bytes(data))
-  assert len(_events(events_path)) == 1
+    writer.write(1, 'eval', {'top1': 1e300, 'loss': -1e300, 'tiny': 1e-50, 'weights': 'ema é 2'})
+  label = 'eval/ema é 2'  # kept as is (tensorboardX's add_scalar would make the space a '_')
+  assert _scalars(tmp_path / 'tb') == {f'{label}/top1': [(1, math.inf)], f'{label}/loss': [(1, -math.inf)],
+                                       f'{label}/tiny': [(1, 0.0)]}
+
+
+def test_each_writer_has_its_own_events_file_sorted_in_opening_order(tmp_path):
+  paths = []
+  for step in range(3):  # in the same second, mostly: numbered names
+    with metrics.MetricWriter(tmp_path) as writer:
+      writer.write(step, 'train', {'loss': float(step)})
+      paths.append(writer.events_path)
+  assert sorted((tmp_path / 'tb').iterdir()) == paths and len(set(paths)) == 3
+  assert _scalars(tmp_path / 'tb') == {'train/loss': [(0, 0.0), (1, 1.0), (2, 2.0)]}
+
+
+def test_truncate_after_on_a_writer_that_already_logged_purges_in_its_own_file(tmp_path):
+  uninterrupted, truncated = tmp_path / 'uninterrupted', tmp_path / 'truncated'
+  with metrics.MetricWriter(uninterrupted) as writer:
+    _log_run(writer, range(1, 4), offset=100.0)
+    _log_run(writer, range(4, 7))
+  with metrics.MetricWriter(truncated) as writer:
+    _log_run(writer, range(1, 6), offset=100.0)
+    writer.truncate_after(3)
+    _log_run(writer, range(4, 7))
+  assert (truncated / 'metrics.jsonl').read_text() == (uninterrupted / 'metrics.jsonl').read_text()
+  [events_file] = list((truncated / 'tb').iterdir())
+  restarts = [event.step for event in _events(events_file) if event.HasField('session_log')]
+  assert restarts == [4] and [event.session_log.status for event in _events(events_file)
+                              if event.HasField('session_log')] == [event_pb2.SessionLog.START]
+  assert _scalars(truncated / 'tb') == _scalars(uninterrupted / 'tb')
 
 
 def test_writes_events_with_tensorflow_and_tensorboard_unimportable(tmp_path):
@@ -247,26 +250,3 @@ def test_a_corrupt_line_is_reported_not_skipped(tmp_path):
     writer.write(3, 'train', {'loss': 0.5})  # the writer stays usable; the partial last line was cut off
   assert (tmp_path / 'metrics.jsonl').read_text().splitlines()[1:] == [
       'not json', '{"step": 3, "kind": "train", "loss": 0.5}']
-
-
-def test_progress_line_and_eta_with_a_fake_clock():
-  now = [100.0]
-  progress = metrics.Progress(total_steps=2000, start_step=100, clock=lambda: now[0])
-  first = progress.line(120, {'loss': 1.23456, 'lr': 4e-4, 'images_per_s': 312.44})
-  assert first == 'step 120/2000 (6.0%)  loss 1.2346  lr 4.0e-04  312.4 img/s  ETA --:--:--'
-  now[0] += 80.0  # 80 steps in 80 s: 1 s a step, 1800 steps left
-  assert progress.line(200, {'loss': jnp.asarray(1.0)}) == 'step 200/2000 (10.0%)  loss 1.0000  ETA 0:30:00'
-  now[0] += 4000.0  # 4080 s for 1880 steps
-  assert progress.line(2000).endswith('(100.0%)  ETA 0:00:00')
-  with pytest.raises(ValueError, match='before the start step'):
-    progress.line(99)
-
-
-def test_format_duration():
-  assert metrics.format_duration(0) == '0:00:00'
-  assert metrics.format_duration(312.4) == '0:05:12'
-  assert metrics.format_duration(3661) == '1:01:01'
-  assert metrics.format_duration(90000) == '25:00:00'
-  assert metrics.format_duration(-5) == '0:00:00'
-  assert metrics.format_duration(math.nan) == '--:--:--'
-  assert metrics.format_duration(math.inf) == '--:--:--'

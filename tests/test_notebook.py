@@ -1,13 +1,15 @@
 """notebooks/atlas_inference.ipynb runs headless, every cell, against a quickstart workdir the test writes."""
 
 import jax
-import nbformat
 from nbclient import NotebookClient
+import nbformat
 from nbformat.v4 import new_code_cell
 import numpy as np
 
-from atlas_jax import checkpointing, inference, workdir as workdir_lib
-from atlas_jax.models import build_model, resolve_model_config
+from atlas_jax import checkpointing, inference
+from atlas_jax import workdir as workdir_lib
+from atlas_jax.config import resolve
+from atlas_jax.models import build_model
 from tests.train_configs import ROOT, tiny_config
 
 NOTEBOOK = ROOT / 'notebooks' / 'atlas_inference.ipynb'
@@ -16,7 +18,7 @@ NOTEBOOK = ROOT / 'notebooks' / 'atlas_inference.ipynb'
 def _quickstart_workdir(workdir):
   """config.json and checkpoints/0 of the tests' tiny quickstart, as a training run lays them out; random
   weights (nothing compiled here)."""
-  config = resolve_model_config(tiny_config())
+  config = resolve(tiny_config())
   model = build_model(config)
   abstract = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, *config.image_size, 3), np.float32))
   rng = np.random.default_rng(0)

@@ -4,17 +4,22 @@ One workdir of the tests' tiny quickstart (32 px, two scales), trained for 2 ste
 `python -m atlas_jax.main`, serves every test that needs a checkpoint.
 """
 
+import io
 import json
 import os
 import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
 
-from atlas_jax import inference, predict, workdir as workdir_lib
+from atlas_jax import inference, predict, run_setup
+from atlas_jax import workdir as workdir_lib
+from atlas_jax.config import resolve
+from atlas_jax.errors import AtlasError
 from atlas_jax.models import build_model
 from atlas_jax.models.msa import windows_from_map
 from configs import common
@@ -69,7 +74,7 @@ def test_predict_a_folder_on_two_devices_through_the_command_line(workdir, atlas
   assert predicted.returncode == 0, predicted.stderr[-2000:]
   assert 'broken.png' in predicted.stderr and '6 images' in predicted.stderr
   assert '1 unreadable' in predicted.stderr and 'on 2 cpu device(s)' in predicted.stderr
-  assert 'predict [' in predicted.stderr and '7/7 images' in predicted.stderr
+  assert 'predict: 100%' in predicted.stderr and '7/7 [' in predicted.stderr  # tqdm's bar
   assert predicted.stdout == ''
   lines = [json.loads(line) for line in output.read_text().splitlines()]
   assert [line['path'] for line in lines] == [str(path) for path in sorted(readable)]
@@ -81,7 +86,7 @@ def test_predict_a_folder_on_two_devices_through_the_command_line(workdir, atlas
     np.testing.assert_allclose([entry['prob'] for entry in line['top_k']], np.sort(probabilities)[::-1][:3],
                                rtol=1e-5)
   # The same logits as the Python API on one device, from the same files (one at a time: one compiled shape).
-  logits = [atlas.logits(inference.load_image(line['path'], atlas.image_size)[None])[0] for line in lines]
+  logits = [atlas.logits(inference.load_image(line['path'], atlas.image_size, atlas.config.data.max_pixels)[None])[0] for line in lines]
   np.testing.assert_allclose([line['logits'] for line in lines], logits, rtol=1e-5, atol=1e-5)
 
 
@@ -117,7 +122,7 @@ def test_features_are_the_last_tokens_of_each_scale(atlas):
 def test_scales_the_last_stage_keeps_come_from_the_last_stage():
   """Three scales (16, 8 and 4 tokens a side) in two stages: scale 0 from stage 0, which drops it; scales 1
   and 2 from stage 1. Random weights, one compiled forward."""
-  model = build_model(tiny_config(image_size=(64, 64)))
+  model = build_model(resolve(tiny_config(image_size=(64, 64))))
   images = np.random.default_rng(3).normal(size=(2, 64, 64, 3)).astype(np.float32)
   rng = np.random.default_rng(4)
   abstract = jax.eval_shape(model.init, jax.random.key(0), images)
@@ -184,11 +189,46 @@ def test_checkpoint_origin_reads_the_workdir(workdir, tmp_path):
 def test_dtype_is_float32_on_cpu_unless_asked(workdir):
   model, _, config = inference.load(workdir, dtype='bfloat16')
   assert model.dtype == jax.numpy.bfloat16 and config.model.dtype == 'float32'  # the quickstart's own
-  assert inference.inference_dtype(config) == 'float32'
+  assert run_setup.compute_dtype(config) == 'float32'
   config.model.dtype = 'bfloat16'
-  assert inference.inference_dtype(config) == 'float32'  # on CPU, whatever the config says
-  with pytest.raises(inference.InferenceError, match='dtype must be one of'):
-    inference.inference_dtype(config, 'int8')
+  assert run_setup.compute_dtype(config) == 'float32'  # on CPU, whatever the config says
+  assert run_setup.compute_dtype(config, 'bfloat16') == 'bfloat16'
+  with pytest.raises(AtlasError, match='dtype must be one of'):
+    run_setup.compute_dtype(config, 'int8')
+
+
+class _UniformPredictor:
+  """What predict.run needs of a Predictor: equal logits for every image, batches of 2."""
+
+  batch_size, image_size, labels = 2, (8, 8), ['cat', 'dog']
+  config = ml_collections.ConfigDict({'data': {'max_pixels': 10_000}})
+
+  def logits(self, images, pad_to=None):
+    return np.zeros((len(images), len(self.labels)), np.float32)
+
+
+def _progress_updates(stderr: str) -> list[str]:
+  return [update for update in stderr.replace('\n', '\r').split('\r') if update.startswith('predict:')]
+
+
+def test_progress_bar_counts_every_image_and_redraws_a_log_about_every_tenth(tmp_path):
+  paths = []
+  for index in range(41):
+    paths.append(tmp_path / f'{index:02d}.png')
+    Image.fromarray(np.full((8, 8, 3), index, np.uint8)).save(paths[-1])
+  paths[3].write_bytes(b'not a png')
+  stdout, stderr = io.StringIO(), io.StringIO()  # not terminals
+  classified, unreadable = predict.run(_UniformPredictor(), paths, stdout=stdout, stderr=stderr)
+  assert (classified, unreadable) == (40, 1) and len(stdout.getvalue().splitlines()) == 40
+  updates = _progress_updates(stderr.getvalue())
+  assert updates[0].startswith('predict:   0%') and '0/41' in updates[0]
+  assert updates[-1].startswith('predict: 100%') and '41/41 [' in updates[-1] and 'images/s' in updates[-1]
+  assert 3 <= len(updates) <= 13  # 21 batches, drawn only after 5 more images (ceil(41 / 10))
+  assert '\npredict: skipping ' + str(paths[3]) in '\n' + stderr.getvalue().replace('\r', '\n')
+  # One batch: no bar.
+  stderr = io.StringIO()
+  predict.run(_UniformPredictor(), paths[:2], stdout=io.StringIO(), stderr=stderr)
+  assert stderr.getvalue() == ''
 
 
 def test_a_folder_without_image_files_is_refused(tmp_path):

@@ -1,6 +1,5 @@
 """The train step and loop in process: accumulation, precision, decay mask, divergence, init_from, eval."""
 
-import functools
 import json
 import os
 import subprocess
@@ -11,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from atlas_jax import checkpointing, evaluate, optim, sharding, train, transfer
+from atlas_jax import checkpointing, evaluate, optim, run_setup, sharding, train, transfer
+from atlas_jax import config as config_lib
 from atlas_jax.data import sources
 from atlas_jax.models import build_model
 from atlas_jax.tools.convert_torch import convert
@@ -20,22 +20,19 @@ from tests.train_configs import ROOT, tiny_config
 
 
 def _state_and_step(config):
-  config = train.prepare_config(config)
-  model = build_model(config)
-  optimizer = optim.make_optimizer(config)
-  mesh = sharding.make_mesh(config, jax.devices()[:1])
-  init = functools.partial(train.create_train_state, config, model, optimizer)
-  abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
-  with jax.set_mesh(mesh):
-    state = jax.jit(init)(jax.random.PRNGKey(0))
-    step = train.jit_train_step(config, model, optimizer, mesh, abstract)
-  return state, step, mesh
+  config = config_lib.resolve(config)
+  setup = run_setup.train_setup(config, sharding.make_mesh(config, jax.devices()[:1]))
+  with jax.set_mesh(setup.mesh):
+    state = setup.init_state(jax.random.PRNGKey(0))
+    step = train.jit_train_step(setup)
+  return state, step, setup.mesh
 
 
 def _batch(config, index=0):
   source = sources.make_source(config.data, config.image_size, 'train', 0)
   from atlas_jax.data import pipeline
-  with pipeline.TrainLoader(source, config.batch_size, seed=index) as loader:
+  with pipeline.TrainLoader(source, config.batch_size, seed=index,
+                            max_bad_fraction=config.data.max_bad_fraction) as loader:
     return next(loader)
 
 
@@ -70,9 +67,8 @@ def test_bfloat16_loss_tracks_float32():
 
 
 def test_weight_decay_reaches_kernels_only_on_the_atlas_tree():
-  config = train.prepare_config(tiny_config())
-  model = build_model(config)
-  params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params']
+  config = config_lib.resolve(tiny_config())
+  params = run_setup.abstract_variables(build_model(config), (32, 32))['params']
   decayed = {jax.tree_util.keystr(path): flag for path, flag in
              jax.tree_util.tree_leaves_with_path(optim.weight_decay_mask(params))}
   assert any('position' in path for path in decayed)
@@ -113,6 +109,7 @@ def test_init_from_reinitializes_a_head_of_another_size(tmp_path):
   config = fixture_config(meta, 'raster')
   config.model.num_classes = 4
   config.init_from = str(tmp_path / 'converted')
+  config = config_lib.resolve(config)
   model = build_model(config)
   fresh = jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 512, 512, 3)))
   loaded, step = transfer.load(config, fresh)
@@ -120,8 +117,8 @@ def test_init_from_reinitializes_a_head_of_another_size(tmp_path):
   np.testing.assert_array_equal(loaded['params']['readout']['head']['kernel'],
                                 fresh['params']['readout']['head']['kernel'])
   source, _ = checkpointing.restore_inference_variables(
-      tmp_path / 'converted', jax.eval_shape(build_model(source_config).init, jax.random.key(0),
-                                             jnp.zeros((1, 512, 512, 3))))
+      tmp_path / 'converted', run_setup.abstract_variables(build_model(config_lib.resolve(source_config)),
+                                                           (512, 512)))
   np.testing.assert_array_equal(loaded['params']['stem']['conv1']['kernel'],
                                 source['params']['stem']['conv1']['kernel'])
   config.model.window = 8

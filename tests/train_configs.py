@@ -18,12 +18,9 @@ FULL_RECIPE = {'model.drop_path_rate': 0.1, 'mixup.mixup_alpha': 0.8, 'mixup.cut
 def tiny_config(steps: int = 6, **overrides):
   """The tiny quickstart; overrides name fields with '__' for '.', e.g. model__dtype='bfloat16'."""
   config = quickstart.get_config(f'steps={steps}')
-  for name, value in {**TINY, **{key.replace('__', '.'): value for key, value in overrides.items()}}.items():
-    *groups, field = name.split('.')
-    target = config
-    for group in groups:
-      target = target[group]
-    target[field] = value
+  config.lock()  # refuses a misspelt field instead of adding it
+  config.update_from_flattened_dict({**TINY, **{key.replace('__', '.'): value for key, value in overrides.items()}})
+  config.unlock()
   return config
 
 

@@ -32,6 +32,8 @@ import pathlib
 import numpy as np
 from PIL import Image
 
+from atlas_jax.errors import AtlasError
+
 Image.MAX_IMAGE_PIXELS = None
 
 # Blank images, the best any format compresses, measured with PIL at 4096x4096: lossless WebP ~24,000 pixels
@@ -57,7 +59,7 @@ _ALPHA_MODES = ('RGBA', 'RGBa', 'LA', 'La', 'PA')
 _JPEG_SCALES = (1, 2, 4, 8)
 
 
-class BadImageError(ValueError):
+class BadImageError(AtlasError, ValueError):
   """A file that cannot be turned into an RGB image: `path` names it, `reason` says why (one line)."""
 
   def __init__(self, path, reason: str):

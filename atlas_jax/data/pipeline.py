@@ -37,12 +37,7 @@ import numpy as np
 
 from atlas_jax.data.decode import BadImageError
 from atlas_jax.data.sources import DataSourceError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# uint8 -> (x / 255 - mean) / std as one multiply-add per pixel.
-_NORMALIZE_SCALE = (1.0 / (255.0 * np.asarray(IMAGENET_STD))).astype(np.float32)
-_NORMALIZE_OFFSET = (-np.asarray(IMAGENET_MEAN) / np.asarray(IMAGENET_STD)).astype(np.float32)
+from atlas_jax.normalization import IMAGENET_MEAN, IMAGENET_STD, normalize_image  # noqa: F401
 
 # Streams of the loader's random numbers; distinct first words keep them apart from the sources' streams.
 _SHUFFLE_STREAM = 0x5348
@@ -52,9 +47,6 @@ _TRANSFORM_STREAM = 0x5452
 # resizing); rng depends only on (seed, epoch, index). The image it returns must be uint8 (H, W, 3) of the
 # same size for every example.
 Transform = Callable[[dict[str, Any], np.random.Generator], dict[str, Any]]
-
-
-DEFAULT_MAX_BAD_FRACTION = 0.01
 
 
 class TooManyBadExamples(DataSourceError):
@@ -110,19 +102,6 @@ class BadExampleCounter:
           f'{bad} of {attempted} examples loaded so far failed to decode ({bad / attempted:.2%}), more than '
           f'data.max_bad_fraction={limit}; the last: {error}. Fix or remove the bad files, or raise '
           '--config.data.max_bad_fraction')
-
-
-def normalize_image(image: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-  """uint8 (H, W, 3) -> float32 (H, W, 3), (image / 255 - mean) / std with ImageNet's; into `out` if given."""
-  if out is None:
-    out = np.empty(image.shape, np.float32)
-  height, width, channels = image.shape
-  # Rows of W * 3 values against a scale and offset tiled to that length: broadcasting a (3,) vector
-  # makes numpy loop 3 elements at a time, about 4x slower.
-  rows, out_rows = image.reshape(height, width * channels), out.reshape(height, width * channels)
-  np.multiply(rows, np.tile(_NORMALIZE_SCALE, width), out=out_rows)
-  np.add(out_rows, np.tile(_NORMALIZE_OFFSET, width), out=out_rows)
-  return out
 
 
 def host_slice(global_batch_size: int, process_index: int, process_count: int) -> slice:
@@ -340,14 +319,15 @@ class TrainLoader(_BatchLoader):
     prefetch: batches loaded ahead of the caller when workers > 1.
     transform: optional `transform(example, rng) -> example` before normalisation (augmentation).
     state: a `get_state()` dict to resume from (as `set_state`).
-    max_bad_fraction: the fraction of examples that may fail to decode before the loader stops.
+    max_bad_fraction: the fraction of examples that may fail to decode before the loader stops
+      (`data.max_bad_fraction`; required, as configs/common.py alone holds the defaults).
   Yields {'image': float32 (B / P, H, W, 3), 'label': int32 (B / P,)}.
   """
 
   def __init__(self, source, global_batch_size: int, seed: int, process_index: int = 0,
                process_count: int = 1, workers: int = 0, prefetch: int = 2,
-               transform: Transform | None = None, state: Mapping[str, Any] | None = None,
-               max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION):
+               transform: Transform | None = None, state: Mapping[str, Any] | None = None, *,
+               max_bad_fraction: float):
     if len(source) < global_batch_size:
       raise ValueError(f'the source has {len(source)} examples, fewer than one global batch of '
                        f'{global_batch_size}: lower the batch size or use a larger split')
@@ -439,8 +419,8 @@ class EvalLoader(_BatchLoader):
   """
 
   def __init__(self, source, global_batch_size: int, process_index: int = 0, process_count: int = 1,
-               workers: int = 0, prefetch: int = 2, transform: Transform | None = None, seed: int = 0,
-               max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION):
+               workers: int = 0, prefetch: int = 2, transform: Transform | None = None, seed: int = 0, *,
+               max_bad_fraction: float):
     num_batches = -(-len(source) // global_batch_size)
     self._skipped_indices: set[int] = set()
     self._skipped_lock = threading.Lock()
@@ -479,8 +459,8 @@ class EvalLoader(_BatchLoader):
 
 
 def eval_batches(source, global_batch_size: int, process_index: int = 0, process_count: int = 1,
-                 workers: int = 0, prefetch: int = 2, transform: Transform | None = None,
-                 max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION) -> Iterator[dict[str, np.ndarray]]:
+                 workers: int = 0, prefetch: int = 2, transform: Transform | None = None, *,
+                 max_bad_fraction: float) -> Iterator[dict[str, np.ndarray]]:
   """One pass of EvalLoader over `source`, its threads stopped when the pass ends or is abandoned."""
   with EvalLoader(source, global_batch_size, process_index, process_count, workers, prefetch,
                   transform, max_bad_fraction=max_bad_fraction) as loader:

@@ -6,12 +6,12 @@ Train (`train_transform`), as timm's `create_transform(is_training=True)` with t
   drawn with replacement from the 15 "increasing" ones, each applied with p 0.5, magnitude
   N(9, 0.5) clipped to [0, 10], geometric ones bicubic with the ImageNet mean as fill)
 then the loader normalises with ImageNet's mean and std, and random erasing (p 0.25, per-pixel normal
-values) acts on the normalised batch inside the train step (`device_transforms.py`).
+values) acts on the normalised batch inside the train step (`atlas_jax/augment.py`).
 
 Where the upsampling happens: with `data.augment.host_max_side = S > 0` and an image size larger than S,
 the crop is resized to the image size scaled down to S pixels on its longer side (`host_image_size`), flipped
 and augmented there, and the accelerator resizes the normalised batch to the image size (bicubic,
-`device_transforms.py`). The host then does the same work at every resolution and sends (S / side)^2 of
+`atlas_jax/augment.py`). The host then does the same work at every resolution and sends (S / side)^2 of
 the pixels; docs/data.md has the measurements that chose this. `host_max_side = 0` resizes to the full size
 here, in exactly the reference's order.
 
@@ -32,8 +32,8 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-from atlas_jax.data.pipeline import IMAGENET_MEAN
 from atlas_jax.data.sources import image_size_pair
+from atlas_jax.normalization import IMAGENET_MEAN
 
 BICUBIC = Image.Resampling.BICUBIC
 # timm fills the area uncovered by rotate/shear/translate with the normalisation mean in uint8.
@@ -46,10 +46,6 @@ RAND_AUGMENT_OPS = ('AutoContrast', 'Equalize', 'Invert', 'Rotate', 'PosterizeIn
                     'TranslateYRel')
 MAGNITUDE_SCALE = 10.0            # magnitude m means strength m / 10 of each operation's range
 CROP_ATTEMPTS = 10
-
-
-class AugmentConfigError(ValueError):
-  """A `data.augment` field out of its range."""
 
 
 class CropBox(NamedTuple):
@@ -90,10 +86,10 @@ def host_image_size(image_size: int | Sequence[int], host_max_side: int) -> tupl
 # Random resized crop and flip.
 
 
-def sample_crop_box(height: int, width: int, rng: np.random.Generator,
-                    scale: Sequence[float] = (0.08, 1.0),
-                    ratio: Sequence[float] = (3 / 4, 4 / 3)) -> CropBox:
-  """timm's RandomResizedCrop box for an image of `height` x `width`.
+def sample_crop_box(height: int, width: int, rng: np.random.Generator, scale: Sequence[float],
+                    ratio: Sequence[float]) -> CropBox:
+  """timm's RandomResizedCrop box for an image of `height` x `width` (`data.augment.crop_scale` and
+  `crop_ratio` as `scale` and `ratio`).
 
   Up to 10 attempts draw an area fraction uniform in `scale` and an aspect ratio (width / height)
   log-uniform in `ratio`, rounded to whole pixels; the first that fits gets a uniform position. If none
@@ -131,10 +127,10 @@ def resized_crop(image: Image.Image, box: CropBox, size: Sequence[int]) -> Image
 # RandAugment: timm's increasing operation set, from each operation's definition.
 
 
-def sample_rand_augment(rng: np.random.Generator, num_ops: int = 2, magnitude: float = 9.0,
-                        magnitude_std: float = 0.5, magnitude_max: float = MAGNITUDE_SCALE,
-                        prob: float = 0.5) -> tuple[RandAugmentOp, ...]:
-  """`num_ops` operations drawn uniformly with replacement, each with its own applied / magnitude / sign."""
+def sample_rand_augment(rng: np.random.Generator, num_ops: int, magnitude: float, magnitude_std: float,
+                        magnitude_max: float, prob: float) -> tuple[RandAugmentOp, ...]:
+  """`num_ops` operations drawn uniformly with replacement, each with its own applied / magnitude / sign
+  (the arguments are `data.augment.randaug_*`)."""
   names = rng.integers(0, len(RAND_AUGMENT_OPS), size=num_ops)
   applied = rng.random(num_ops) < prob
   magnitudes = magnitude + magnitude_std * rng.standard_normal(num_ops)
@@ -230,14 +226,14 @@ class TrainTransform:
   `output_size` is `host_image_size(image_size, host_max_side)`; the other fields are `data.augment`'s.
   """
   output_size: tuple[int, int]
-  crop_scale: tuple[float, float] = (0.08, 1.0)
-  crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-  hflip: float = 0.5
-  randaug_num_ops: int = 2
-  randaug_magnitude: float = 9.0
-  randaug_magnitude_std: float = 0.5
-  randaug_magnitude_max: float = MAGNITUDE_SCALE
-  randaug_prob: float = 0.5
+  crop_scale: tuple[float, float]
+  crop_ratio: tuple[float, float]
+  hflip: float
+  randaug_num_ops: int
+  randaug_magnitude: float
+  randaug_magnitude_std: float
+  randaug_magnitude_max: float
+  randaug_prob: float
 
   def draw(self, height: int, width: int, rng: np.random.Generator) -> TrainDraw:
     """Every random choice for a source image of `height` x `width`, in the order __call__ makes them."""
@@ -281,36 +277,11 @@ class EvalTransform:
     return {**example, 'image': eval_resize(example['image'], self.image_size)}
 
 
-def _check_range(name: str, bounds: Sequence[float], low: float, high: float | None = None) -> None:
-  if len(bounds) != 2 or not low <= bounds[0] <= bounds[1] or (high is not None and bounds[1] > high):
-    upper = '' if high is None else f' <= {high}'
-    raise AugmentConfigError(f'data.augment.{name} must be (low, high) with {low} <= low <= high{upper}, '
-                             f'got {tuple(bounds)}')
-
-
-def _check_probability(name: str, value: float) -> None:
-  if not 0.0 <= value <= 1.0:
-    raise AugmentConfigError(f'data.augment.{name} must be a probability in [0, 1], got {value}')
-
-
 def train_transform(config) -> TrainTransform | None:
   """The train transform for `config` (its `image_size` and `data.augment`); None for the synthetic task."""
   if config.data.source == 'synthetic':
     return None
-  augment = config.data.augment
-  _check_range('crop_scale', augment.crop_scale, 0.0, 1.0)
-  _check_range('crop_ratio', augment.crop_ratio, 0.0)
-  if augment.crop_ratio[0] <= 0:
-    raise AugmentConfigError(f'data.augment.crop_ratio must be positive, got {tuple(augment.crop_ratio)}')
-  _check_probability('hflip', augment.hflip)
-  _check_probability('randaug_prob', augment.randaug_prob)
-  if augment.randaug_num_ops < 0 or augment.randaug_magnitude_std < 0 or augment.randaug_magnitude_max < 0:
-    raise AugmentConfigError('data.augment.randaug_num_ops, randaug_magnitude_std and randaug_magnitude_max '
-                             f'must be >= 0, got {augment.randaug_num_ops}, {augment.randaug_magnitude_std}, '
-                             f'{augment.randaug_magnitude_max}')
-  if augment.host_max_side < 0:
-    raise AugmentConfigError(f'data.augment.host_max_side must be >= 0 (0: resize on the host), '
-                             f'got {augment.host_max_side}')
+  augment = config.data.augment  # checked by atlas_jax.config.resolve
   return TrainTransform(
       output_size=host_image_size(config.image_size, augment.host_max_side),
       crop_scale=tuple(float(value) for value in augment.crop_scale),

@@ -12,8 +12,10 @@ from typing import Sequence
 
 import numpy as np
 
+from atlas_jax.errors import AtlasError
 
-class LayoutError(ValueError):
+
+class LayoutError(AtlasError, ValueError):
   """An image size or a geometry the scale pyramid cannot window."""
 
 

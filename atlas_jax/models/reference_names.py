@@ -12,6 +12,8 @@ import flax
 import jax
 import numpy as np
 
+from atlas_jax.errors import AtlasError
+
 # Reference buffers and modules the Atlas forward never reads: skipped by rule, never silently.
 UNUSED_REFERENCE_KEYS = (
     re.compile(r'.*\.num_batches_tracked$'),         # BatchNorm step counters
@@ -30,7 +32,7 @@ _LEAVES = {'kernel': 'weight', 'bias': 'bias', 'scale': 'weight', 'mean': 'runni
            'var': 'running_var'}
 
 
-class ReferenceMismatchError(ValueError):
+class ReferenceMismatchError(AtlasError, ValueError):
   """A state dict that does not fit the model: names the missing, unexpected and mis-shaped tensors."""
 
 

@@ -14,14 +14,15 @@ import sys
 
 from absl import app, flags, logging
 import jax
-import jax.numpy as jnp
 from ml_collections import config_flags
 
-from atlas_jax import checkpointing, workdir as workdir_lib
-from atlas_jax.models import build_model, resolve_model_config
+from atlas_jax import checkpointing, run_setup
+from atlas_jax import config as config_lib
+from atlas_jax import workdir as workdir_lib
+from atlas_jax.errors import AtlasError, one_line_errors
+from atlas_jax.models import build_model
 from atlas_jax.models.reference_names import variables_from_reference
 from atlas_jax.tools.torch_checkpoint import load_state_dict
-
 
 
 def define_flags():
@@ -33,7 +34,7 @@ def define_flags():
   _OUTPUT = flags.DEFINE_string('output', None, 'The workdir to write (must not hold checkpoints yet).')
 
 
-class ConversionError(ValueError):
+class ConversionError(AtlasError, ValueError):
   """A checkpoint that cannot be converted, or an output that would overwrite one."""
 
 
@@ -42,16 +43,16 @@ def convert(checkpoint, config, output, parent_window_given: bool = False) -> di
   output = pathlib.Path(output)
   if workdir_lib.checkpoints_dir(output).exists() and any(workdir_lib.checkpoints_dir(output).iterdir()):
     raise ConversionError(f'{output} already holds checkpoints; convert into a new, empty workdir')
-  config = resolve_model_config(config)
+  if not pathlib.Path(checkpoint).is_file():
+    raise ConversionError(f'--checkpoint={checkpoint} is not a file: point it at a PyTorch checkpoint (.pth)')
+  config = config_lib.resolve(config)
   if not parent_window_given:
     config.model.parent_window = 'raster'  # the reference computes top-down parents this way
   if config.model.name != 'atlas' or config.model.patch_size != 16 or config.model.composition != 'atlas':
     raise ConversionError('reference checkpoints hold Atlas with the conv stem: model.name=atlas, '
                           'model.patch_size=16, model.composition=atlas')
   state_dict = load_state_dict(checkpoint)
-  model = build_model(config)
-  images = jax.ShapeDtypeStruct((1,) + tuple(config.image_size) + (3,), jnp.float32)
-  abstract = jax.eval_shape(model.init, jax.random.key(0), images)
+  abstract = run_setup.abstract_variables(build_model(config), config.image_size)
   variables = variables_from_reference(state_dict, abstract)  # raises, naming tensors, before any write
   config_path = workdir_lib.write_config(output, config)
   checkpoints = checkpointing.Checkpoints(output)
@@ -62,6 +63,7 @@ def convert(checkpoint, config, output, parent_window_given: bool = False) -> di
           'parent_window': config.model.parent_window}
 
 
+@one_line_errors
 def main(argv):
   logging.set_verbosity(logging.WARNING)
   if len(argv) > 1:
@@ -70,11 +72,7 @@ def main(argv):
     if flag.value is None:
       raise app.UsageError(f'{name} is required')
   parent_window_given = any(arg.startswith('--config.model.parent_window') for arg in sys.argv)
-  try:
-    written = convert(_CHECKPOINT.value, _CONFIG.value, _OUTPUT.value, parent_window_given)
-  except (ValueError, FileNotFoundError) as error:
-    print(f'convert_torch: {error}', file=sys.stderr)
-    sys.exit(1)
+  written = convert(_CHECKPOINT.value, _CONFIG.value, _OUTPUT.value, parent_window_given)
   counts = ', '.join(f'{count:,} {name}' for name, count in written['counts'].items())
   print(f'wrote {written["config"]} (parent_window: {written["parent_window"]})')
   print(f'wrote {written["checkpoint"]}: {counts}')

@@ -11,21 +11,21 @@ DIR, else decoded here with PIL, EXIF orientation applied), or, without it, `--n
 of ImageNet's sizes (about 500 x 375) generated into a temporary folder. The transform is the one training
 uses on real data whatever `data.source` says (the synthetic task has none), so `data.augment.host_max_side`
 decides how much of the upsampling the host does (docs/data.md). `--device` also times the part of the
-transform that runs in the train step (`device_transforms.train_finish`: resize and random erasing) on the
+transform that runs in the train step (`augment.train_finish`: resize and random erasing) on the
 default JAX backend, per image.
 """
 
 import json
 import pathlib
-import sys
 import tempfile
 import time
 
-from absl import app
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
+
+from atlas_jax.errors import AtlasError, one_line_errors
 
 FLAGS = flags.FLAGS
 
@@ -50,7 +50,7 @@ def define_flags():
   flags.mark_flags_as_required(['config'])
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(AtlasError, ValueError):
   """The benchmark cannot run as asked: no images, too few for a batch, a bad flag."""
 
 
@@ -114,17 +114,14 @@ def image_source(config, directory: pathlib.Path):
 
 
 def time_loader(config, source, workers: int, batch_size: int, batches: int, warmup_batches: int) -> dict:
-  """Images/s of TrainLoader over `source` with the config's train transform (config.data.source ignored)."""
+  """Images/s of TrainLoader over `source` with the train transform of a resolved real-data `config`."""
   from atlas_jax.data import pipeline, transforms
-  real_data = config.copy_and_resolve_references()
-  with real_data.unlocked():
-    real_data.data.source = 'folder'
-  transform = transforms.train_transform(real_data)
+  transform = transforms.train_transform(config)
   if len(source) < batch_size:
     raise BenchmarkError(f'{len(source)} images are fewer than one batch of {batch_size}: lower --batch_size '
                          'or give more images')
-  with pipeline.TrainLoader(source, batch_size, seed=config.seed, workers=workers,
-                            transform=transform) as loader:
+  with pipeline.TrainLoader(source, batch_size, seed=config.seed, workers=workers, transform=transform,
+                            max_bad_fraction=config.data.max_bad_fraction) as loader:
     for _ in range(warmup_batches):
       next(loader)
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -139,13 +136,11 @@ def time_loader(config, source, workers: int, batch_size: int, batches: int, war
 
 
 def time_device_finish(config, batch_size: int, host_size, repeats: int = 3) -> dict:
-  """Milliseconds per image of device_transforms.train_finish on the default backend, after compiling."""
+  """Milliseconds per image of augment.train_finish on the default backend, after compiling."""
   import jax
-  from atlas_jax.data import device_transforms
-  real_data = config.copy_and_resolve_references()
-  with real_data.unlocked():
-    real_data.data.source = 'folder'
-  finish = jax.jit(device_transforms.train_finish(real_data))
+
+  from atlas_jax import augment
+  finish = jax.jit(augment.train_finish(config))
   images = jax.device_put(np.random.default_rng(0).standard_normal((batch_size, *host_size, 3), np.float32))
   key = jax.random.key(0)
   finish(key, images).block_until_ready()
@@ -157,35 +152,34 @@ def time_device_finish(config, batch_size: int, host_size, repeats: int = 3) -> 
           'device': str(jax.devices()[0].device_kind)}
 
 
+@one_line_errors
 def main(argv):
+  from atlas_jax import config as config_lib
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   config = FLAGS.config.copy_and_resolve_references()
-  # `--config.image_size=N` (a 1-tuple on the command line) means a square.
-  config.image_size = tuple(int(side) for side in np.broadcast_to(config.image_size, (2,)))
+  with config.unlocked():
+    config.data.source = 'folder'  # whatever the config reads, the benchmark times the real-data transform
+  config = config_lib.resolve(config, model=False)  # no model is built: any image size is timed
   workers = config.data.workers if FLAGS.workers is None else FLAGS.workers
   if workers < 0 or FLAGS.batches < 1 or FLAGS.batch_size < 1 or FLAGS.warmup_batches < 0:
     raise app.UsageError('need --workers >= 0, --batches >= 1, --batch_size >= 1 and --warmup_batches >= 0')
-  try:
-    with tempfile.TemporaryDirectory(prefix='atlas_input_benchmark_') as scratch:
-      if FLAGS.images is None:
-        directory = pathlib.Path(scratch)
-        generate_images(directory, FLAGS.num_images)
-      else:
-        directory = pathlib.Path(FLAGS.images).expanduser()
-        if not directory.is_dir():
-          raise BenchmarkError(f'--images={FLAGS.images} is not a folder: give a folder of images, or '
-                               'leave it out to generate some')
-      source, source_name = image_source(config, directory)
-      result = {'config': config_flags.get_config_filename(FLAGS['config']),
-                'image_size': list(config.image_size), 'host_max_side': config.data.augment.host_max_side,
-                'source': source_name, 'source_images': len(source), 'workers': workers,
-                'batch_size': FLAGS.batch_size, 'batches': FLAGS.batches}
-      result.update(time_loader(config, source, workers, FLAGS.batch_size, FLAGS.batches,
-                                FLAGS.warmup_batches))
-  except ValueError as error:      # BenchmarkError, a bad data.augment field, unreadable images
-    print(f'error: {error}', file=sys.stderr, flush=True)
-    sys.exit(1)
+  with tempfile.TemporaryDirectory(prefix='atlas_input_benchmark_') as scratch:
+    if FLAGS.images is None:
+      directory = pathlib.Path(scratch)
+      generate_images(directory, FLAGS.num_images)
+    else:
+      directory = pathlib.Path(FLAGS.images).expanduser()
+      if not directory.is_dir():
+        raise BenchmarkError(f'--images={FLAGS.images} is not a folder: give a folder of images, or '
+                             'leave it out to generate some')
+    source, source_name = image_source(config, directory)
+    result = {'config': config_flags.get_config_filename(FLAGS['config']),
+              'image_size': list(config.image_size), 'host_max_side': config.data.augment.host_max_side,
+              'source': source_name, 'source_images': len(source), 'workers': workers,
+              'batch_size': FLAGS.batch_size, 'batches': FLAGS.batches}
+    result.update(time_loader(config, source, workers, FLAGS.batch_size, FLAGS.batches,
+                              FLAGS.warmup_batches))
   if FLAGS.device:
     result.update(time_device_finish(config, FLAGS.batch_size, result['host_image_size']))
   print(json.dumps(result), flush=True)

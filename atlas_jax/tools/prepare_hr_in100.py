@@ -82,10 +82,14 @@ def _folder_plan(source: pathlib.Path, classes: list[str], splits: list[str]) ->
 
 def _tfds_plan(source: pathlib.Path, tfds_name: str, classes_file: str, splits: list[str]) -> list[tuple]:
   """(output split dir, class, file name, (TfdsSource, index)) of every record of the classes."""
+  from configs import common  # pylint: disable=import-outside-toplevel
+  # The plan copies stored bytes and never decodes, so data.max_pixels only has to be a valid value.
+  max_pixels = common.data_config().max_pixels
   plan = []
   for split in splits:
     try:
-      records = sources.TfdsSource(tfds_name, source, SPLIT_DIRS[split], classes_file=classes_file)
+      records = sources.TfdsSource(tfds_name, source, SPLIT_DIRS[split], classes_file=classes_file,
+                                   max_pixels=max_pixels)
     except sources.DataSourceError as error:
       raise PrepareError(str(error)) from error
     counts = [0] * records.num_classes

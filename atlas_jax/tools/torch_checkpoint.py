@@ -22,12 +22,14 @@ import io
 import os
 import pickle
 import sys
+from typing import Any
 import zipfile
 import zlib
-from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
+
+from atlas_jax.errors import AtlasError
 
 try:  # optional: keeps bfloat16 tensors bfloat16 instead of widening them to float32
     import ml_dtypes
@@ -44,11 +46,11 @@ __all__ = [
 ]
 
 
-class UnsafeCheckpointError(ValueError):
+class UnsafeCheckpointError(AtlasError, ValueError):
     """The checkpoint's pickle names a global outside the allow-list, so it is not loaded."""
 
 
-class CheckpointFormatError(ValueError):
+class CheckpointFormatError(AtlasError, ValueError):
     """The file is not a readable ``torch.save`` zip checkpoint."""
 
 

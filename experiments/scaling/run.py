@@ -18,7 +18,6 @@ ideal O(N log N) and O(N^2) lines, N = tokens).
 """
 
 import argparse
-import functools
 import json
 import math
 import os
@@ -50,8 +49,8 @@ def split_depths(num_scales: int, total_blocks: int) -> tuple[int, ...]:
 
 def point_config(model: str, resolution: int, quick: bool, accelerator: bool):
   """The config of one point: Atlas-T widths (tiny under --quick), patch 8, 16 x 16 windows, pool 4."""
-  from configs import common as config_common
   from atlas_jax.models import layout
+  from configs import common as config_common
   config = config_common.base_config('T', resolution)
   config.model.update(name=model, patch_size=8, window=16, pool=4, drop_path_rate=0.0,
                       # XLA's CPU backend runs bfloat16 matmuls slower than float32
@@ -74,12 +73,13 @@ def measure_point(args) -> dict:
   """In the point's own process: compile, check the memory, time the steps. One result dict."""
   import jax
   import numpy as np
-  from atlas_jax import benchmark, optim, sharding, train
-  from atlas_jax.models import build_model
+
+  from atlas_jax import benchmark, run_setup, sharding, train
+  from atlas_jax import config as config_lib
 
   accelerator = jax.default_backend() != 'cpu'
   config, num_scales = point_config(args.model, args.resolution, args.quick, accelerator)
-  config = train.prepare_config(config)
+  config = config_lib.resolve(config)
   tokens = (args.resolution // config.model.patch_size) ** 2
   device = jax.devices()[0]
   result = {'model': args.model, 'resolution': args.resolution, 'tokens': tokens, 'scales': num_scales,
@@ -88,15 +88,12 @@ def measure_point(args) -> dict:
   if limit_gib is None:
     stats = device.memory_stats() if accelerator else None
     limit_gib = 0.9 * stats['bytes_limit'] / 2 ** 30 if stats and 'bytes_limit' in stats else 8.0
-  mesh = sharding.make_mesh(config)
-  model = build_model(config)
-  optimizer = optim.make_optimizer(config)
-  init = functools.partial(train.create_train_state, config, model, optimizer)
-  abstract_state = jax.eval_shape(init, jax.random.PRNGKey(0))
+  setup = run_setup.train_setup(config)
+  mesh = setup.mesh
   start = time.perf_counter()
   with jax.set_mesh(mesh):
-    step = train.jit_train_step(config, model, optimizer, mesh, abstract_state)
-    compiled = step.lower(abstract_state, train.abstract_batch(config, config.batch_size)).compile()
+    compiled = train.jit_train_step(setup).lower(setup.abstract_state,
+                                                 train.abstract_batch(config, config.batch_size)).compile()
     result['compile_s'] = round(time.perf_counter() - start, 1)
     memory = compiled.memory_analysis()
     # Donated state aliases its output, so it counts once (as `--config.mode=compile` reports it).
@@ -105,8 +102,7 @@ def measure_point(args) -> dict:
     result['memory_analysis_gib'] = round(need_gib, 4)
     if need_gib > limit_gib:
       return {**result, 'status': 'over_memory', 'note': f'needs {need_gib:.2f} GiB > {limit_gib:.2f} GiB'}
-    state = jax.jit(init, out_shardings=sharding.state_shardings(abstract_state, mesh, sharding.fsdp_min_size(
-        config)))(jax.random.PRNGKey(0))
+    state = jax.jit(setup.init, out_shardings=setup.state_sharding)(jax.random.PRNGKey(0))
     images = np.random.default_rng(0).standard_normal((1, args.resolution, args.resolution, 3), np.float32)
     batch = sharding.global_batch({'image': images, 'label': np.zeros((1,), np.int32)}, mesh)
     times = []

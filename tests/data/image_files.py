@@ -19,6 +19,24 @@ BAD_KINDS = ('truncated', 'empty', 'not_an_image', 'header_lying')
 EXIF_ORIENTATION = 0x0112
 
 
+def photo(height: int, width: int, seed: int = 0) -> np.ndarray:
+  """A photo-like uint8 image: smooth colour regions plus mild noise."""
+  rng = np.random.default_rng(seed)
+  coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+  smooth = np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC), np.int16)
+  return np.clip(smooth + rng.normal(0, 4, smooth.shape), 0, 255).astype(np.uint8)
+
+
+def folder_config(image_size=(96, 128), **augment_fields):
+  """A resolved config of an image-folder run at `image_size` with these `data.augment` fields."""
+  from atlas_jax import config as config_lib
+  from configs import common
+  config = common.base_config('T', image_size)
+  config.data.source = 'folder'
+  config.data.augment.update(augment_fields)
+  return config_lib.resolve(config)
+
+
 def halves(height: int, width: int, left=(220, 30, 30), right=(30, 30, 220)) -> np.ndarray:
   """uint8 (H, W, 3): the left half one colour, the right half another (shows rotations and flips)."""
   image = np.empty((height, width, 3), np.uint8)

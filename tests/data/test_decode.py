@@ -8,6 +8,7 @@ from PIL import Image, ImageFile
 import pytest
 
 from atlas_jax.data.decode import BadImageError, decode_image
+from atlas_jax.errors import AtlasError
 from tests.data import image_files
 
 MAX_PIXELS = 10_000_000
@@ -79,6 +80,7 @@ def test_broken_files_raise_one_line_with_their_path(zoo, kind, reason):
 def test_bytes_are_named_in_errors():
   with pytest.raises(BadImageError, match=r'^tfds x train\[3\]: empty file$'):
     decode_image(b'', MAX_PIXELS, name='tfds x train[3]')
+  assert issubclass(BadImageError, AtlasError) and issubclass(BadImageError, ValueError)
 
 
 def test_a_large_jpeg_is_decoded_reduced_and_other_formats_are_refused():

@@ -1,6 +1,7 @@
 """Tests for atlas_jax.data.pipeline: global batches sliced per process, determinism across workers, resume
 from get_state (also through an orbax checkpoint), epochs, and evaluation's single padded pass."""
 
+import functools
 import os
 import pathlib
 import subprocess
@@ -12,6 +13,13 @@ import pytest
 
 from atlas_jax.data import pipeline
 from atlas_jax.data.sources import SyntheticLongRange
+from configs import common
+
+# The loaders take data.max_bad_fraction from the caller (configs/common.py holds the default): the config's.
+MAX_BAD_FRACTION = common.data_config().max_bad_fraction
+train_loader = functools.partial(pipeline.TrainLoader, max_bad_fraction=MAX_BAD_FRACTION)
+eval_loader = functools.partial(pipeline.EvalLoader, max_bad_fraction=MAX_BAD_FRACTION)
+eval_batches = functools.partial(pipeline.eval_batches, max_bad_fraction=MAX_BAD_FRACTION)
 
 
 class IndexedSource:
@@ -40,12 +48,12 @@ def labels_of(batches):
 
 def test_batches_are_normalised_images_and_labels():
   source = SyntheticLongRange((32, 48), 40, seed=1)
-  with pipeline.TrainLoader(source, 8, seed=0) as loader:
+  with train_loader(source, 8, seed=0) as loader:
     batch = next(loader)
   assert set(batch) == {'image', 'label'}
   assert batch['image'].shape == (8, 32, 48, 3) and batch['image'].dtype == np.float32
   assert batch['label'].shape == (8,) and batch['label'].dtype == np.int32
-  index = int(pipeline.TrainLoader(source, 8, seed=0).permutation(0)[0])
+  index = int(train_loader(source, 8, seed=0).permutation(0)[0])
   raw = source[index]['image'] / 255.0
   expected = (raw - np.array(pipeline.IMAGENET_MEAN)) / np.array(pipeline.IMAGENET_STD)
   np.testing.assert_allclose(batch['image'][0], expected, rtol=1e-5, atol=1e-5)
@@ -54,7 +62,7 @@ def test_batches_are_normalised_images_and_labels():
 
 def test_epochs_are_permutations_with_the_remainder_dropped():
   source = IndexedSource(30)                   # 3 batches of 8 per epoch, 6 examples dropped
-  loader = pipeline.TrainLoader(source, 8, seed=4)
+  loader = train_loader(source, 8, seed=4)
   assert loader.batches_per_epoch == 3
   epochs = []
   for epoch in range(3):
@@ -65,8 +73,8 @@ def test_epochs_are_permutations_with_the_remainder_dropped():
     epochs.append(labels)
   assert loader.epoch == 3 and loader.batches_consumed == 9
   assert not np.array_equal(epochs[0], epochs[1])
-  same_seed = pipeline.TrainLoader(source, 8, seed=4)
-  other_seed = pipeline.TrainLoader(source, 8, seed=5)
+  same_seed = train_loader(source, 8, seed=4)
+  other_seed = train_loader(source, 8, seed=5)
   np.testing.assert_array_equal(same_seed.permutation(1), loader.permutation(1))
   assert not np.array_equal(other_seed.permutation(0), loader.permutation(0))
 
@@ -74,9 +82,9 @@ def test_epochs_are_permutations_with_the_remainder_dropped():
 @pytest.mark.parametrize('process_count', [2, 4])
 def test_process_slices_concatenate_to_the_single_process_batch(process_count):
   source = IndexedSource(50)                   # 6 batches of 8 per epoch: 8 batches cross an epoch boundary
-  single = labels_of(take(pipeline.TrainLoader(source, 8, seed=1), 8))
-  per_process = [labels_of(take(pipeline.TrainLoader(source, 8, seed=1, process_index=p,
-                                                     process_count=process_count), 8))
+  single = labels_of(take(train_loader(source, 8, seed=1), 8))
+  per_process = [labels_of(take(train_loader(source, 8, seed=1, process_index=p,
+                                             process_count=process_count), 8))
                  for p in range(process_count)]
   for step in range(8):
     slices = [per_process[p][step] for p in range(process_count)]
@@ -86,19 +94,19 @@ def test_process_slices_concatenate_to_the_single_process_batch(process_count):
 
 def test_batch_size_must_divide_among_processes():
   with pytest.raises(ValueError, match='not divisible by the process count 4'):
-    pipeline.TrainLoader(IndexedSource(50), 6, seed=0, process_index=0, process_count=4)
+    train_loader(IndexedSource(50), 6, seed=0, process_index=0, process_count=4)
   with pytest.raises(ValueError, match='not divisible'):
-    pipeline.EvalLoader(IndexedSource(50), 6, process_index=1, process_count=4)
+    eval_loader(IndexedSource(50), 6, process_index=1, process_count=4)
   with pytest.raises(ValueError, match='process_index'):
-    pipeline.TrainLoader(IndexedSource(50), 8, seed=0, process_index=2, process_count=2)
+    train_loader(IndexedSource(50), 8, seed=0, process_index=2, process_count=2)
   with pytest.raises(ValueError, match='fewer than one global batch'):
-    pipeline.TrainLoader(IndexedSource(5), 8, seed=0)
+    train_loader(IndexedSource(5), 8, seed=0)
 
 
 def test_workers_do_not_change_the_batches():
   source = SyntheticLongRange(32, 64, seed=2)
-  with pipeline.TrainLoader(source, 8, seed=3, workers=0) as serial, \
-       pipeline.TrainLoader(source, 8, seed=3, workers=3, prefetch=3) as threaded:
+  with train_loader(source, 8, seed=3, workers=0) as serial, \
+       train_loader(source, 8, seed=3, workers=3, prefetch=3) as threaded:
     for _ in range(10):                        # 10 batches: past the end of epoch 0 (8 batches)
       expected, actual = next(serial), next(threaded)
       assert expected['image'].tobytes() == actual['image'].tobytes()
@@ -108,14 +116,14 @@ def test_workers_do_not_change_the_batches():
 @pytest.mark.parametrize('workers', [0, 3])
 def test_resume_from_state_gives_the_same_next_batches(workers):
   source = IndexedSource(37)                   # 4 batches of 8 per epoch
-  uninterrupted = pipeline.TrainLoader(source, 8, seed=7, workers=3, prefetch=2)
+  uninterrupted = train_loader(source, 8, seed=7, workers=3, prefetch=2)
   take(uninterrupted, 3)
   state = uninterrupted.get_state()           # prefetched batches are not counted
   assert int(state['batches_consumed']) == 3
   assert all(isinstance(value, np.ndarray) and value.shape == () and value.dtype == np.int64
              for value in state.values())
   expected = labels_of(take(uninterrupted, 6))
-  resumed = pipeline.TrainLoader(source, 8, seed=7, workers=workers, state=state)
+  resumed = train_loader(source, 8, seed=7, workers=workers, state=state)
   assert resumed.batches_consumed == 3 and resumed.epoch == 0
   assert labels_of(take(resumed, 6)) == expected
   # set_state on a loader that has batches in flight drops them and starts over at the state.
@@ -130,7 +138,7 @@ def test_state_through_an_orbax_checkpoint(tmp_path):
 
   from atlas_jax import checkpointing
   source = IndexedSource(40)
-  loader = pipeline.TrainLoader(source, 8, seed=1)
+  loader = train_loader(source, 8, seed=1)
   take(loader, 7)
   state = loader.get_state()
   expected = labels_of(take(loader, 2))
@@ -138,24 +146,24 @@ def test_state_through_an_orbax_checkpoint(tmp_path):
   checkpoints.save(7, {'data': state})
   checkpoints.wait()
   # Either a fresh loader's state or its shapes and dtypes serve as the restore target.
-  fresh_state = pipeline.TrainLoader(source, 8, seed=1).get_state()
+  fresh_state = train_loader(source, 8, seed=1).get_state()
   abstract = jax.tree.map(lambda value: jax.ShapeDtypeStruct(value.shape, value.dtype), fresh_state)
   for target in (fresh_state, abstract):
     restored = checkpoints.restore(7, {'data': target})['data']
-    resumed = pipeline.TrainLoader(source, 8, seed=1, state=restored)
+    resumed = train_loader(source, 8, seed=1, state=restored)
     assert resumed.batches_consumed == 7 and resumed.epoch == 1
     assert labels_of(take(resumed, 2)) == expected
   checkpoints.close()
 
 
 def test_a_state_from_another_setup_is_refused():
-  state = pipeline.TrainLoader(IndexedSource(40), 8, seed=1).get_state()
+  state = train_loader(IndexedSource(40), 8, seed=1).get_state()
   with pytest.raises(ValueError, match='global_batch_size=8'):
-    pipeline.TrainLoader(IndexedSource(40), 4, seed=1, state=state)
+    train_loader(IndexedSource(40), 4, seed=1, state=state)
   with pytest.raises(ValueError, match='seed=1'):
-    pipeline.TrainLoader(IndexedSource(40), 8, seed=2, state=state)
+    train_loader(IndexedSource(40), 8, seed=2, state=state)
   # The position alone is accepted: the caller takes responsibility for the rest.
-  loader = pipeline.TrainLoader(IndexedSource(40), 4, seed=1, state={'batches_consumed': 3})
+  loader = train_loader(IndexedSource(40), 4, seed=1, state={'batches_consumed': 3})
   assert loader.batches_consumed == 3
 
 
@@ -167,19 +175,19 @@ def test_transform_gets_an_rng_of_seed_epoch_and_index():
     return {**example, 'image': np.ascontiguousarray(image)}
 
   source = SyntheticLongRange(32, 24, seed=0)
-  serial = pipeline.TrainLoader(source, 8, seed=5, transform=flip_sometimes)
+  serial = train_loader(source, 8, seed=5, transform=flip_sometimes)
   expected = [batch['image'].tobytes() for batch in take(serial, 5)]
-  threaded = pipeline.TrainLoader(source, 8, seed=5, workers=3, transform=flip_sometimes,
-                                  state={'batches_consumed': np.int64(2)})
+  threaded = train_loader(source, 8, seed=5, workers=3, transform=flip_sometimes,
+                          state={'batches_consumed': np.int64(2)})
   assert [batch['image'].tobytes() for batch in take(threaded, 3)] == expected[2:]
   threaded.close()
 
 
 def test_a_failed_load_raises_in_the_caller_and_does_not_advance():
   source = IndexedSource(16, fail_at=3)
-  order = pipeline.TrainLoader(source, 4, seed=0).permutation(0)
+  order = train_loader(source, 4, seed=0).permutation(0)
   failing_batch = int(np.nonzero(order == 3)[0][0]) // 4
-  with pipeline.TrainLoader(source, 4, seed=0, workers=2) as loader:
+  with train_loader(source, 4, seed=0, workers=2) as loader:
     take(loader, failing_batch)
     with pytest.raises(OSError, match='example 3'):
       next(loader)
@@ -190,7 +198,7 @@ def test_a_failed_load_raises_in_the_caller_and_does_not_advance():
 
 def test_close_stops_the_threads():
   threads_before = threading.active_count()
-  loader = pipeline.TrainLoader(IndexedSource(40), 8, seed=0, workers=3)
+  loader = train_loader(IndexedSource(40), 8, seed=0, workers=3)
   next(loader)
   loader.close()
   loader.close()
@@ -205,7 +213,7 @@ def test_eval_visits_every_example_once_in_order(process_count, workers):
   source = IndexedSource(23)                  # 3 global batches of 8, the last with 7 padding slots
   real_labels = []
   for process_index in range(process_count):
-    batches = list(pipeline.eval_batches(source, 8, process_index, process_count, workers=workers))
+    batches = list(eval_batches(source, 8, process_index, process_count, workers=workers))
     assert len(batches) == 3
     for batch in batches:
       assert batch['image'].shape == (8 // process_count, 4, 6, 3)
@@ -219,10 +227,18 @@ def test_eval_visits_every_example_once_in_order(process_count, workers):
 
 
 def test_eval_loader_passes_again_and_has_a_length():
-  with pipeline.EvalLoader(IndexedSource(10), 4, workers=2) as loader:
+  with eval_loader(IndexedSource(10), 4, workers=2) as loader:
     assert len(loader) == 3
     first = labels_of(loader)
     assert labels_of(loader) == first
+
+
+def test_the_bad_fraction_has_no_default_in_code():
+  # configs/common.py alone holds data.max_bad_fraction's default: a loader without it is a caller's bug.
+  with pytest.raises(TypeError, match='max_bad_fraction'):
+    pipeline.TrainLoader(IndexedSource(40), 8, seed=0)
+  with pytest.raises(TypeError, match='max_bad_fraction'):
+    pipeline.EvalLoader(IndexedSource(40), 8)
 
 
 def test_the_data_package_imports_no_model_or_jax():

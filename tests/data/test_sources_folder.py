@@ -2,6 +2,7 @@
 class-list filter, one-line errors for a wrong layout, and bad files that are logged, replaced (training) or
 masked (evaluation) without stopping the run, with batches that stay deterministic, resumable and sharded."""
 
+import functools
 import logging
 import shutil
 
@@ -11,12 +12,16 @@ import pytest
 
 from atlas_jax.data import pipeline, sources
 from atlas_jax.data.decode import BadImageError
+from configs import common
 from tests.data import image_files
 
 CLASSES = ('n02000000', 'n01000000', 'n03000000')     # created in this order: labels follow sorted names
 TRAIN_PER_CLASS = 8
 VAL_PER_CLASS = 3
 SIDE = 16
+MAX_PIXELS = 10_000_000
+MAX_BAD_FRACTION = common.data_config().max_bad_fraction    # the config's: 1%
+image_folder = functools.partial(sources.ImageFolder, max_pixels=MAX_PIXELS)
 
 
 def write_solid(path, value: int, shape=(12, 20)):
@@ -65,8 +70,8 @@ def batch_values(batch) -> list[int]:
 
 
 def test_labels_are_the_sorted_class_names(clean):
-  train = sources.ImageFolder(clean, 'train')
-  val = sources.ImageFolder(clean, 'validation')
+  train = image_folder(clean, 'train')
+  val = image_folder(clean, 'validation')
   assert train.classes == val.classes == sorted(CLASSES)
   assert len(train) == 3 * TRAIN_PER_CLASS and len(val) == 3 * VAL_PER_CLASS
   for source, split in ((train, 'train'), (val, 'val')):
@@ -91,7 +96,7 @@ def test_a_class_list_filters_and_numbers_the_classes(clean, tmp_path):
 
 def _data_config(data_dir, **fields):
   return type('DataConfig', (), {'source': 'folder', 'data_dir': str(data_dir), 'classes': None,
-                                 'max_pixels': 10_000_000, **fields})()
+                                 'max_pixels': MAX_PIXELS, **fields})()
 
 
 def one_line_error(function, *args, **kwargs) -> str:
@@ -103,54 +108,58 @@ def one_line_error(function, *args, **kwargs) -> str:
 
 
 def test_a_wrong_layout_gets_one_line_saying_what_to_do(clean, tmp_path):
-  message = one_line_error(sources.ImageFolder, tmp_path / 'nowhere', 'train')
+  message = one_line_error(image_folder, tmp_path / 'nowhere', 'train')
   assert 'is not a directory' in message and '--config.data.data_dir' in message
   (tmp_path / 'only_train' / 'train' / 'a').mkdir(parents=True)
-  assert 'no val/ folder' in one_line_error(sources.ImageFolder, tmp_path / 'only_train', 'validation')
-  assert 'holds no image files' in one_line_error(sources.ImageFolder, tmp_path / 'only_train', 'train')
+  assert 'no val/ folder' in one_line_error(image_folder, tmp_path / 'only_train', 'validation')
+  assert 'holds no image files' in one_line_error(image_folder, tmp_path / 'only_train', 'train')
 
   stray = tmp_path / 'stray'
   shutil.copytree(clean, stray)
   (stray / 'val' / 'n09999999').mkdir()
   write_solid(stray / 'val' / 'n09999999' / 'x.png', 3)
-  message = one_line_error(sources.ImageFolder, stray, 'validation')
+  message = one_line_error(image_folder, stray, 'validation')
   assert 'n09999999' in message and 'train/ lacks' in message
 
   listed = tmp_path / 'listed.txt'
   listed.write_text('n01000000\nn05555555\n')
-  assert 'n05555555' in one_line_error(sources.ImageFolder, clean, 'train', classes_file=listed)
+  assert 'n05555555' in one_line_error(image_folder, clean, 'train', classes_file=listed)
   listed.write_text('n01000000\nn01000000\n')
-  assert 'more than once' in one_line_error(sources.ImageFolder, clean, 'train', classes_file=listed)
-  assert 'not a file' in one_line_error(sources.ImageFolder, clean, 'train', classes_file=tmp_path / 'no.txt')
+  assert 'more than once' in one_line_error(image_folder, clean, 'train', classes_file=listed)
+  assert 'not a file' in one_line_error(image_folder, clean, 'train', classes_file=tmp_path / 'no.txt')
   message = one_line_error(sources.make_source, _data_config(clean), 32, 'train', 0, num_classes=2)
   assert 'has 3 classes but model.num_classes is 2' in message
 
 
 def test_same_seed_same_batches_and_resume_is_exact(clean):
-  source = sources.ImageFolder(clean, 'train')                  # 24 examples: 4 batches of 6 per epoch
-  with pipeline.TrainLoader(source, 6, seed=3, transform=resize_and_flip) as loader:
+  source = image_folder(clean, 'train')                         # 24 examples: 4 batches of 6 per epoch
+  with pipeline.TrainLoader(source, 6, seed=3, transform=resize_and_flip,
+                            max_bad_fraction=MAX_BAD_FRACTION) as loader:
     uninterrupted = [next(loader) for _ in range(6)]
-  with pipeline.TrainLoader(source, 6, seed=3, workers=3, transform=resize_and_flip) as loader:
+  with pipeline.TrainLoader(source, 6, seed=3, workers=3, transform=resize_and_flip,
+                            max_bad_fraction=MAX_BAD_FRACTION) as loader:
     for expected in uninterrupted[:2]:
       np.testing.assert_array_equal(next(loader)['image'], expected['image'])
     state = loader.get_state()
-  with pipeline.TrainLoader(source, 6, seed=3, workers=2, transform=resize_and_flip, state=state) as resumed:
+  with pipeline.TrainLoader(source, 6, seed=3, workers=2, transform=resize_and_flip, state=state,
+                            max_bad_fraction=MAX_BAD_FRACTION) as resumed:
     for expected in uninterrupted[2:]:
       batch = next(resumed)
       np.testing.assert_array_equal(batch['image'], expected['image'])
       np.testing.assert_array_equal(batch['label'], expected['label'])
   epoch = sorted(value for batch in uninterrupted[:4] for value in batch_values(batch))
   assert epoch == sorted(value_of('train', c, f) for c in range(3) for f in range(TRAIN_PER_CLASS))
-  with pipeline.TrainLoader(source, 6, seed=4, transform=resize_and_flip) as other_seed:
+  with pipeline.TrainLoader(source, 6, seed=4, transform=resize_and_flip,
+                            max_bad_fraction=MAX_BAD_FRACTION) as other_seed:
     assert batch_values(next(other_seed)) != batch_values(uninterrupted[0])
 
 
 def test_two_hosts_shards_are_disjoint_and_cover_the_epoch(clean):
-  source = sources.ImageFolder(clean, 'train')
+  source = image_folder(clean, 'train')
   seen = {}
   for process_index in (0, 1):
     with pipeline.TrainLoader(source, 8, seed=5, process_index=process_index, process_count=2,
-                              transform=resize_and_flip) as loader:
+                              transform=resize_and_flip, max_bad_fraction=MAX_BAD_FRACTION) as loader:
       seen[process_index] = [value for _ in range(3) for value in batch_values(next(loader))]  # one epoch
   assert len(seen[0]) == len(seen[1]) == 12
   assert not set(seen[0]) & set(seen[1])
@@ -159,10 +168,11 @@ def test_two_hosts_shards_are_disjoint_and_cover_the_epoch(clean):
 
 
 def test_eval_counts_every_example_once_over_two_hosts(clean):
-  source = sources.ImageFolder(clean, 'validation')             # 9 examples, batches of 4: 3 batches
+  source = image_folder(clean, 'validation')                    # 9 examples, batches of 4: 3 batches
   counted = []
   for process_index in (0, 1):
-    for batch in pipeline.eval_batches(source, 4, process_index, 2, transform=resize_and_flip):
+    for batch in pipeline.eval_batches(source, 4, process_index, 2, transform=resize_and_flip,
+                                       max_bad_fraction=MAX_BAD_FRACTION):
       counted += [value for value, real in zip(batch_values(batch), batch['mask']) if real]
   assert sorted(counted) == sorted(value_of('val', c, f) for c in range(3) for f in range(VAL_PER_CLASS))
 
@@ -184,7 +194,7 @@ def broken(tmp_path_factory):
 
 
 def test_bad_files_are_logged_and_replaced_in_training(broken, caplog):
-  source = sources.ImageFolder(broken, 'train')                 # 11 good kinds, 4 solid, 4 broken: 19
+  source = image_folder(broken, 'train')                        # 11 good kinds, 4 solid, 4 broken: 19
   bad = {index for index in range(len(source)) if source.path(index).stem in image_files.BAD_KINDS}
   assert len(source) == 19 and len(bad) == len(image_files.BAD_KINDS)
   for index in range(len(source)):                              # the source itself raises, one line each
@@ -210,7 +220,7 @@ def test_bad_files_are_logged_and_replaced_in_training(broken, caplog):
 
 
 def test_eval_masks_bad_files_and_counts_each_good_one_once(broken):
-  source = sources.ImageFolder(broken, 'validation')
+  source = image_folder(broken, 'validation')
   with pipeline.EvalLoader(source, 4, workers=2, transform=resize_and_flip, max_bad_fraction=0.5) as loader:
     masks = [batch['mask'].copy() for batch in loader]
     assert loader.skipped == len(image_files.BAD_KINDS)
@@ -218,9 +228,10 @@ def test_eval_masks_bad_files_and_counts_each_good_one_once(broken):
 
 
 def test_too_many_bad_files_stop_with_one_line(broken):
-  source = sources.ImageFolder(broken, 'train')
+  source = image_folder(broken, 'train')
   with pytest.raises(pipeline.TooManyBadExamples) as caught:
-    with pipeline.TrainLoader(source, 4, seed=0, transform=resize_and_flip) as loader:   # limit 1%
+    with pipeline.TrainLoader(source, 4, seed=0, transform=resize_and_flip,
+                              max_bad_fraction=0.01) as loader:   # limit 1%
       for _ in range(4):                  # 16 of the 19 examples: at least one of the 4 bad ones
         next(loader)
   message = str(caught.value)

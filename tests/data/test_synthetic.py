@@ -1,12 +1,14 @@
-"""Tests for atlas_jax.data.sources: the synthetic long-range task (determinism, layout, label, the claim of
-docs/synthetic_task.md that additive evidence cannot solve it) and make_source's dispatch and messages."""
+"""Tests for atlas_jax.data.sources: the synthetic long-range task of synthetic.py (determinism, layout,
+label, the claim of docs/synthetic_task.md that additive evidence cannot solve it) and make_source's
+dispatch and messages."""
 
-import ml_collections
 import numpy as np
 import pytest
 
 from atlas_jax.data import sources
 from atlas_jax.data.sources import DataSourceError, SyntheticLongRange
+from atlas_jax.errors import AtlasError
+from configs import common
 
 NUM_CLASSES = SyntheticLongRange.num_classes
 
@@ -132,14 +134,17 @@ def test_additive_evidence_stays_near_chance_and_joint_evidence_solves_it():
 
 
 def data_config(**fields):
-  return ml_collections.ConfigDict({'source': 'synthetic', **fields})
+  """The data fields of configs/common.py (every field, as a resolved config has), synthetic."""
+  data = common.data_config()
+  data.update({'source': 'synthetic', **fields})
+  return data
 
 
 def test_make_source_synthetic_defaults_and_sizes():
   train = sources.make_source(data_config(), 64, 'train', seed=1)
   validation = sources.make_source(data_config(), (64, 96), 'validation', seed=1)
-  assert len(train) == sources.DEFAULT_SYNTHETIC_TRAIN_SIZE
-  assert len(validation) == sources.DEFAULT_SYNTHETIC_VAL_SIZE
+  assert len(train) == common.data_config().synthetic_train_size
+  assert len(validation) == common.data_config().synthetic_val_size
   assert validation.image_shape == (64, 96, 3) and validation.split == 'validation'
   sized = sources.make_source(data_config(synthetic_train_size=100, synthetic_val_size=10), 64, 'train', 0)
   assert len(sized) == 100
@@ -147,7 +152,6 @@ def test_make_source_synthetic_defaults_and_sizes():
 
 
 def test_make_source_with_the_common_config():
-  from configs import common
   config = common.base_config('T', 64)
   config.data.source = 'synthetic'
   source = sources.make_source(config.data, config.image_size, 'train', config.seed)
@@ -156,7 +160,6 @@ def test_make_source_with_the_common_config():
 
 @pytest.mark.parametrize('name', ['tfds', 'folder'])
 def test_make_source_without_data_dir_says_what_to_set(name):
-  from configs import common
   data = common.data_config()
   data.source = name
   with pytest.raises(DataSourceError) as error:
@@ -173,4 +176,4 @@ def test_make_source_refuses_unknown_names_and_splits():
     sources.make_source(data_config(source='imagenet'), 64, 'train', 0)
   with pytest.raises(DataSourceError, match='split'):
     sources.make_source(data_config(), 64, 'test', 0)
-  assert issubclass(DataSourceError, ValueError)
+  assert issubclass(DataSourceError, ValueError) and issubclass(DataSourceError, AtlasError)

@@ -1,42 +1,27 @@
-"""Tests for atlas_jax.data.transforms and device_transforms: each augmentation's draws against its definition
-over many samples (crop scale and ratio, flip rate, RandAugment's two operations and magnitude, erasing rate
-and boxes), the operations against their definitions, eval resize = PIL bicubic, the accelerator's upsampling
-close to PIL's, and determinism."""
+"""Tests for atlas_jax.data.transforms, the host side: each augmentation's draws against its definition over
+many samples (crop scale and ratio, flip rate, RandAugment's two operations and magnitude), the operations
+against their definitions, eval resize = PIL bicubic, and determinism. The part inside the train step is
+tests/test_augment.py; the augment fields' range checks are tests/test_config.py."""
 
 import math
 
-import jax
-import ml_collections
 import numpy as np
-import pytest
 from PIL import Image
 
-from atlas_jax.data import device_transforms, pipeline, transforms
+from atlas_jax.data import transforms
 from atlas_jax.data.transforms import CropBox, RandAugmentOp
 from configs import common
+from tests.data.image_files import folder_config, photo
 
 SAMPLES = 4000
 # 4.5 binomial standard deviations of a rate near 1/2 over SAMPLES draws: a correct draw fails ~1 in 150,000.
 RATE_TOLERANCE = 4.5 * math.sqrt(0.25 / SAMPLES)
-
-
-def photo(height: int, width: int, seed: int = 0) -> np.ndarray:
-  """A photo-like uint8 image: smooth colour regions plus mild noise."""
-  rng = np.random.default_rng(seed)
-  coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
-  smooth = np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC), np.int16)
-  return np.clip(smooth + rng.normal(0, 4, smooth.shape), 0, 255).astype(np.uint8)
-
-
-def folder_config(image_size=(96, 128), **augment) -> ml_collections.ConfigDict:
-  config = common.base_config('T', image_size)
-  config.data.source = 'folder'
-  config.data.augment.update(augment)
-  return config
-
-
-def denormalize(images) -> np.ndarray:
-  return (np.asarray(images) * np.asarray(pipeline.IMAGENET_STD) + np.asarray(pipeline.IMAGENET_MEAN)) * 255
+# The reference's augmentation as the arguments of the sample_* draws (configs/common.py holds the values).
+AUGMENT = common.augment_config()
+CROP = {'scale': AUGMENT.crop_scale, 'ratio': AUGMENT.crop_ratio}
+RAND_AUGMENT = {'num_ops': AUGMENT.randaug_num_ops, 'magnitude': AUGMENT.randaug_magnitude,
+                'magnitude_std': AUGMENT.randaug_magnitude_std,
+                'magnitude_max': AUGMENT.randaug_magnitude_max, 'prob': AUGMENT.randaug_prob}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -46,7 +31,7 @@ def denormalize(images) -> np.ndarray:
 def test_crop_boxes_lie_inside_with_the_scale_and_ratio_of_the_definition():
   rng = np.random.default_rng(0)
   height, width = 375, 500
-  boxes = np.array([transforms.sample_crop_box(height, width, rng) for _ in range(SAMPLES)])
+  boxes = np.array([transforms.sample_crop_box(height, width, rng, **CROP) for _ in range(SAMPLES)])
   tops, lefts, box_heights, box_widths = boxes.T
   assert (tops >= 0).all() and (lefts >= 0).all()
   assert (tops + box_heights <= height).all() and (lefts + box_widths <= width).all()
@@ -66,7 +51,8 @@ def test_crop_area_is_uniform_and_ratio_log_uniform_where_every_attempt_fits():
   # rejected, so the draws are the definition's distributions themselves.
   rng = np.random.default_rng(1)
   side = 1000
-  boxes = np.array([transforms.sample_crop_box(side, side, rng, scale=(0.08, 0.5)) for _ in range(SAMPLES)])
+  boxes = np.array([transforms.sample_crop_box(side, side, rng, **{**CROP, 'scale': (0.08, 0.5)})
+                    for _ in range(SAMPLES)])
   area = boxes[:, 2] * boxes[:, 3] / side ** 2
   log_ratio = np.log(boxes[:, 3] / boxes[:, 2])
   # Uniform quantiles within 0.03 (a Kolmogorov distance far beyond chance at 4000 samples).
@@ -83,8 +69,8 @@ def test_crop_area_is_uniform_and_ratio_log_uniform_where_every_attempt_fits():
 def test_crop_falls_back_to_the_centre_with_the_ratio_clamped():
   rng = np.random.default_rng(2)
   # Much wider than 4/3: no attempt fits, the centre crop is as high as the image and 4/3 as wide.
-  assert transforms.sample_crop_box(10, 1000, rng) == CropBox(0, (1000 - 13) // 2, 10, 13)
-  assert transforms.sample_crop_box(1000, 10, rng) == CropBox((1000 - 13) // 2, 0, 13, 10)
+  assert transforms.sample_crop_box(10, 1000, rng, **CROP) == CropBox(0, (1000 - 13) // 2, 10, 13)
+  assert transforms.sample_crop_box(1000, 10, rng, **CROP) == CropBox((1000 - 13) // 2, 0, 13, 10)
 
 
 def test_flip_rate_is_one_half_and_flips_the_crop():
@@ -104,7 +90,7 @@ def test_flip_rate_is_one_half_and_flips_the_crop():
 
 def test_rand_augment_draws_two_operations_of_the_increasing_set_with_magnitude_around_9():
   rng = np.random.default_rng(5)
-  draws = [transforms.sample_rand_augment(rng) for _ in range(SAMPLES)]
+  draws = [transforms.sample_rand_augment(rng, **RAND_AUGMENT) for _ in range(SAMPLES)]
   assert all(len(ops) == 2 for ops in draws)
   ops = [op for drawn in draws for op in drawn]
   names = [op.name for op in ops]
@@ -126,7 +112,7 @@ def test_rand_augment_draws_two_operations_of_the_increasing_set_with_magnitude_
 def test_rand_augment_magnitude_is_clipped_to_10():
   rng = np.random.default_rng(6)
   magnitudes = np.array([op.magnitude for _ in range(SAMPLES)
-                         for op in transforms.sample_rand_augment(rng, magnitude=9.8)])
+                         for op in transforms.sample_rand_augment(rng, **{**RAND_AUGMENT, 'magnitude': 9.8})])
   assert magnitudes.max() == 10.0
   # P(N(9.8, 0.5) > 10) = P(z > 0.4) = 0.345 of the draws sit exactly on the bound.
   assert abs(np.mean(magnitudes == 10.0) - 0.3446) < RATE_TOLERANCE / math.sqrt(2)
@@ -212,7 +198,6 @@ def test_the_synthetic_task_gets_no_transform():
   config = common.base_config('T', 64)
   config.data.source = 'synthetic'
   assert transforms.train_transform(config) is None and transforms.eval_transform(config) is None
-  assert device_transforms.train_finish(config) is None
 
 
 def test_eval_resize_is_pil_bicubic():
@@ -224,91 +209,3 @@ def test_eval_resize_is_pil_bicubic():
   transform = transforms.eval_transform(folder_config((64, 48)))
   np.testing.assert_array_equal(transform({'image': image, 'label': 1}, np.random.default_rng(0))['image'],
                                 expected)
-
-
-@pytest.mark.parametrize('field, value', [('hflip', 1.5), ('crop_scale', (0.5, 0.1)), ('randaug_prob', -0.1),
-                                          ('host_max_side', -1)])
-def test_out_of_range_augment_fields_are_refused_by_name(field, value):
-  with pytest.raises(transforms.AugmentConfigError, match=f'data.augment.{field}'):
-    transforms.train_transform(folder_config(**{field: value}))
-
-
-@pytest.mark.parametrize('field, value', [('erase_mode', 'noise'), ('erase_prob', 2.0),
-                                          ('erase_area', (0.0, 0.5)), ('erase_count', 0)])
-def test_out_of_range_erase_fields_are_refused_by_name(field, value):
-  with pytest.raises(device_transforms.EraseConfigError, match=f'data.augment.{field}'):
-    device_transforms.train_finish(folder_config(**{field: value}))
-
-
-# ---------------------------------------------------------------------------------------------------
-# The accelerator's part: upsampling and random erasing.
-
-
-def test_accelerator_upsampling_stays_close_to_pil_bicubic():
-  source = Image.fromarray(photo(45, 60))
-  finish = jax.jit(device_transforms.train_finish(folder_config((256, 256), erase_prob=0.0)))
-  for box in (CropBox(5, 7, 30, 40), CropBox(0, 0, 45, 60), CropBox(10, 20, 12, 9)):
-    host = np.asarray(transforms.resized_crop(source, box, (64, 64)))
-    upsampled = denormalize(finish(jax.random.key(0), pipeline.normalize_image(host)[None]))[0]
-    assert upsampled.shape == (256, 256, 3)
-    # The same resize as PIL's (Keys' cubic, a = -0.5), in float instead of PIL's 8-bit passes.
-    pil_upsampled = np.asarray(Image.fromarray(host).resize((256, 256), Image.Resampling.BICUBIC), np.float32)
-    assert np.abs(upsampled - pil_upsampled).mean() < 0.5 and np.abs(upsampled - pil_upsampled).max() < 2.0
-    # Against the reference's single resize of the crop to the full size: within a uint8 unit on average.
-    direct = np.asarray(transforms.resized_crop(source, box, (256, 256)), np.float32)
-    assert np.abs(upsampled - direct).mean() < 1.0
-
-
-def test_erasing_rate_and_boxes_follow_the_definition():
-  height, width = 32, 48
-  boxes = np.asarray(jax.jit(device_transforms.sample_erase_boxes, static_argnums=(1, 2, 3))(
-      jax.random.key(10), SAMPLES, height, width))[:, 0]                  # (SAMPLES, 4), count 1
-  erased = boxes[:, 2] > 0
-  assert abs(erased.mean() - 0.25) < RATE_TOLERANCE
-  tops, lefts, box_heights, box_widths = boxes[erased].T
-  assert (tops >= 0).all() and (lefts >= 0).all()
-  assert (tops + box_heights <= height).all() and (lefts + box_widths <= width).all()
-  assert (box_heights < height).all() and (box_widths < width).all()
-  area = box_heights * box_widths / (height * width)
-  ratio = box_heights / box_widths
-  # Ranges with rounding to whole pixels; both ends reached.
-  assert 0.01 < area.min() < 0.03 and 0.3 < area.max() < 0.40
-  assert 0.25 < ratio.min() < 0.4 and 2.5 < ratio.max() < 3.9
-  # Positions uniform over the free range.
-  assert abs(np.mean(tops / np.maximum(height - box_heights, 1)) - 0.5) < 0.05
-
-
-def test_erasing_fills_exactly_the_boxes_with_standard_normal_values():
-  images = np.full((400, 24, 24, 3), 7.0, np.float32)
-
-  @jax.jit
-  def erase_all_modes(key):
-    box_key, _ = jax.random.split(key)      # random_erase's own first split draws the boxes
-    return ({mode: device_transforms.random_erase(key, images, prob=0.5, mode=mode)
-             for mode in device_transforms.ERASE_MODES},
-            device_transforms.sample_erase_boxes(box_key, 400, 24, 24, prob=0.5)[:, 0])
-
-  erased, boxes = jax.device_get(erase_all_modes(jax.random.key(11)))
-  inside = np.zeros(images.shape[:3], bool)
-  for index, (top, left, box_height, box_width) in enumerate(boxes):
-    inside[index, top:top + box_height, left:left + box_width] = True
-  for mode in device_transforms.ERASE_MODES:
-    np.testing.assert_array_equal(erased[mode][~inside], 7.0)
-  values = erased['pixel'][inside]
-  assert values.size > 10_000 and abs(values.mean()) < 0.05 and abs(values.std() - 1.0) < 0.05
-  np.testing.assert_array_equal(erased['const'][inside], 0.0)
-  # 'rand': one colour per box.
-  index = int(np.flatnonzero(boxes[:, 2] > 1)[0])
-  box_pixels = erased['rand'][index][inside[index]]                                # (pixels, 3)
-  np.testing.assert_array_equal(box_pixels, np.broadcast_to(box_pixels[0], box_pixels.shape))
-  # Same key, same output.
-  again, _ = jax.device_get(erase_all_modes(jax.random.key(11)))
-  np.testing.assert_array_equal(again['pixel'], erased['pixel'])
-
-
-def test_several_boxes_share_the_area():
-  boxes = np.asarray(jax.jit(device_transforms.sample_erase_boxes, static_argnums=(1, 2, 3, 5, 6, 7))(
-      jax.random.key(12), 2000, 40, 40, 1.0, (0.02, 1 / 3), (0.3, 1 / 0.3), 3))     # (2000, 3, 4)
-  assert boxes.shape == (2000, 3, 4) and (boxes[..., 2] > 0).mean() > 0.99
-  # Each of 3 boxes draws its area from (0.02, 1/3) / 3 of the image.
-  assert (boxes[..., 2] * boxes[..., 3]).max() / 1600 < 0.14

@@ -4,15 +4,16 @@
 of `TinyClasses`: three classes named like WordNet IDs and listed unsorted in the label feature, 32x40 PNG
 images whose pixel value names the example, a `file_name` feature as imagenet2012 has, and one truncated
 JPEG. ArrayRecord preparation needs no TensorFlow. TFRecord preparation does, only to frame the records
-(tf.io.TFRecordWriter): here tfds's TFRecord writer is swapped for the same framing written by
-atlas_jax.metrics.tfrecord, and everything else (serialization, shard naming, dataset_info.json) is tfds's.
+(tf.io.TFRecordWriter): here tfds's TFRecord writer is swapped for the same framing written with the tfds
+source's own masked CRC-32C, and everything else (serialization, shard naming, dataset_info.json) is tfds's.
 """
 
 import contextlib
+import struct
 
 import numpy as np
 
-from atlas_jax import metrics
+from atlas_jax.data.sources.tfds import masked_crc32c
 from tests.data import image_files
 
 NAME = 'tiny_classes'
@@ -68,6 +69,12 @@ def _builder_class():
 _BUILDER = None
 
 
+def tfrecord(data: bytes) -> bytes:
+  """One TFRecord: uint64 length, masked CRC-32C of the length, data, masked CRC-32C of the data."""
+  length = struct.pack('<Q', len(data))
+  return length + struct.pack('<I', masked_crc32c(length)) + data + struct.pack('<I', masked_crc32c(data))
+
+
 @contextlib.contextmanager
 def _tfrecord_framing_without_tensorflow():
   from tensorflow_datasets.core import file_adapters  # pylint: disable=import-outside-toplevel
@@ -77,7 +84,7 @@ def _tfrecord_framing_without_tensorflow():
   def write_examples(cls, path, iterator):
     with open(path, 'wb') as stream:
       for _, serialized in iterator:
-        stream.write(metrics.tfrecord(serialized))
+        stream.write(tfrecord(serialized))
 
   adapter.write_examples = classmethod(write_examples)
   try:

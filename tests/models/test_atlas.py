@@ -6,12 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from atlas_jax.models import build_model, resolve_model_config
+from atlas_jax.config import resolve
+from atlas_jax.models import build_model
+from atlas_jax.models import layout as layout_lib
 from atlas_jax.models.layers import DropPath
 from atlas_jax.models.layout import LayoutError
 from atlas_jax.models.msa import MSABlock
 from atlas_jax.models.stem import ConvStem
-from atlas_jax.models import layout as layout_lib
 from configs import common
 
 
@@ -20,8 +21,9 @@ def _count(tree):
 
 
 def _abstract_variables(config):
+  config = resolve(config)
   model = build_model(config)
-  height, width = resolve_model_config(config).image_size
+  height, width = config.image_size
   return model, jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, height, width, 3)))
 
 
@@ -50,7 +52,7 @@ EXPECTED_SCALES = {
 @pytest.mark.parametrize('size', list(EXPECTED_SCALES))
 def test_scale_shapes(variant, dim, size):
   config = common.base_config(variant, size)
-  model = build_model(config)
+  model = build_model(resolve(config))
   batch = 2
   stem_map, stages = jax.eval_shape(
       lambda images: model.init_with_output(jax.random.key(0), images, method=model.encode)[0],
@@ -65,7 +67,7 @@ def test_scale_shapes(variant, dim, size):
 def test_unwindowable_size_is_refused_naming_sizes_that_work(size):
   config = common.base_config('S', size)
   with pytest.raises(LayoutError, match='nearest sizes that work: ') as error:
-    build_model(config)
+    build_model(resolve(config))
   assert '\n' not in str(error.value)
   suggestions = str(error.value).split('nearest sizes that work: ')[1].split(', ')
   for suggestion in suggestions:
@@ -75,8 +77,8 @@ def test_unwindowable_size_is_refused_naming_sizes_that_work(size):
 
 @pytest.mark.parametrize('size', [256, 512, 768, 1024, 2048, 3072, 4096, (1024, 2048)])
 def test_listed_sizes_are_accepted(size):
-  build_model(common.base_config('S', size))
-  assert resolve_model_config(common.base_config('S', size)).image_size == (
+  build_model(resolve(common.base_config('S', size)))
+  assert resolve(common.base_config('S', size)).image_size == (
       (size, size) if isinstance(size, int) else size)
 
 
@@ -84,11 +86,11 @@ def test_more_stages_than_scales_is_refused():
   config = common.base_config('S', 1024)
   config.model.depths = (1, 1, 1)
   with pytest.raises(LayoutError, match='only 2 scales'):
-    resolve_model_config(config)
+    resolve(config)
 
 
 def test_default_depths_follow_the_number_of_scales():
-  depths = {size: resolve_model_config(common.base_config('S', size)).model.depths
+  depths = {size: resolve(common.base_config('S', size)).model.depths
             for size in (256, 1024, 2048, 4096)}
   assert depths == {256: (12,), 1024: (2, 10), 2048: (2, 2, 8), 4096: (2, 2, 8)}
 
@@ -116,7 +118,7 @@ VARIANTS = [('atlas', 'full', 'atlas', 16), ('atlas', 'top_down', 'atlas', 4), (
 @pytest.mark.parametrize('name, communication, composition, patch_size', VARIANTS)
 def test_every_switch_runs_forward_and_backward(name, communication, composition, patch_size):
   size = 8 * patch_size
-  model = build_model(_small_config(name, communication, composition, patch_size, size))
+  model = build_model(resolve(_small_config(name, communication, composition, patch_size, size)))
   images = _images(size=size)
   variables = jax.jit(model.init)(jax.random.key(0), images)
 
@@ -144,7 +146,7 @@ def test_fine_tokens_see_other_windows_only_through_communication(communication,
   """d(fine window 0 after stage 0) / d(pixels of the last window): zero for `none`, not for `full`."""
   config = _small_config(communication=communication)
   config.model.drop_path_rate = 0.0
-  model = build_model(config)
+  model = build_model(resolve(config))
   images = _images(batch=1)
   variables = jax.jit(model.init)(jax.random.key(0), images)
 
@@ -204,7 +206,7 @@ def test_a_window_that_is_not_a_multiple_of_the_pool_is_refused():
   config = common.base_config('S', 384)
   config.model.update(patch_size=4, window=8, pool=3)
   with pytest.raises(LayoutError, match='model.window=8 must be a multiple of model.pool=3'):
-    build_model(config)
+    build_model(resolve(config))
 
 
 @pytest.mark.parametrize('remat', ['block', 'dots_saveable'])

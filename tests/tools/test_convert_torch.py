@@ -12,10 +12,11 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from atlas_jax import checkpointing, workdir as workdir_lib
+from atlas_jax import checkpointing
+from atlas_jax import workdir as workdir_lib
+from atlas_jax.inference import load_image
 from atlas_jax.models import build_model
 from atlas_jax.models.reference_names import ReferenceMismatchError, variables_from_reference
-from atlas_jax.predict import load_image
 from atlas_jax.tools.convert_torch import ConversionError, convert
 from atlas_jax.tools.torch_checkpoint import UnsafeCheckpointError, load_state_dict
 from configs import common
@@ -124,7 +125,7 @@ def test_convert_then_predict_through_the_command_lines(tiny, tmp_path):
   # The same logits as the model applied directly to the same normalised arrays.
   config, state_dict, abstract = tiny
   variables = variables_from_reference(state_dict, abstract)
-  arrays = np.stack([load_image(path, (512, 512)) for path in paths[:3]])
+  arrays = np.stack([load_image(path, (512, 512), config.data.max_pixels) for path in paths[:3]])
   pixels = np.stack([np.asarray(Image.open(path), np.float32) / 255 for path in paths[:3]])
   np.testing.assert_allclose(arrays, (pixels - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225], atol=1e-6)
   expected = jax.jit(build_model(config).apply)(variables, arrays)
@@ -140,7 +141,7 @@ def test_predict_with_no_readable_image_exits_nonzero(tiny, tmp_path):
 
 
 def test_class_names(tmp_path):
-  from atlas_jax.predict import class_names
+  from atlas_jax.inference import class_names
   config = common.base_config('T', 512)
   names = class_names(config)
   assert len(names) == 100 and names == sorted(names) and names[0].startswith('n')

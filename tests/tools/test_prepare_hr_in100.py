@@ -19,6 +19,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 HR_IN100 = sources.read_class_list(sources.HR_IN100_CLASSES)
 PICKED = HR_IN100[:3]                                # three HR-IN100 classes in the fake ImageNet
 COUNTS = {'train': 3, 'val': 2}
+MAX_PIXELS = 10_000_000
 
 
 def run_prepare(*args):
@@ -68,7 +69,7 @@ def test_a_folder_source_becomes_a_readable_folder_and_a_rerun_completes_it(imag
   assert linked.stat().st_ino == (imagenet / 'train' / PICKED[1] / linked.name).stat().st_ino   # hard link
 
   for split, folder_split in (('train', 'train'), ('validation', 'val')):
-    source = sources.ImageFolder(output, split)
+    source = sources.ImageFolder(output, split, max_pixels=MAX_PIXELS)
     assert source.classes == sorted(PICKED) and len(source) == summary['counts'][folder_split]
     for index in range(len(source)):
       assert source.classes[source.labels[index]] == source.path(index).parent.name
@@ -106,6 +107,7 @@ def test_a_tfds_source_becomes_a_folder_of_the_stored_bytes(tmp_path):
       if class_name in ('n01440764', 'n02102040'):
         expected[f'{folder_split}/{class_name}/{example["file_name"]}'] = example['image']
   written = {str(path.relative_to(output)): path.read_bytes() for path in output.glob('*/*/*')}
-  assert written == expected                                # the truncated record is copied too: the
-  source = sources.ImageFolder(output, 'validation')        # loader, not the copy, decides what is bad
+  # The truncated record is copied too: the loader, not the copy, decides what is bad.
+  assert written == expected
+  source = sources.ImageFolder(output, 'validation', max_pixels=MAX_PIXELS)
   assert source.classes == ['n01440764', 'n02102040'] and len(source) == 4

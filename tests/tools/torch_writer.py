@@ -18,11 +18,11 @@ from __future__ import annotations
 import collections
 import io
 import os
+from pathlib import Path
 import pickle
 import struct
-import zipfile
-from pathlib import Path
 from typing import Any, NamedTuple
+import zipfile
 
 import numpy as np
 

@@ -1,6 +1,6 @@
-"""The end of the train transform, inside the jitted train step: upsampling to the model's size, erasing.
+"""Augmentation inside the jitted train step: the end of the train transform, and Mixup/CutMix.
 
-The host (transforms.py) crops, flips and runs RandAugment at `transforms.host_image_size(image_size,
+The host (data/transforms.py) crops, flips and runs RandAugment at `transforms.host_image_size(image_size,
 data.augment.host_max_side)` and the loader normalises; `train_finish(config)` then, on the accelerator:
   1. resizes the normalised batch to `image_size`, bicubic (Keys' cubic with a = -0.5, PIL's kernel), and
      clips to the normalised images of [0, 255] as PIL's uint8 output is; a no-op when the host already
@@ -11,8 +11,9 @@ data.augment.host_max_side)` and the loader normalises; `train_finish(config)` t
      strictly inside gets a uniform position; none fitting erases nothing), filled with N(0, 1) values per
      pixel and channel ('pixel'), one N(0, 1) colour per box ('rand') or 0 ('const').
 Erasing has to follow the upsampling (per-pixel noise at full resolution), so it runs here in both cases,
-as in timm's GPU prefetch loader. Its randomness comes from the key the step passes, so it is as
-deterministic, and as exact on resume, as Mixup's. JAX only: the train step imports this module.
+as in timm's GPU prefetch loader. Then `mixup_cutmix` mixes the batch and makes its soft targets (timm's
+Mixup). Every draw comes from the key the step passes, so all of it is deterministic and exact on resume.
+This is JAX; data/ stays free of it.
 """
 
 import math
@@ -20,19 +21,15 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from atlas_jax.data.pipeline import IMAGENET_MEAN, IMAGENET_STD
+from atlas_jax.losses import one_hot_smoothed
+from atlas_jax.normalization import IMAGENET_MEAN, IMAGENET_STD
 
 ERASE_MODES = ('pixel', 'rand', 'const')
 ERASE_ATTEMPTS = 10
 # The normalised values of pixel values 0 and 255, per channel.
 _NORMALIZED_LOW = tuple(-mean / std for mean, std in zip(IMAGENET_MEAN, IMAGENET_STD))
 _NORMALIZED_HIGH = tuple((1.0 - mean) / std for mean, std in zip(IMAGENET_MEAN, IMAGENET_STD))
-
-
-class EraseConfigError(ValueError):
-  """A random-erasing field of `data.augment` out of its range."""
 
 
 def resize_normalized(images: jax.Array, image_size: Sequence[int]) -> jax.Array:
@@ -81,7 +78,7 @@ def random_erase(key: jax.Array, images: jax.Array, prob: float = 0.25, mode: st
                  count: int = 1) -> jax.Array:
   """Normalised (B, H, W, C) -> the same with random erasing (module doc) applied per image."""
   if mode not in ERASE_MODES:
-    raise EraseConfigError(f'data.augment.erase_mode must be one of {ERASE_MODES}, got {mode!r}')
+    raise ValueError(f'erase mode must be one of {ERASE_MODES}, got {mode!r}')
   batch, height, width, channels = images.shape
   box_key, fill_key = jax.random.split(key)
   boxes = sample_erase_boxes(box_key, batch, height, width, prob, area, ratio, count)   # (B, count, 4)
@@ -100,34 +97,14 @@ def random_erase(key: jax.Array, images: jax.Array, prob: float = 0.25, mode: st
   return images
 
 
-def _check_erase_config(augment) -> None:
-  if not 0.0 <= augment.erase_prob <= 1.0:
-    raise EraseConfigError(f'data.augment.erase_prob must be a probability in [0, 1], '
-                           f'got {augment.erase_prob}')
-  if augment.erase_mode not in ERASE_MODES:
-    raise EraseConfigError(f'data.augment.erase_mode must be one of {ERASE_MODES}, '
-                           f'got {augment.erase_mode!r}')
-  low, high = augment.erase_area
-  if not 0.0 < low <= high <= 1.0:
-    raise EraseConfigError(f'data.augment.erase_area must be (low, high) with 0 < low <= high <= 1, '
-                           f'got {tuple(augment.erase_area)}')
-  low, high = augment.erase_ratio
-  if not 0.0 < low <= high:
-    raise EraseConfigError(f'data.augment.erase_ratio must be (low, high) with 0 < low <= high, '
-                           f'got {tuple(augment.erase_ratio)}')
-  if augment.erase_count < 1:
-    raise EraseConfigError(f'data.augment.erase_count must be >= 1, got {augment.erase_count}')
-
-
 def train_finish(config) -> Callable[[jax.Array, jax.Array], jax.Array] | None:
   """`finish(key, images)` for the train step: normalised (B, h, w, 3) from the loader -> (B, H, W, 3) at
   `config.image_size`, upsampled and randomly erased (module doc). None for the synthetic task, which has
-  no transform. Configuration errors are raised here, before anything is compiled."""
+  no transform. The config is resolved: atlas_jax.config has checked the fields."""
   if config.data.source == 'synthetic':
     return None
   augment = config.data.augment
-  _check_erase_config(augment)
-  image_size = tuple(int(side) for side in np.broadcast_to(config.image_size, (2,)))
+  image_size = tuple(config.image_size)
   erase = dict(prob=float(augment.erase_prob), mode=str(augment.erase_mode),
                area=tuple(float(value) for value in augment.erase_area),
                ratio=tuple(float(value) for value in augment.erase_ratio), count=int(augment.erase_count))
@@ -140,3 +117,74 @@ def train_finish(config) -> Callable[[jax.Array, jax.Array], jax.Array] | None:
     return images
 
   return finish
+
+
+# ---------------------------------------------------------------------------------------------------
+# Mixup and CutMix.
+
+
+def mixup_cutmix(rng, images, labels, num_classes: int, mixup_alpha: float = 0.8,
+                 cutmix_alpha: float = 1.0, switch_prob: float = 0.5, label_smoothing: float = 0.1):
+  """timm's Mixup in 'batch' mode with mix_prob 1: one mix for the whole batch, partner images[::-1].
+
+  One draw per batch picks CutMix (probability switch_prob when both alphas are > 0, else whichever is
+  > 0) or Mixup, then lam ~ Beta(alpha, alpha) with the chosen one's alpha. Mixup blends
+  lam * x + (1 - lam) * x[::-1]. CutMix pastes a box of x[::-1] into x (timm's rand_bbox: sides
+  floor(H, W * sqrt(1 - lam)), centre uniform over pixels, half-sides floored, clipped to the image)
+  and resets lam to the fraction of pixels kept from x.
+
+  Args:
+    rng: PRNG key; the same key gives the same result.
+    images: (B, H, W, C) float, NHWC.
+    labels: (B,) int.
+    num_classes: python int (static).
+    mixup_alpha, cutmix_alpha, switch_prob, label_smoothing: python numbers or scalar arrays (may be
+      traced, so one compiled step serves any setting). Both alphas python 0: no mixing at all.
+
+  Returns:
+    (mixed images (B, H, W, C) in images.dtype,
+     targets (B, num_classes) float32 = lam * smoothed(labels) + (1 - lam) * smoothed(labels[::-1])).
+  """
+  targets = one_hot_smoothed(labels, num_classes, label_smoothing)
+  if _is_zero(mixup_alpha) and _is_zero(cutmix_alpha):
+    return images, targets
+  height, width = images.shape[1], images.shape[2]
+  switch_key, lam_key, box_key = jax.random.split(rng, 3)
+
+  # Selection with jnp ops rather than python branches, so alphas and switch_prob may also be traced.
+  mixup_alpha = jnp.asarray(mixup_alpha, jnp.float32)
+  cutmix_alpha = jnp.asarray(cutmix_alpha, jnp.float32)
+  use_cutmix = jnp.where(mixup_alpha <= 0, True,
+                         jnp.where(cutmix_alpha <= 0, False, jax.random.uniform(switch_key) < switch_prob))
+  alpha = jnp.where(use_cutmix, cutmix_alpha, mixup_alpha)
+  # Beta(alpha, alpha) as g0 / (g0 + g1) of two Gamma(alpha) draws: one sampler for both mixes (it is
+  # costly to compile), in log space as small alphas underflow. alpha 0 means no mix (lam 1).
+  log_gammas = jax.random.loggamma(lam_key, jnp.full((2,), jnp.maximum(alpha, 1e-6)))
+  lam_drawn = jnp.where(alpha > 0, jax.nn.softmax(log_gammas)[0], 1.0)
+
+  # CutMix box as timm's rand_bbox: integer cut sides, integer centre, half-sides floored, clipped.
+  ratio = jnp.sqrt(jnp.clip(1.0 - lam_drawn, 0.0, 1.0))
+  cut_h = jnp.floor(height * ratio).astype(jnp.int32)
+  cut_w = jnp.floor(width * ratio).astype(jnp.int32)
+  centre_key_y, centre_key_x = jax.random.split(box_key)
+  cy = jax.random.randint(centre_key_y, (), 0, height)
+  cx = jax.random.randint(centre_key_x, (), 0, width)
+  y_low, y_high = jnp.clip(cy - cut_h // 2, 0, height), jnp.clip(cy + cut_h // 2, 0, height)
+  x_low, x_high = jnp.clip(cx - cut_w // 2, 0, width), jnp.clip(cx + cut_w // 2, 0, width)
+  rows, cols = jnp.arange(height)[:, None], jnp.arange(width)[None, :]
+  in_box = (rows >= y_low) & (rows < y_high) & (cols >= x_low) & (cols < x_high)  # (H, W)
+  lam_box = 1.0 - jnp.mean(in_box.astype(jnp.float32))
+
+  # One blend covers both: the per-pixel weight of x is lam (Mixup) or 1/0 outside/inside the box
+  # (CutMix), where 1 * a + 0 * b copies a pixel exactly. Blending in float32 keeps bfloat16 images exact.
+  lam = jnp.where(use_cutmix, lam_box, lam_drawn).astype(jnp.float32)
+  weight = jnp.where(use_cutmix, 1.0 - in_box.astype(jnp.float32), lam)[None, :, :, None]
+  flipped = images[::-1]
+  mixed = weight * images.astype(jnp.float32) + (1.0 - weight) * flipped.astype(jnp.float32)
+  mixed_targets = lam * targets + (1.0 - lam) * targets[::-1]
+  return mixed.astype(images.dtype), mixed_targets
+
+
+def _is_zero(alpha) -> bool:
+  """True for a python number <= 0; a traced alpha is handled inside the computation instead."""
+  return isinstance(alpha, (int, float)) and alpha <= 0

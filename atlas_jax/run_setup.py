@@ -1,0 +1,93 @@
+"""Setting a run up from a resolved config: the train state, abstract variables, shardings, compute dtype.
+
+Training, evaluation, the benchmark, inference, the experiments and the tests all build the model ->
+optimizer -> abstract state -> shardings chain through `train_setup`, so the chain exists once:
+
+  setup = run_setup.train_setup(config)            # config from atlas_jax.config.resolve
+  state = setup.init_state()                        # placed as setup.state_sharding says
+  setup.abstract_state                              # the same tree of jax.ShapeDtypeStruct, nothing computed
+"""
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from atlas_jax import config as config_lib
+from atlas_jax import optim, sharding
+from atlas_jax.models import DTYPES, build_model
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array          # optimizer steps taken, int32 ()
+  params: Any              # float32
+  batch_stats: Any         # {} for models without BatchNorm
+  opt_state: Any
+  ema_params: Any          # None when EMA is off
+  rng: jax.Array           # uint32 (2,), fixed; step s draws from fold_in(rng, s)
+
+
+def model_variables(params, batch_stats) -> dict:
+  """The variables `model.apply` takes: params, and batch_stats when the model has BatchNorm."""
+  return {'params': params, 'batch_stats': batch_stats} if batch_stats else {'params': params}
+
+
+def compute_dtype(config, dtype: str | None = None) -> str:
+  """Evaluation and inference compute in `dtype` when given, else in float32 on CPU and in the config's dtype
+  on accelerators (XLA's CPU backend runs half precision slower and less exactly)."""
+  if dtype is not None:
+    if dtype not in DTYPES:
+      raise config_lib.ConfigError(f'dtype must be one of {", ".join(sorted(DTYPES))}, got {dtype!r}')
+    return dtype
+  return 'float32' if jax.default_backend() == 'cpu' else config.model.dtype
+
+
+def abstract_variables(model, image_size, batch_size: int = 1):
+  """The variables of `model` for images of `image_size` as jax.ShapeDtypeStructs: traced, nothing computed."""
+  images = jax.ShapeDtypeStruct((batch_size, *image_size, 3), jnp.float32)
+  return jax.eval_shape(model.init, jax.random.key(0), images)
+
+
+def create_train_state(config, model, optimizer, rng) -> TrainState:
+  params_rng, train_rng = jax.random.split(rng)
+  images = jnp.zeros((1, *config.image_size, 3), jnp.float32)
+  variables = model.init({'params': params_rng}, images, train=False)
+  params = variables['params']
+  ema_params = jax.tree.map(jnp.copy, params) if optim.ema_enabled(config) else None
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get('batch_stats', {}), opt_state=optimizer.init(params),
+                    ema_params=ema_params, rng=train_rng)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+  """Everything a training step needs before any data: built once by `train_setup`."""
+  config: Any
+  mesh: jax.sharding.Mesh
+  model: Any
+  optimizer: optax.GradientTransformation
+  init: Callable[[jax.Array], TrainState]       # rng -> a fresh train state
+  rng: jax.Array                                  # the key `init` takes: from config.seed
+  abstract_state: TrainState                      # jax.ShapeDtypeStruct leaves
+  state_sharding: Any                             # NamedSharding leaves, the same tree
+
+  def init_state(self, rng: jax.Array | None = None) -> TrainState:
+    """A fresh train state from `rng` (default: the config's seed), placed as `state_sharding` says."""
+    return jax.jit(self.init, out_shardings=self.state_sharding)(self.rng if rng is None else rng)
+
+
+def train_setup(config, mesh: jax.sharding.Mesh | None = None) -> TrainSetup:
+  """Model, optimizer, abstract state and its shardings for a resolved config on `mesh` (default: the config's)."""
+  mesh = sharding.make_mesh(config) if mesh is None else mesh
+  model = build_model(config)
+  optimizer = optim.make_optimizer(config)
+  init = functools.partial(create_train_state, config, model, optimizer)
+  rng = jax.random.PRNGKey(config.seed)
+  abstract_state = jax.eval_shape(init, rng)
+  state_sharding = sharding.state_shardings(abstract_state, mesh, config.mesh.fsdp_min_size)
+  return TrainSetup(config, mesh, model, optimizer, init, rng, abstract_state, state_sharding)
