@@ -38,15 +38,26 @@ def resize_normalized(images: jax.Array, image_size: Sequence[int]) -> jax.Array
   batch, _, _, channels = images.shape
   # A resize is one matmul per axis with a (mostly zero) dense weight matrix. DEFAULT precision lets GPUs
   # use TF32: ~1e-3 of a normalised unit (< 0.1 of a uint8 level), far below PIL's own 8-bit rounding.
-  resized = jax.image.resize(images.astype(jnp.float32), (batch, height, width, channels), method='cubic',
-                             precision=jax.lax.Precision.DEFAULT)
+  resized = jax.image.resize(
+    images.astype(jnp.float32),
+    (batch, height, width, channels),
+    method='cubic',
+    precision=jax.lax.Precision.DEFAULT,
+  )
   low, high = jnp.asarray(_NORMALIZED_LOW, jnp.float32), jnp.asarray(_NORMALIZED_HIGH, jnp.float32)
   return jnp.clip(resized, low, high)
 
 
-def sample_erase_boxes(key: jax.Array, batch: int, height: int, width: int, prob: float = 0.25,
-                       area: Sequence[float] = (0.02, 1 / 3), ratio: Sequence[float] = (0.3, 1 / 0.3),
-                       count: int = 1) -> jax.Array:
+def sample_erase_boxes(
+  key: jax.Array,
+  batch: int,
+  height: int,
+  width: int,
+  prob: float = 0.25,
+  area: Sequence[float] = (0.02, 1 / 3),
+  ratio: Sequence[float] = (0.3, 1 / 0.3),
+  count: int = 1,
+) -> jax.Array:
   """The boxes random erasing draws for a batch of `height` x `width` images: int32 (batch, count, 4) of
   (top, left, box_height, box_width); box_height = box_width = 0 where nothing is erased."""
   apply_key, attempts_key = jax.random.split(key)
@@ -56,13 +67,13 @@ def sample_erase_boxes(key: jax.Array, batch: int, height: int, width: int, prob
   target_area = (area[0] + (area[1] - area[0]) * uniforms[..., 0]) * (height * width / count)
   log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
   aspect = jnp.exp(log_low + (log_high - log_low) * uniforms[..., 1])
-  box_heights = jnp.round(jnp.sqrt(target_area * aspect)).astype(jnp.int32)    # (batch, count, attempts)
+  box_heights = jnp.round(jnp.sqrt(target_area * aspect)).astype(jnp.int32)  # (batch, count, attempts)
   box_widths = jnp.round(jnp.sqrt(target_area / aspect)).astype(jnp.int32)
   fits = (box_heights < height) & (box_widths < width)
-  first = jnp.argmax(fits, axis=-1)[..., None]        # the first attempt that fits (0 when none does)
+  first = jnp.argmax(fits, axis=-1)[..., None]  # the first attempt that fits (0 when none does)
 
   def of_first(values):
-    return jnp.take_along_axis(values, first, axis=-1)[..., 0]                   # (batch, count)
+    return jnp.take_along_axis(values, first, axis=-1)[..., 0]  # (batch, count)
 
   keep = of_first(fits) & applied[:, None]
   box_height = jnp.where(keep, of_first(box_heights), 0)
@@ -73,20 +84,27 @@ def sample_erase_boxes(key: jax.Array, batch: int, height: int, width: int, prob
   return jnp.stack([top, left, box_height, box_width], axis=-1)
 
 
-def random_erase(key: jax.Array, images: jax.Array, prob: float = 0.25, mode: str = 'pixel',
-                 area: Sequence[float] = (0.02, 1 / 3), ratio: Sequence[float] = (0.3, 1 / 0.3),
-                 count: int = 1) -> jax.Array:
+def random_erase(
+  key: jax.Array,
+  images: jax.Array,
+  prob: float = 0.25,
+  mode: str = 'pixel',
+  area: Sequence[float] = (0.02, 1 / 3),
+  ratio: Sequence[float] = (0.3, 1 / 0.3),
+  count: int = 1,
+) -> jax.Array:
   """Normalised (B, H, W, C) -> the same with random erasing (module doc) applied per image."""
   if mode not in ERASE_MODES:
     raise ValueError(f'erase mode must be one of {ERASE_MODES}, got {mode!r}')
   batch, height, width, channels = images.shape
   box_key, fill_key = jax.random.split(key)
-  boxes = sample_erase_boxes(box_key, batch, height, width, prob, area, ratio, count)   # (B, count, 4)
+  boxes = sample_erase_boxes(box_key, batch, height, width, prob, area, ratio, count)  # (B, count, 4)
   rows, columns = jnp.arange(height), jnp.arange(width)
   for index, box_fill_key in enumerate(jax.random.split(fill_key, count)):
-    top, left, box_height, box_width = (boxes[:, index, field, None] for field in range(4))   # (B, 1) each
-    inside = (((rows >= top) & (rows < top + box_height))[:, :, None]
-              & ((columns >= left) & (columns < left + box_width))[:, None, :])             # (B, H, W)
+    top, left, box_height, box_width = (boxes[:, index, field, None] for field in range(4))  # (B, 1) each
+    inside = ((rows >= top) & (rows < top + box_height))[:, :, None] & (
+      (columns >= left) & (columns < left + box_width)
+    )[:, None, :]  # (B, H, W)
     if mode == 'pixel':
       fill = jax.random.normal(box_fill_key, images.shape, images.dtype)
     elif mode == 'rand':
@@ -105,9 +123,13 @@ def train_finish(config) -> Callable[[jax.Array, jax.Array], jax.Array] | None:
     return None
   augment = config.data.augment
   image_size = tuple(config.image_size)
-  erase = dict(prob=float(augment.erase_prob), mode=str(augment.erase_mode),
-               area=tuple(float(value) for value in augment.erase_area),
-               ratio=tuple(float(value) for value in augment.erase_ratio), count=int(augment.erase_count))
+  erase = dict(
+    prob=float(augment.erase_prob),
+    mode=str(augment.erase_mode),
+    area=tuple(float(value) for value in augment.erase_area),
+    ratio=tuple(float(value) for value in augment.erase_ratio),
+    count=int(augment.erase_count),
+  )
 
   def finish(key: jax.Array, images: jax.Array) -> jax.Array:
     if tuple(images.shape[1:3]) != image_size:
@@ -123,8 +145,16 @@ def train_finish(config) -> Callable[[jax.Array, jax.Array], jax.Array] | None:
 # Mixup and CutMix.
 
 
-def mixup_cutmix(rng, images, labels, num_classes: int, mixup_alpha: float = 0.8,
-                 cutmix_alpha: float = 1.0, switch_prob: float = 0.5, label_smoothing: float = 0.1):
+def mixup_cutmix(
+  rng,
+  images,
+  labels,
+  num_classes: int,
+  mixup_alpha: float = 0.8,
+  cutmix_alpha: float = 1.0,
+  switch_prob: float = 0.5,
+  label_smoothing: float = 0.1,
+):
   """timm's Mixup in 'batch' mode with mix_prob 1: one mix for the whole batch, partner images[::-1].
 
   One draw per batch picks CutMix (probability switch_prob when both alphas are > 0, else whichever is
@@ -154,8 +184,9 @@ def mixup_cutmix(rng, images, labels, num_classes: int, mixup_alpha: float = 0.8
   # Selection with jnp ops rather than python branches, so alphas and switch_prob may also be traced.
   mixup_alpha = jnp.asarray(mixup_alpha, jnp.float32)
   cutmix_alpha = jnp.asarray(cutmix_alpha, jnp.float32)
-  use_cutmix = jnp.where(mixup_alpha <= 0, True,
-                         jnp.where(cutmix_alpha <= 0, False, jax.random.uniform(switch_key) < switch_prob))
+  use_cutmix = jnp.where(
+    mixup_alpha <= 0, True, jnp.where(cutmix_alpha <= 0, False, jax.random.uniform(switch_key) < switch_prob)
+  )
   alpha = jnp.where(use_cutmix, cutmix_alpha, mixup_alpha)
   # Beta(alpha, alpha) as g0 / (g0 + g1) of two Gamma(alpha) draws: one sampler for both mixes (it is
   # costly to compile), in log space as small alphas underflow. alpha 0 means no mix (lam 1).

@@ -26,8 +26,17 @@ from atlas_jax.errors import one_line_errors
 FLAGS = flags.FLAGS
 
 # Dense bf16 peak TFLOP/s per device, by a substring of jax's device_kind (first match wins).
-PEAK_TFLOPS = (('H100 PCIe', 756.0), ('H100', 989.0), ('H200', 989.0), ('H800', 989.0), ('A100', 312.0),
-               ('TPU v6', 918.0), ('TPU v5p', 459.0), ('TPU v5', 197.0), ('TPU v4', 275.0))
+PEAK_TFLOPS = (
+  ('H100 PCIe', 756.0),
+  ('H100', 989.0),
+  ('H200', 989.0),
+  ('H800', 989.0),
+  ('A100', 312.0),
+  ('TPU v6', 918.0),
+  ('TPU v5p', 459.0),
+  ('TPU v5', 197.0),
+  ('TPU v4', 275.0),
+)
 # x max(1, |logits|). Half precision against float32 (DESIGN.md); a float32 fast path runs the same
 # arithmetic as the reference, so anything above float32 rounding there is a fault (a tanh GELU moves the
 # logits of a small random model by ~4e-5: below bf16's own rounding, caught in float32).
@@ -36,15 +45,22 @@ FAST_PATH_TOLERANCE = {'bfloat16': 2e-2, 'float16': 2e-2, 'float32': 1e-5}
 
 def define_flags():
   config_flags.DEFINE_config_file('config', None, 'A config file under configs/.', lock_config=True)
-  flags.DEFINE_integer('batch_size', None, 'Images per step (default: the config\'s micro-batch).')
+  flags.DEFINE_integer('batch_size', None, "Images per step (default: the config's micro-batch).")
   flags.DEFINE_list('mode', ['train', 'infer'], 'Which steps to time: train, infer or both.')
   flags.DEFINE_integer('steps', 20, 'Timed steps per mode (at least 20 for a reported number).')
   flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.')
   flags.DEFINE_string('output', None, 'Also append the JSON lines to this file.')
-  flags.DEFINE_bool('fast_path', True, 'On GPU, compare the fast path\'s logits with float32 XLA (two more '
-                    'compilations of the forward).')
-  flags.DEFINE_string('profile_dir', None, 'After timing, trace --profile_steps steps of each mode into '
-                      'DIR/<mode> (TensorBoard/xprof) and print where the device time went.')
+  flags.DEFINE_bool(
+    'fast_path',
+    True,
+    "On GPU, compare the fast path's logits with float32 XLA (two more compilations of the forward).",
+  )
+  flags.DEFINE_string(
+    'profile_dir',
+    None,
+    'After timing, trace --profile_steps steps of each mode into '
+    'DIR/<mode> (TensorBoard/xprof) and print where the device time went.',
+  )
   flags.DEFINE_integer('profile_steps', 3, 'Steps traced per mode with --profile_dir.')
   flags.mark_flags_as_required(['config'])
 
@@ -118,6 +134,7 @@ def xla_flops(compiled) -> float | None:
 def logit_difference(fast_logits, reference_logits, dtype: str = 'bfloat16') -> tuple[float, bool]:
   """(max |fast - reference|, whether it is within FAST_PATH_TOLERANCE[dtype] x max(1, max |reference|))."""
   import numpy as np
+
   fast_logits = np.asarray(fast_logits, np.float64)
   reference_logits = np.asarray(reference_logits, np.float64)
   difference = float(np.max(np.abs(fast_logits - reference_logits)))
@@ -153,6 +170,7 @@ def fast_path_check(config, params, batch_stats, fast_model=None) -> tuple[float
 
 def device_description():
   import jax
+
   device = jax.devices()[0]
   kind = device.device_kind
   peak = next((tflops for name, tflops in PEAK_TFLOPS if name in kind), None)
@@ -161,6 +179,7 @@ def device_description():
 
 def _time_steps(run_step, steps: int, warmup: int) -> list[float]:
   import jax
+
   for _ in range(warmup):
     jax.block_until_ready(run_step())
   times = []
@@ -182,6 +201,7 @@ def device_time_by_op(trace_dir: str, steps: int, top: int = 20) -> dict[str, li
   import glob
 
   import jax
+
   paths = sorted(glob.glob(f'{trace_dir}/**/*.xplane.pb', recursive=True))
   if not paths:
     raise FileNotFoundError(f'no *.xplane.pb under {trace_dir}: the trace was not written')
@@ -225,23 +245,38 @@ def _print_device_time(mode: str, summary) -> None:
 
 def _peak_memory_gib(compiled) -> float:
   import jax
+
   stats = jax.devices()[0].memory_stats() if jax.default_backend() != 'cpu' else None
   if stats and 'peak_bytes_in_use' in stats:
-    return stats['peak_bytes_in_use'] / 2 ** 30
+    return stats['peak_bytes_in_use'] / 2**30
   memory = compiled.memory_analysis()
-  return (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
-          + memory.temp_size_in_bytes) / 2 ** 30
+  return (
+    memory.argument_size_in_bytes
+    + memory.output_size_in_bytes
+    - memory.alias_size_in_bytes
+    + memory.temp_size_in_bytes
+  ) / 2**30
 
 
 def _trace(run_step, steps: int, trace_dir: str) -> None:
   import jax
+
   with jax.profiler.trace(trace_dir):
     for _ in range(steps):
       jax.block_until_ready(run_step())
 
 
-def benchmark(config, batch_size: int, modes, steps: int = 20, warmup: int = 3, config_name: str = '',
-              check_fast_path: bool = True, profile_dir: str | None = None, profile_steps: int = 3):
+def benchmark(
+  config,
+  batch_size: int,
+  modes,
+  steps: int = 20,
+  warmup: int = 3,
+  config_name: str = '',
+  check_fast_path: bool = True,
+  profile_dir: str | None = None,
+  profile_steps: int = 3,
+):
   """Yields one result dict per mode (infer first: its peak memory is not the train step's).
 
   With `profile_dir`, each mode's timing is followed by a trace of `profile_steps` steps into
@@ -262,10 +297,18 @@ def benchmark(config, batch_size: int, modes, steps: int = 20, warmup: int = 3, 
   flops_forward = model_flops_per_image(config)
   images = np.random.default_rng(0).standard_normal((batch_size, *config.image_size, 3), np.float32)
   labels = np.arange(batch_size, dtype=np.int32) % config.model.num_classes
-  common = {'config': config_name, 'model': config.model.name, 'image_size': list(config.image_size),
-            'batch_size': batch_size, 'device': device, 'jax_version': jax.__version__,
-            'dtype': config.model.dtype, 'attention': config.model.attention, 'remat': config.model.remat,
-            'peak_tflops': peak_tflops}
+  common = {
+    'config': config_name,
+    'model': config.model.name,
+    'image_size': list(config.image_size),
+    'batch_size': batch_size,
+    'device': device,
+    'jax_version': jax.__version__,
+    'dtype': config.model.dtype,
+    'attention': config.model.attention,
+    'remat': config.model.remat,
+    'peak_tflops': peak_tflops,
+  }
 
   with jax.set_mesh(mesh):
     state = jax.jit(setup.init, out_shardings=setup.state_sharding)(jax.random.PRNGKey(0))
@@ -294,6 +337,7 @@ def benchmark(config, batch_size: int, modes, steps: int = 20, warmup: int = 3, 
         def run_train_step():
           holder['state'], metrics = compiled(holder['state'], batch)
           return metrics
+
         run_step = run_train_step
         times = _time_steps(run_step, steps, warmup)
         flops_per_image = 3 * flops_forward
@@ -305,14 +349,22 @@ def benchmark(config, batch_size: int, modes, steps: int = 20, warmup: int = 3, 
       step_s = statistics.median(times)
       images_per_s = batch_size / step_s
       measured_xla = xla_flops(compiled)
-      result = {**common, 'mode': mode, 'images_per_s': round(images_per_s, 2),
-                'step_ms_median': round(1e3 * step_s, 2), 'compile_s': round(compile_s, 1),
-                'peak_mem_gib': float(f'{_peak_memory_gib(compiled):.4g}'),
-                'model_flops_per_image': flops_per_image,
-                'xla_flops_per_image': None if measured_xla is None else measured_xla / batch_size * mesh.size,
-                'mfu': (None if peak_tflops is None else
-                        round(images_per_s * flops_per_image / (peak_tflops * 1e12 * jax.device_count()), 4)),
-                **fast_path}
+      result = {
+        **common,
+        'mode': mode,
+        'images_per_s': round(images_per_s, 2),
+        'step_ms_median': round(1e3 * step_s, 2),
+        'compile_s': round(compile_s, 1),
+        'peak_mem_gib': float(f'{_peak_memory_gib(compiled):.4g}'),
+        'model_flops_per_image': flops_per_image,
+        'xla_flops_per_image': None if measured_xla is None else measured_xla / batch_size * mesh.size,
+        'mfu': (
+          None
+          if peak_tflops is None
+          else round(images_per_s * flops_per_image / (peak_tflops * 1e12 * jax.device_count()), 4)
+        ),
+        **fast_path,
+      }
       yield result
 
 
@@ -325,6 +377,7 @@ def main(argv):
   config = config_lib.resolve(FLAGS.config)
   if config.compilation_cache_dir:
     import os
+
     jax.config.update('jax_compilation_cache_dir', os.path.expanduser(config.compilation_cache_dir))
   unknown = set(FLAGS.mode) - {'train', 'infer'}
   if unknown or not FLAGS.mode:
@@ -333,8 +386,17 @@ def main(argv):
     raise app.UsageError('--steps must be >= 1 and --warmup >= 0')
   batch_size = FLAGS.batch_size or config.batch_size // config.grad_accum_steps
   config_name = next((arg.split('=', 1)[1] for arg in sys.argv if arg.startswith('--config=')), '')
-  for result in benchmark(config, batch_size, FLAGS.mode, FLAGS.steps, FLAGS.warmup, config_name,
-                          FLAGS.fast_path, FLAGS.profile_dir, FLAGS.profile_steps):
+  for result in benchmark(
+    config,
+    batch_size,
+    FLAGS.mode,
+    FLAGS.steps,
+    FLAGS.warmup,
+    config_name,
+    FLAGS.fast_path,
+    FLAGS.profile_dir,
+    FLAGS.profile_steps,
+  ):
     line = json.dumps(result)
     print(line, flush=True)
     if FLAGS.output:

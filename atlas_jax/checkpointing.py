@@ -41,27 +41,36 @@ class Checkpoints:
 
   def __init__(self, workdir, keep: int | None = None, async_save: bool = False):
     self.directory = workdir_lib.checkpoints_dir(workdir).absolute()
-    policies = [preservation_policy.LatestN(n=keep),
-                preservation_policy.BestN(get_metric_fn=_best_metric, n=1,
-                                          keep_checkpoints_without_metrics=False)]
+    policies = [
+      preservation_policy.LatestN(n=keep),
+      preservation_policy.BestN(get_metric_fn=_best_metric, n=1, keep_checkpoints_without_metrics=False),
+    ]
     options = ocp.CheckpointManagerOptions(
-        create=True, enable_async_checkpointing=async_save, best_fn=_best_metric, best_mode='max',
-        preservation_policy=preservation_policy.AnyPreservationPolicy(policies))
+      create=True,
+      enable_async_checkpointing=async_save,
+      best_fn=_best_metric,
+      best_mode='max',
+      preservation_policy=preservation_policy.AnyPreservationPolicy(policies),
+    )
     self.manager = ocp.CheckpointManager(
-        self.directory, options=options,
-        item_handlers={name: ocp.StandardCheckpointHandler() for name in ITEMS})
+      self.directory, options=options, item_handlers={name: ocp.StandardCheckpointHandler() for name in ITEMS}
+    )
 
   def save(self, step: int, items: Mapping[str, Any], metrics: Mapping[str, float] | None = None) -> None:
     """Saves the non-empty items of `items` (names from ITEMS) as step `step`, ranked by `metrics`."""
     unknown = set(items) - set(ITEMS)
     if unknown:
       raise ValueError(f'unknown checkpoint items {sorted(unknown)}; known: {ITEMS}')
-    present = {name: ocp.args.StandardSave(tree) for name, tree in items.items()
-               if tree is not None and jax.tree.leaves(tree)}
+    present = {
+      name: ocp.args.StandardSave(tree)
+      for name, tree in items.items()
+      if tree is not None and jax.tree.leaves(tree)
+    }
     metadata = {'atlas_jax_version': __version__, 'param_tree_version': PARAM_TREE_VERSION}
     metrics = None if metrics is None else {name: float(value) for name, value in metrics.items()}
-    self.manager.save(step, args=ocp.args.Composite(**present), custom_metadata=metadata, metrics=metrics,
-                      force=True)
+    self.manager.save(
+      step, args=ocp.args.Composite(**present), custom_metadata=metadata, metrics=metrics, force=True
+    )
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -74,8 +83,11 @@ class Checkpoints:
 
   def best_step(self) -> int | None:
     """The step saved with the highest validation top-1; None when no step was saved with metrics."""
-    ranked = [(_best_metric(metrics), step) for step in self.manager.all_steps()
-              if (metrics := self.manager.metrics(step))]
+    ranked = [
+      (_best_metric(metrics), step)
+      for step in self.manager.all_steps()
+      if (metrics := self.manager.metrics(step))
+    ]
     # Ties go to the later step, the one orbax's BestN keeps.
     return max(ranked)[1] if ranked else None
 
@@ -92,22 +104,27 @@ class Checkpoints:
     version = custom.get('param_tree_version')
     if version != PARAM_TREE_VERSION:
       raise CheckpointError(
-          f'{self.directory / str(step)} has parameter-tree version {version}, this atlas_jax reads version '
-          f'{PARAM_TREE_VERSION}: convert it again or use the atlas_jax version that wrote it '
-          f'({custom.get("atlas_jax_version", "unknown")})')
+        f'{self.directory / str(step)} has parameter-tree version {version}, this atlas_jax reads version '
+        f'{PARAM_TREE_VERSION}: convert it again or use the atlas_jax version that wrote it '
+        f'({custom.get("atlas_jax_version", "unknown")})'
+      )
 
   def restore(self, step: int, abstract_items: Mapping[str, Any]) -> dict[str, Any]:
     """Restores the items of `abstract_items` (trees of jax.ShapeDtypeStruct) that the step holds."""
     self._check_version(step)
     present = self.items_at(step)
-    wanted = {name: ocp.args.StandardRestore(tree) for name, tree in abstract_items.items()
-              if name in present and tree is not None and jax.tree.leaves(tree)}
+    wanted = {
+      name: ocp.args.StandardRestore(tree)
+      for name, tree in abstract_items.items()
+      if name in present and tree is not None and jax.tree.leaves(tree)
+    }
     restored = self.manager.restore(step, args=ocp.args.Composite(**wanted))
     return {name: restored[name] for name in wanted}
 
 
-def restore_inference_variables(workdir, abstract_variables, step: int | None = None,
-                                use_ema: bool = False) -> tuple[dict, int]:
+def restore_inference_variables(
+  workdir, abstract_variables, step: int | None = None, use_ema: bool = False
+) -> tuple[dict, int]:
   """params (EMA weights when asked and present) and batch_stats of `step` -> (variables, step).
 
   `step` None picks the best step by validation top-1 when one is recorded, else the latest.
@@ -121,8 +138,9 @@ def restore_inference_variables(workdir, abstract_variables, step: int | None = 
       step = checkpoints.best_step()
       step = max(steps) if step is None else step
     if step not in steps:
-      raise CheckpointError(f'no checkpoint for step {step} under {checkpoints.directory}; '
-                            f'steps present: {sorted(steps)}')
+      raise CheckpointError(
+        f'no checkpoint for step {step} under {checkpoints.directory}; steps present: {sorted(steps)}'
+      )
     abstract = {'batch_stats': abstract_variables.get('batch_stats')}
     params_item = 'params'
     if use_ema:
@@ -137,6 +155,8 @@ def restore_inference_variables(workdir, abstract_variables, step: int | None = 
   if 'batch_stats' in restored:
     variables['batch_stats'] = restored['batch_stats']
   elif abstract_variables.get('batch_stats'):
-    raise CheckpointError(f'step {step} under {pathlib.Path(workdir)} has no batch_stats but the model has '
-                          'BatchNorm: was it saved for another model?')
+    raise CheckpointError(
+      f'step {step} under {pathlib.Path(workdir)} has no batch_stats but the model has '
+      'BatchNorm: was it saved for another model?'
+    )
   return variables, step

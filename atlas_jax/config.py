@@ -62,6 +62,7 @@ def image_size(value) -> tuple[int, int]:
 def defaults() -> ml_collections.ConfigDict:
   """Every field with its default, from configs/common.py (the model fields of variant S)."""
   from configs import common  # configs/ knows atlas_jax's fields; imported here, not at module scope
+
   return common.base_config('S', 1024)
 
 
@@ -86,10 +87,12 @@ def _add_missing(config: ml_collections.ConfigDict, reference: ml_collections.Co
   for key in reference.keys():
     field = reference._fields[key]  # the FieldReference, so a placeholder stays a typed placeholder
     if key not in config:
-      config[key] = copy.deepcopy(reference[key] if isinstance(reference[key], ml_collections.ConfigDict)
-                                  else field)
-    elif isinstance(reference[key], ml_collections.ConfigDict) and isinstance(config[key],
-                                                                              ml_collections.ConfigDict):
+      config[key] = copy.deepcopy(
+        reference[key] if isinstance(reference[key], ml_collections.ConfigDict) else field
+      )
+    elif isinstance(reference[key], ml_collections.ConfigDict) and isinstance(
+      config[key], ml_collections.ConfigDict
+    ):
       _add_missing(config[key], reference[key])
 
 
@@ -127,7 +130,9 @@ def _resolve_model(config) -> None:
     raise ConfigError(f'model.dim {model.dim} is not divisible by model.num_heads {model.num_heads}')
   _at_least('model.mlp_ratio', model.mlp_ratio, 0)
   if model.mlp_ratio <= 0 or model.dim * model.mlp_ratio < 1:
-    raise ConfigError(f'config.model.mlp_ratio must be > 0 (hidden width dim x ratio >= 1), got {model.mlp_ratio}')
+    raise ConfigError(
+      f'config.model.mlp_ratio must be > 0 (hidden width dim x ratio >= 1), got {model.mlp_ratio}'
+    )
   _choice('model.dtype', model.dtype, sorted(DTYPES))
   _choice('model.patch_size', model.patch_size, PATCH_SIZES)
   _choice('model.parent_window', model.parent_window, PARENT_WINDOWS)
@@ -135,16 +140,18 @@ def _resolve_model(config) -> None:
   _choice('model.composition', model.composition, COMPOSITIONS)
   _choice('model.attention', model.attention, IMPLEMENTATIONS)
   if model.remat not in ('none', 'block') and not _is_checkpoint_policy(model.remat):
-    raise ConfigError(f"config.model.remat must be 'none', 'block' or a jax.checkpoint_policies name, "
-                      f'got {model.remat!r}')
+    raise ConfigError(
+      f"config.model.remat must be 'none', 'block' or a jax.checkpoint_policies name, got {model.remat!r}"
+    )
   if not 0.0 <= model.drop_path_rate < 1.0:
     raise ConfigError(f'config.model.drop_path_rate must be in [0, 1), got {model.drop_path_rate}')
   layouts = layout_lib.check_image_size(config.image_size, model.patch_size, model.window, model.pool)
   if model.depths is None:
     model.depths = default_depths(len(layouts))
   model.depths = tuple(model.depths)
-  if not model.depths or any(isinstance(depth, bool) or not isinstance(depth, int) or depth < 1
-                             for depth in model.depths):
+  if not model.depths or any(
+    isinstance(depth, bool) or not isinstance(depth, int) or depth < 1 for depth in model.depths
+  ):
     raise ConfigError(f'model.depths must be positive block counts, got {model.depths}')
   if model.name == 'atlas':
     layout_lib.stage_scales(len(layouts), model.depths, model.composition)
@@ -152,6 +159,7 @@ def _resolve_model(config) -> None:
 
 def _is_checkpoint_policy(name) -> bool:
   import jax  # only for the list of policy names
+
   return isinstance(name, str) and hasattr(jax.checkpoint_policies, name)
 
 
@@ -161,25 +169,34 @@ def _resolve_training(config) -> None:
     _at_least(name, config[name], 0)
   _integer_at_least('total_steps', config.total_steps, 1)
   if not 0 <= config.warmup_steps <= config.total_steps:
-    raise ConfigError(f'config.warmup_steps must be in [0, total_steps={config.total_steps}], '
-                      f'got {config.warmup_steps}')
+    raise ConfigError(
+      f'config.warmup_steps must be in [0, total_steps={config.total_steps}], got {config.warmup_steps}'
+    )
   if config.optimizer.clip_grad_norm is None:
     config.optimizer.clip_grad_norm = 0.0
   if config.optimizer.clip_grad_norm < 0:
-    raise ConfigError(f'config.optimizer.clip_grad_norm must be 0 (off) or > 0, '
-                      f'got {config.optimizer.clip_grad_norm}')
+    raise ConfigError(
+      f'config.optimizer.clip_grad_norm must be 0 (off) or > 0, got {config.optimizer.clip_grad_norm}'
+    )
   if config.ema.decay is None:
     config.ema.decay = 0.0
   if not 0 <= config.ema.decay < 1:
     raise ConfigError(f'config.ema.decay must be in [0, 1) (0 = off), got {config.ema.decay}')
   _integer_at_least('grad_accum_steps', config.grad_accum_steps, 1)
-  for name in ('batch_size', 'checkpoint.every_steps', 'checkpoint.preemption_sync_steps', 'eval.every_steps',
-               'log.every_steps'):
+  for name in (
+    'batch_size',
+    'checkpoint.every_steps',
+    'checkpoint.preemption_sync_steps',
+    'eval.every_steps',
+    'log.every_steps',
+  ):
     _integer_at_least(name, get(config, name), 1)
   _integer_at_least('seed', config.seed, 0)
   if config.batch_size % config.grad_accum_steps:
-    raise ConfigError(f'config.batch_size={config.batch_size} is not divisible by '
-                      f'config.grad_accum_steps={config.grad_accum_steps}')
+    raise ConfigError(
+      f'config.batch_size={config.batch_size} is not divisible by '
+      f'config.grad_accum_steps={config.grad_accum_steps}'
+    )
   _integer_at_least('eval.batch_size', config.eval.batch_size, 0)
   if config.eval.batch_size == 0:
     config.eval.batch_size = config.batch_size // config.grad_accum_steps
@@ -195,8 +212,9 @@ def _range(name: str, bounds, low: float, high: float | None = None) -> None:
   bounds = tuple(bounds)
   if len(bounds) != 2 or not low <= bounds[0] <= bounds[1] or (high is not None and bounds[1] > high):
     upper = '' if high is None else f' <= {high}'
-    raise ConfigError(f'config.data.augment.{name} must be (low, high) with {low} <= low <= high{upper}, '
-                      f'got {bounds}')
+    raise ConfigError(
+      f'config.data.augment.{name} must be (low, high) with {low} <= low <= high{upper}, got {bounds}'
+    )
 
 
 def _check_data(data) -> None:
@@ -220,11 +238,12 @@ def _check_data(data) -> None:
   _choice('data.augment.erase_mode', augment.erase_mode, ERASE_MODES)
   low, high = tuple(augment.erase_area)
   if not 0.0 < low <= high <= 1.0:
-    raise ConfigError(f'config.data.augment.erase_area must be (low, high) with 0 < low <= high <= 1, '
-                      f'got {(low, high)}')
+    raise ConfigError(
+      f'config.data.augment.erase_area must be (low, high) with 0 < low <= high <= 1, got {(low, high)}'
+    )
   low, high = tuple(augment.erase_ratio)
   if not 0.0 < low <= high or not math.isfinite(high):
-    raise ConfigError(f'config.data.augment.erase_ratio must be (low, high) with 0 < low <= high, '
-                      f'got {(low, high)}')
+    raise ConfigError(
+      f'config.data.augment.erase_ratio must be (low, high) with 0 < low <= high, got {(low, high)}'
+    )
   _integer_at_least('data.augment.erase_count', augment.erase_count, 1)
-

@@ -22,6 +22,7 @@ def one_line_errors(main: Callable[[list[str]], Any]) -> Callable[[list[str]], A
   The traceback is logged at debug level, so `--verbosity=1` shows it; every other exception propagates
   with its traceback.
   """
+
   @functools.wraps(main)
   def wrapped(argv):
     try:
@@ -30,4 +31,5 @@ def one_line_errors(main: Callable[[list[str]], Any]) -> Callable[[list[str]], A
       logging.debug('traceback of the error below (shown with --verbosity=1)', exc_info=True)
       print(f'error: {error}', file=sys.stderr, flush=True)
       sys.exit(1)
+
   return wrapped

@@ -48,8 +48,12 @@ RESOURCES = pathlib.Path(__file__).parent / 'resources'
 HR_IN100_CLASSES = sources.HR_IN100_CLASSES
 IMAGENET_NAMES = RESOURCES / 'imagenet100_names.tsv'
 # The built-in task's label is (colours differ) + 2 * (halves differ): docs/synthetic_task.md.
-SYNTHETIC_CLASS_NAMES = ('same colour, same half', 'colours differ, same half',
-                         'same colour, halves differ', 'colours differ, halves differ')
+SYNTHETIC_CLASS_NAMES = (
+  'same colour, same half',
+  'colours differ, same half',
+  'same colour, halves differ',
+  'colours differ, halves differ',
+)
 IMAGES_PER_DEVICE = 8
 
 
@@ -70,15 +74,18 @@ def class_names(config) -> list[str]:
   folder_train = pathlib.Path(data.data_dir).expanduser() / 'train' if data.data_dir else None
   if data.classes:
     if not pathlib.Path(data.classes).is_file():
-      raise InferenceError(f'data.classes names {data.classes}, which does not exist: point it at the '
-                           'class-list file the model was trained with')
+      raise InferenceError(
+        f'data.classes names {data.classes}, which does not exist: point it at the '
+        'class-list file the model was trained with'
+      )
     names, source = sources.read_class_list(data.classes), data.classes
   elif data.source == 'synthetic' and num_classes == len(SYNTHETIC_CLASS_NAMES):
     return list(SYNTHETIC_CLASS_NAMES)
   elif data.source == 'folder' and folder_train is not None and folder_train.is_dir():
     source = folder_train
-    names = sorted(entry.name for entry in source.iterdir()
-                   if entry.is_dir() and not entry.name.startswith('.'))
+    names = sorted(
+      entry.name for entry in source.iterdir() if entry.is_dir() and not entry.name.startswith('.')
+    )
   elif num_classes == 100:
     names, source = sources.read_class_list(HR_IN100_CLASSES), HR_IN100_CLASSES
   else:
@@ -120,8 +127,9 @@ def _rgb_uint8(image) -> np.ndarray | Image.Image:
   if pixels.ndim == 3 and pixels.shape[-1] in (1, 3, 4):
     pixels = pixels[..., :3] if pixels.shape[-1] != 1 else pixels[..., 0]
   if pixels.ndim not in (2, 3) or 0 in pixels.shape:
-    raise InferenceError(f'an image must be (H, W, 3), (H, W, 4) or (H, W), got an array of shape '
-                         f'{pixels.shape}')
+    raise InferenceError(
+      f'an image must be (H, W, 3), (H, W, 4) or (H, W), got an array of shape {pixels.shape}'
+    )
   if np.issubdtype(pixels.dtype, np.floating):
     if not (np.min(pixels) >= 0.0 and np.max(pixels) <= 1.0):  # also refuses NaN
       raise InferenceError('a float image must hold values in [0, 1]; pass uint8 pixels (0-255) otherwise')
@@ -172,8 +180,10 @@ def top_k_predictions(logits: np.ndarray, labels: Sequence[str], top_k: int) -> 
   """(n, classes) logits -> per row the `top_k` most probable classes: {'index', 'label', 'prob'}."""
   probabilities = np.asarray(jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1))
   order = np.argsort(-probabilities, axis=-1, kind='stable')[:, :top_k]
-  return [[{'index': int(i), 'label': labels[i], 'prob': float(row[i])} for i in indices]
-          for row, indices in zip(probabilities, order)]
+  return [
+    [{'index': int(i), 'label': labels[i], 'prob': float(row[i])} for i in indices]
+    for row, indices in zip(probabilities, order)
+  ]
 
 
 class Predictor:
@@ -184,8 +194,9 @@ class Predictor:
   `batch_size` (default 8 per device) is the most images one forward pass takes.
   """
 
-  def __init__(self, model, variables, config, step: int | None = None, batch_size: int | None = None,
-               devices=None):
+  def __init__(
+    self, model, variables, config, step: int | None = None, batch_size: int | None = None, devices=None
+  ):
     devices = list(jax.local_devices() if devices is None else devices)
     self.model, self.config, self.step = model, config, step
     self.mesh = Mesh(np.asarray(devices), ('data',))
@@ -207,9 +218,9 @@ class Predictor:
     """Yields (number of real images, the batch padded to `padded_size` and split over the devices)."""
     sharding = NamedSharding(self.mesh, PartitionSpec('data'))
     for start in range(0, len(normalised), padded_size):
-      chunk = normalised[start:start + padded_size]
+      chunk = normalised[start : start + padded_size]
       padded = np.zeros((padded_size,) + normalised.shape[1:], np.float32)
-      padded[:len(chunk)] = chunk
+      padded[: len(chunk)] = chunk
       yield len(chunk), jax.device_put(padded, sharding)
 
   def _padded_size(self, count: int) -> int:
@@ -223,10 +234,13 @@ class Predictor:
 
     Batches are padded to `pad_to` images when given (one compiled shape for a stream of batches).
     """
-    padded_size = (self._padded_size(len(normalised)) if pad_to is None
-                   else _round_up(pad_to, len(self.mesh.devices)))
-    outputs = [np.asarray(self._logits(self.variables, batch))[:count]
-               for count, batch in self._batches(np.asarray(normalised, np.float32), padded_size)]
+    padded_size = (
+      self._padded_size(len(normalised)) if pad_to is None else _round_up(pad_to, len(self.mesh.devices))
+    )
+    outputs = [
+      np.asarray(self._logits(self.variables, batch))[:count]
+      for count, batch in self._batches(np.asarray(normalised, np.float32), padded_size)
+    ]
     return np.concatenate(outputs)
 
   def prepare(self, images) -> np.ndarray:
@@ -242,8 +256,10 @@ class Predictor:
   def features(self, images) -> list[np.ndarray]:
     """Per scale, finest first: float32 (n, height, width, dim), each at the end of its last stage."""
     normalised = self.prepare(images)
-    per_batch = [[np.asarray(scale, np.float32)[:count] for scale in self._features(self.variables, batch)]
-                 for count, batch in self._batches(normalised, self._padded_size(len(normalised)))]
+    per_batch = [
+      [np.asarray(scale, np.float32)[:count] for scale in self._features(self.variables, batch)]
+      for count, batch in self._batches(normalised, self._padded_size(len(normalised)))
+    ]
     return [np.concatenate(scales) for scales in zip(*per_batch)]
 
 
@@ -251,8 +267,14 @@ def _round_up(value: int, multiple: int) -> int:
   return math.ceil(value / multiple) * multiple
 
 
-def load(workdir, step: int | None = None, dtype: str | None = None, use_ema: bool = False,
-         config: ml_collections.ConfigDict | None = None, batch_size: int | None = None) -> Predictor:
+def load(
+  workdir,
+  step: int | None = None,
+  dtype: str | None = None,
+  use_ema: bool = False,
+  config: ml_collections.ConfigDict | None = None,
+  batch_size: int | None = None,
+) -> Predictor:
   """A workdir (trained or converted) -> a Predictor; unpacks as (model, variables, config).
 
   Restores params and batch_stats of `step` (default: the best by validation top-1 when recorded, else the
@@ -275,13 +297,19 @@ def checkpoint_origin(workdir) -> str:
   config = config_lib.resolve(workdir_lib.read_config(workdir))
   model = config.model
   size = 'x'.join(str(side) for side in config.image_size)
-  described = (f'{model.name} (dim {model.dim}, depths {tuple(model.depths)}) at {size} px with '
-               f'{model.num_classes} classes')
+  described = (
+    f'{model.name} (dim {model.dim}, depths {tuple(model.depths)}) at {size} px with '
+    f'{model.num_classes} classes'
+  )
   if config.data.source == 'synthetic':
-    return (f"a run of atlas_jax on the built-in synthetic long-range task, the quickstart's: {described}; "
-            'its classes are relations between two coloured squares, not objects, so what it says of a '
-            'photograph means nothing')
+    return (
+      f"a run of atlas_jax on the built-in synthetic long-range task, the quickstart's: {described}; "
+      'its classes are relations between two coloured squares, not objects, so what it says of a '
+      'photograph means nothing'
+    )
   if (workdir / 'metrics.jsonl').is_file():
     return f'a run of atlas_jax: {described}, trained on data.source={config.data.source}'
-  return (f'a converted reference checkpoint (tools/convert_torch, no training run): {described}, '
-          f'parent_window={model.parent_window}')
+  return (
+    f'a converted reference checkpoint (tools/convert_torch, no training run): {described}, '
+    f'parent_window={model.parent_window}'
+  )

@@ -13,14 +13,19 @@ from ml_collections import config_flags
 from atlas_jax.errors import AtlasError, one_line_errors
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'A config file under configs/, optionally with `:ARG`.',
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+  'config', None, 'A config file under configs/, optionally with `:ARG`.', lock_config=True
+)
 flags.DEFINE_string('workdir', None, 'Where config.json, checkpoints/, tb/ and metrics.jsonl live.')
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for multi-host runs.')
 flags.DEFINE_integer('num_processes', None, 'Number of processes of a multi-host run.')
 flags.DEFINE_integer('process_id', None, 'This process of a multi-host run, 0 to num_processes - 1.')
-flags.DEFINE_bool('multihost', False, 'Initialize jax.distributed from the cluster environment (SLURM, Cloud '
-                  'TPU, Open MPI) instead of --coordinator_address/--num_processes/--process_id.')
+flags.DEFINE_bool(
+  'multihost',
+  False,
+  'Initialize jax.distributed from the cluster environment (SLURM, Cloud '
+  'TPU, Open MPI) instead of --coordinator_address/--num_processes/--process_id.',
+)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -34,14 +39,22 @@ def main(argv):
   import jax  # after absl parsed the flags, so XLA_FLAGS set by a launcher apply
 
   from atlas_jax import config as config_lib
+
   config = config_lib.resolve(FLAGS.config)  # every field checked before anything starts or compiles
   _start_distributed(jax)
   if config.compilation_cache_dir:
     jax.config.update('jax_compilation_cache_dir', os.path.expanduser(config.compilation_cache_dir))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
-  logging.info('JAX %s on %d %s devices, process %d of %d', jax.__version__, jax.device_count(),
-               jax.default_backend(), jax.process_index(), jax.process_count())
+  logging.info(
+    'JAX %s on %d %s devices, process %d of %d',
+    jax.__version__,
+    jax.device_count(),
+    jax.default_backend(),
+    jax.process_index(),
+    jax.process_count(),
+  )
   from atlas_jax import evaluate, train  # after distributed initialization
+
   if config.mode == 'eval':
     evaluate.run(config, FLAGS.workdir)
   elif config.mode == 'compile':
@@ -57,11 +70,16 @@ def _start_distributed(jax) -> None:
     elif FLAGS.multihost:
       jax.distributed.initialize()  # JAX reads the coordinator, process count and id from the environment
   except (ValueError, RuntimeError) as error:
-    where = ('--coordinator_address/--num_processes/--process_id' if FLAGS.coordinator_address or
-             FLAGS.num_processes else 'the environment (SLURM, Cloud TPU, Open MPI)')
+    where = (
+      '--coordinator_address/--num_processes/--process_id'
+      if FLAGS.coordinator_address or FLAGS.num_processes
+      else 'the environment (SLURM, Cloud TPU, Open MPI)'
+    )
     reason = str(error).rstrip('.')
-    raise AtlasError(f'jax.distributed could not start from {where}: {reason}. Run under the cluster\'s '
-                     'launcher or pass --coordinator_address=HOST:PORT --num_processes=N --process_id=I') from None
+    raise AtlasError(
+      f"jax.distributed could not start from {where}: {reason}. Run under the cluster's "
+      'launcher or pass --coordinator_address=HOST:PORT --num_processes=N --process_id=I'
+    ) from None
 
 
 if __name__ == '__main__':

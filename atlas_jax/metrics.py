@@ -107,8 +107,11 @@ def scalar_tags(kind: str, record: Mapping[str, Any]) -> dict[str, float]:
   """TensorBoard tag -> value for the numeric values of `record`; its string values join the tag path."""
   labels = [value for key, value in record.items() if key not in _RESERVED_KEYS and isinstance(value, str)]
   prefix = '/'.join([kind, *labels])
-  return {f'{prefix}/{key}': float(value) for key, value in record.items()
-          if key not in _RESERVED_KEYS and _numeric(value)}
+  return {
+    f'{prefix}/{key}': float(value)
+    for key, value in record.items()
+    if key not in _RESERVED_KEYS and _numeric(value)
+  }
 
 
 def _events_file_suffix(directory: pathlib.Path) -> str:
@@ -195,8 +198,9 @@ class MetricWriter:
     directory = tensorboard_dir(self.workdir)
     directory.mkdir(parents=True, exist_ok=True)
     suffix = _events_file_suffix(directory)
-    self._events = tensorboardX.FileWriter(str(directory), flush_secs=TENSORBOARD_FLUSH_SECS,
-                                           filename_suffix=suffix)
+    self._events = tensorboardX.FileWriter(
+      str(directory), flush_secs=TENSORBOARD_FLUSH_SECS, filename_suffix=suffix
+    )
     ending = f'.{socket.gethostname()}{suffix}'
     [self.events_path] = [path for path in directory.iterdir() if path.name.endswith(ending)]
 
@@ -227,8 +231,9 @@ class MetricWriter:
     if self._events is not None:
       scalars = scalar_tags(kind, record)
       if scalars:  # one event per record, float32 values as TensorBoard stores them (beyond range: +-inf)
-        summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag, simple_value=value)
-                                             for tag, value in scalars.items()])
+        summary = summary_pb2.Summary(
+          value=[summary_pb2.Summary.Value(tag=tag, simple_value=value) for tag, value in scalars.items()]
+        )
         self._events.add_summary(summary, record['step'])
     return record
 

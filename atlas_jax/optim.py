@@ -51,6 +51,7 @@ def learning_rate_schedule(config) -> optax.Schedule:
     # (1 + cos(pi p)) / 2 as cos(pi p / 2)^2: no cancellation near p = 1, so min_lr is hit accurately.
     cosine = min_lr + (lr - min_lr) * jnp.cos(0.5 * jnp.pi * progress) ** 2
     return jnp.where(step < warmup_steps, warmup, cosine).astype(jnp.float32)
+
   return schedule
 
 
@@ -80,10 +81,17 @@ def make_optimizer(config) -> optax.GradientTransformation:
   transforms = [cast_to_float32()]
   if config.optimizer.clip_grad_norm:  # 0 = off
     transforms.append(optax.clip_by_global_norm(float(config.optimizer.clip_grad_norm)))
-  transforms.append(optax.adamw(
+  transforms.append(
+    optax.adamw(
       learning_rate=learning_rate_schedule(config),
-      b1=float(config.optimizer.b1), b2=float(config.optimizer.b2), eps=float(config.optimizer.eps),
-      mu_dtype=jnp.float32, weight_decay=float(config.weight_decay), mask=weight_decay_mask))
+      b1=float(config.optimizer.b1),
+      b2=float(config.optimizer.b2),
+      eps=float(config.optimizer.eps),
+      mu_dtype=jnp.float32,
+      weight_decay=float(config.weight_decay),
+      mask=weight_decay_mask,
+    )
+  )
   return optax.chain(*transforms)
 
 
@@ -103,9 +111,11 @@ def split_micro_batches(batch: PyTree, k: int) -> PyTree:
   def split(leaf):
     size = leaf.shape[0] if jnp.ndim(leaf) else None
     if size is None or size % k:
-      raise ValueError(f'batch size {size} (leaf shape {jnp.shape(leaf)}) is not divisible by '
-                       f'grad_accum_steps={k}')
+      raise ValueError(
+        f'batch size {size} (leaf shape {jnp.shape(leaf)}) is not divisible by grad_accum_steps={k}'
+      )
     return jnp.swapaxes(leaf.reshape((size // k, k) + leaf.shape[1:]), 0, 1)
+
   return jax.tree.map(split, batch)
 
 
@@ -162,6 +172,7 @@ def ema_update(ema_params: PyTree, params: PyTree, decay) -> PyTree:
   def update(ema, param):
     ema = ema.astype(jnp.float32)
     return ema + (1.0 - decay) * (param.astype(jnp.float32) - ema)
+
   return jax.tree.map(update, ema_params, params)
 
 

@@ -39,16 +39,25 @@ class PredictError(AtlasError, ValueError):
 def define_flags():
   """The command line's flags; defined only when run as a program, so the module imports anywhere."""
   global _CONFIG, _CHECKPOINT, _OUTPUT, _STEP, _TOP_K, _BATCH_SIZE, _DTYPE, _EMA, _WORKERS
-  _CONFIG = config_flags.DEFINE_config_file('config', None, "Config file; default: the workdir's config.json.",
-                                            lock_config=True)
+  _CONFIG = config_flags.DEFINE_config_file(
+    'config', None, "Config file; default: the workdir's config.json.", lock_config=True
+  )
   _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Workdir holding checkpoints/ and config.json.')
   _OUTPUT = flags.DEFINE_string('output', None, 'Write JSON lines here (else a line per image on stdout).')
   _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step; default: the best recorded, else the latest.')
   _TOP_K = flags.DEFINE_integer('top_k', 5, 'How many classes to report per image.')
-  _BATCH_SIZE = flags.DEFINE_integer('batch_size', None, 'Images per forward pass over all local devices, '
-                                     'rounded up to a multiple of their count; default: 8 per device.')
-  _DTYPE = flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16', 'float16'],
-                             "Compute dtype; default: float32 on CPU, the config's dtype on accelerators.")
+  _BATCH_SIZE = flags.DEFINE_integer(
+    'batch_size',
+    None,
+    'Images per forward pass over all local devices, '
+    'rounded up to a multiple of their count; default: 8 per device.',
+  )
+  _DTYPE = flags.DEFINE_enum(
+    'dtype',
+    None,
+    ['float32', 'bfloat16', 'float16'],
+    "Compute dtype; default: float32 on CPU, the config's dtype on accelerators.",
+  )
   _EMA = flags.DEFINE_bool('ema', False, 'Use the EMA weights of the checkpoint.')
   _WORKERS = flags.DEFINE_integer('workers', min(8, os.cpu_count() or 1), 'Threads decoding images.')
 
@@ -62,8 +71,9 @@ def image_paths(inputs) -> list[pathlib.Path]:
     else:
       paths.append(entry)
   if not paths:
-    raise PredictError(f'no image files in {" ".join(map(str, inputs))} (suffixes: '
-                       f'{", ".join(sorted(IMAGE_SUFFIXES))})')
+    raise PredictError(
+      f'no image files in {" ".join(map(str, inputs))} (suffixes: {", ".join(sorted(IMAGE_SUFFIXES))})'
+    )
   return paths
 
 
@@ -80,7 +90,7 @@ def decoded_batches(paths, image_size, max_pixels: int, batch_size: int, workers
 
   The next batch is decoding in `workers` threads while the caller computes on the current one.
   """
-  chunks = [paths[start:start + batch_size] for start in range(0, len(paths), batch_size)]
+  chunks = [paths[start : start + batch_size] for start in range(0, len(paths), batch_size)]
   with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
 
     def submit(chunk):
@@ -99,13 +109,20 @@ def progress_bar(total: int, stream, show: bool) -> tqdm.tqdm:
   so the log gets about ten updates rather than one per batch.
   """
   interactive = stream.isatty()
-  return tqdm.tqdm(total=total, desc='predict', unit='images', file=stream, disable=not show,
-                   miniters=None if interactive else math.ceil(total / 10),
-                   mininterval=0.1 if interactive else 0.0)
+  return tqdm.tqdm(
+    total=total,
+    desc='predict',
+    unit='images',
+    file=stream,
+    disable=not show,
+    miniters=None if interactive else math.ceil(total / 10),
+    mininterval=0.1 if interactive else 0.0,
+  )
 
 
-def run(predictor, paths, output=None, top_k: int = 5, workers: int = 1, stdout=sys.stdout,
-        stderr=sys.stderr) -> tuple[int, int]:
+def run(
+  predictor, paths, output=None, top_k: int = 5, workers: int = 1, stdout=sys.stdout, stderr=sys.stderr
+) -> tuple[int, int]:
   """Classifies the image files `paths`; JSON lines into `output` (a file object) or readable lines on
   `stdout`. Returns (classified, unreadable)."""
   top_k = min(top_k, len(predictor.labels))
@@ -144,8 +161,9 @@ def main(argv):
   if _TOP_K.value < 1 or (_BATCH_SIZE.value is not None and _BATCH_SIZE.value < 1):
     raise app.UsageError('--top_k and --batch_size must be at least 1')
   paths = image_paths(inputs)
-  predictor = inference.load(_CHECKPOINT.value, _STEP.value, _DTYPE.value, _EMA.value, _CONFIG.value,
-                             _BATCH_SIZE.value)
+  predictor = inference.load(
+    _CHECKPOINT.value, _STEP.value, _DTYPE.value, _EMA.value, _CONFIG.value, _BATCH_SIZE.value
+  )
   try:
     output = open(_OUTPUT.value, 'w') if _OUTPUT.value else None
   except OSError as error:
@@ -156,8 +174,11 @@ def main(argv):
     if output is not None:
       output.close()
   devices = predictor.mesh.devices
-  print(f'classified {classified} images with step {predictor.step} on {devices.size} '
-        f'{devices.flat[0].platform} device(s); {unreadable} unreadable skipped', file=sys.stderr)
+  print(
+    f'classified {classified} images with step {predictor.step} on {devices.size} '
+    f'{devices.flat[0].platform} device(s); {unreadable} unreadable skipped',
+    file=sys.stderr,
+  )
   sys.exit(0 if classified else 1)
 
 

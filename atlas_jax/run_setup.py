@@ -24,12 +24,12 @@ from atlas_jax.models import DTYPES, build_model
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array          # optimizer steps taken, int32 ()
-  params: Any              # float32
-  batch_stats: Any         # {} for models without BatchNorm
+  step: jax.Array  # optimizer steps taken, int32 ()
+  params: Any  # float32
+  batch_stats: Any  # {} for models without BatchNorm
   opt_state: Any
-  ema_params: Any          # None when EMA is off
-  rng: jax.Array           # uint32 (2,), fixed; step s draws from fold_in(rng, s)
+  ema_params: Any  # None when EMA is off
+  rng: jax.Array  # uint32 (2,), fixed; step s draws from fold_in(rng, s)
 
 
 def model_variables(params, batch_stats) -> dict:
@@ -59,22 +59,28 @@ def create_train_state(config, model, optimizer, rng) -> TrainState:
   variables = model.init({'params': params_rng}, images, train=False)
   params = variables['params']
   ema_params = jax.tree.map(jnp.copy, params) if optim.ema_enabled(config) else None
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables.get('batch_stats', {}), opt_state=optimizer.init(params),
-                    ema_params=ema_params, rng=train_rng)
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    batch_stats=variables.get('batch_stats', {}),
+    opt_state=optimizer.init(params),
+    ema_params=ema_params,
+    rng=train_rng,
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainSetup:
   """Everything a training step needs before any data: built once by `train_setup`."""
+
   config: Any
   mesh: jax.sharding.Mesh
   model: Any
   optimizer: optax.GradientTransformation
-  init: Callable[[jax.Array], TrainState]       # rng -> a fresh train state
-  rng: jax.Array                                  # the key `init` takes: from config.seed
-  abstract_state: TrainState                      # jax.ShapeDtypeStruct leaves
-  state_sharding: Any                             # NamedSharding leaves, the same tree
+  init: Callable[[jax.Array], TrainState]  # rng -> a fresh train state
+  rng: jax.Array  # the key `init` takes: from config.seed
+  abstract_state: TrainState  # jax.ShapeDtypeStruct leaves
+  state_sharding: Any  # NamedSharding leaves, the same tree
 
   def init_state(self, rng: jax.Array | None = None) -> TrainState:
     """A fresh train state from `rng` (default: the config's seed), placed as `state_sharding` says."""

@@ -33,12 +33,16 @@ def mesh_shape(mesh_config, device_count: int) -> tuple[int, int]:
   known = math.prod(size for size in sizes if size != -1)
   if -1 in sizes:
     if device_count % known:
-      raise MeshError(f'config.mesh {dict(zip(MESH_AXES, sizes))} cannot use {device_count} devices: '
-                      f'{device_count} is not a multiple of {known}')
+      raise MeshError(
+        f'config.mesh {dict(zip(MESH_AXES, sizes))} cannot use {device_count} devices: '
+        f'{device_count} is not a multiple of {known}'
+      )
     sizes[sizes.index(-1)] = device_count // known
   if math.prod(sizes) != device_count:
-    raise MeshError(f'config.mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, '
-                    f'{device_count} are present: set --config.mesh.data=-1 to use them all')
+    raise MeshError(
+      f'config.mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, '
+      f'{device_count} are present: set --config.mesh.data=-1 to use them all'
+    )
   return tuple(sizes)
 
 
@@ -55,8 +59,10 @@ def data_parallel_size(mesh: Mesh) -> int:
 def check_batch_size(batch_size: int, mesh: Mesh, what: str = 'config.batch_size') -> None:
   size = data_parallel_size(mesh)
   if batch_size % size:
-    raise MeshError(f'{what}={batch_size} does not divide over the {size} data-parallel devices of the '
-                    f'mesh: use a multiple of {size}')
+    raise MeshError(
+      f'{what}={batch_size} does not divide over the {size} data-parallel devices of the '
+      f'mesh: use a multiple of {size}'
+    )
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -81,12 +87,14 @@ def leaf_spec(shape, fsdp_size: int, min_size: int) -> PartitionSpec:
 def state_shardings(abstract_state, mesh: Mesh, min_size: int):
   """NamedShardings for a tree of arrays or ShapeDtypeStructs (parameters, optimizer state, EMA)."""
   fsdp_size = mesh.shape['fsdp']
-  return jax.tree.map(lambda leaf: NamedSharding(mesh, leaf_spec(np.shape(leaf), fsdp_size, min_size)),
-                      abstract_state)
+  return jax.tree.map(
+    lambda leaf: NamedSharding(mesh, leaf_spec(np.shape(leaf), fsdp_size, min_size)), abstract_state
+  )
 
 
 def global_batch(local_batch, mesh: Mesh):
   """This process's slice of a global batch (numpy, leading axis) -> global jax.Arrays split over devices."""
   sharding = batch_sharding(mesh)
-  return jax.tree.map(lambda leaf: jax.make_array_from_process_local_data(sharding, np.asarray(leaf)),
-                      local_batch)
+  return jax.tree.map(
+    lambda leaf: jax.make_array_from_process_local_data(sharding, np.asarray(leaf)), local_batch
+  )

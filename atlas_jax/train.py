@@ -66,12 +66,17 @@ def make_train_step(config, model, optimizer, mesh=None):
         rng, mix_rng, dropout_rng = jax.random.split(rng, 3)
       else:  # a fourth key only here: the synthetic task's random streams stay as they were
         rng, mix_rng, dropout_rng, finish_rng = jax.random.split(rng, 4)
-        images = finish(finish_rng, images)                                # (B/k, H, W, 3)
+        images = finish(finish_rng, images)  # (B/k, H, W, 3)
       images, targets = augment.mixup_cutmix(mix_rng, images, micro_batch['label'], num_classes, **mixup)
 
       def loss_fn(params):
-        logits, updates = model.apply(run_setup.model_variables(params, batch_stats), images, train=True,
-                                      rngs={'dropout': dropout_rng}, mutable=['batch_stats'])
+        logits, updates = model.apply(
+          run_setup.model_variables(params, batch_stats),
+          images,
+          train=True,
+          rngs={'dropout': dropout_rng},
+          mutable=['batch_stats'],
+        )
         return losses.soft_target_cross_entropy(logits, targets), updates.get('batch_stats', {})
 
       (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -82,15 +87,16 @@ def make_train_step(config, model, optimizer, mesh=None):
       micro_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.BATCH_AXES))
       micro_batches = jax.lax.with_sharding_constraint(micro_batches, micro_sharding)
     step_rng = jax.random.fold_in(state.rng, state.step)
-    (batch_stats, _), loss, _, grads = optim.accumulated_grads(micro_step, micro_batches,
-                                                              (state.batch_stats, step_rng))
+    (batch_stats, _), loss, _, grads = optim.accumulated_grads(
+      micro_step, micro_batches, (state.batch_stats, step_rng)
+    )
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ema_params = (None if state.ema_params is None
-                  else optim.ema_update(state.ema_params, params, ema_decay))
+    ema_params = None if state.ema_params is None else optim.ema_update(state.ema_params, params, ema_decay)
     metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'lr': schedule(state.step)}
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                              opt_state=opt_state, ema_params=ema_params)
+    new_state = state.replace(
+      step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state, ema_params=ema_params
+    )
     return new_state, metrics
 
   return train_step
@@ -99,9 +105,12 @@ def make_train_step(config, model, optimizer, mesh=None):
 def jit_train_step(setup: run_setup.TrainSetup):
   """The train step compiled for the setup's mesh: state sharded as `setup.state_sharding`, donated."""
   mesh = setup.mesh
-  return jax.jit(make_train_step(setup.config, setup.model, setup.optimizer, mesh),
-                 in_shardings=(setup.state_sharding, sharding.batch_sharding(mesh)),
-                 out_shardings=(setup.state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+  return jax.jit(
+    make_train_step(setup.config, setup.model, setup.optimizer, mesh),
+    in_shardings=(setup.state_sharding, sharding.batch_sharding(mesh)),
+    out_shardings=(setup.state_sharding, sharding.replicated(mesh)),
+    donate_argnums=0,
+  )
 
 
 def loader_image_size(config) -> tuple[int, int]:
@@ -110,12 +119,15 @@ def loader_image_size(config) -> tuple[int, int]:
   if config.data.source == 'synthetic':
     return tuple(config.image_size)
   from atlas_jax.data import transforms  # imports the data package: kept out of module scope
+
   return transforms.host_image_size(config.image_size, config.data.augment.host_max_side)
 
 
 def abstract_batch(config, batch_size: int):
-  return {'image': jax.ShapeDtypeStruct((batch_size, *loader_image_size(config), 3), jnp.float32),
-          'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+  return {
+    'image': jax.ShapeDtypeStruct((batch_size, *loader_image_size(config), 3), jnp.float32),
+    'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32),
+  }
 
 
 def compile_only(config) -> dict:
@@ -126,16 +138,25 @@ def compile_only(config) -> dict:
   sharding.check_batch_size(config.batch_size, mesh)
   start = time.perf_counter()
   with jax.set_mesh(mesh):
-    compiled = jit_train_step(setup).lower(setup.abstract_state, abstract_batch(config, config.batch_size)).compile()
+    compiled = (
+      jit_train_step(setup).lower(setup.abstract_state, abstract_batch(config, config.batch_size)).compile()
+    )
   memory = compiled.memory_analysis()
-  gib = 2.0 ** 30
-  report = {'devices': mesh.size, 'mesh': dict(mesh.shape), 'batch_size': config.batch_size,
-            'compile_s': round(time.perf_counter() - start, 2),
-            'argument_gib': memory.argument_size_in_bytes / gib, 'output_gib': memory.output_size_in_bytes / gib,
-            'temp_gib': memory.temp_size_in_bytes / gib, 'alias_gib': memory.alias_size_in_bytes / gib}
+  gib = 2.0**30
+  report = {
+    'devices': mesh.size,
+    'mesh': dict(mesh.shape),
+    'batch_size': config.batch_size,
+    'compile_s': round(time.perf_counter() - start, 2),
+    'argument_gib': memory.argument_size_in_bytes / gib,
+    'output_gib': memory.output_size_in_bytes / gib,
+    'temp_gib': memory.temp_size_in_bytes / gib,
+    'alias_gib': memory.alias_size_in_bytes / gib,
+  }
   # Donated state aliases its output, so it counts once.
-  report['peak_gib_per_device'] = (report['argument_gib'] + report['output_gib'] - report['alias_gib']
-                                   + report['temp_gib'])
+  report['peak_gib_per_device'] = (
+    report['argument_gib'] + report['output_gib'] - report['alias_gib'] + report['temp_gib']
+  )
   if jax.process_index() == 0:
     print(json.dumps(report), flush=True)
   return report
@@ -146,16 +167,24 @@ def compile_only(config) -> dict:
 
 
 def checkpoint_items(state: TrainState, loader_state) -> dict:
-  return {'params': state.params, 'batch_stats': state.batch_stats, 'opt_state': state.opt_state,
-          'ema_params': state.ema_params, 'train_state': {'step': state.step, 'rng': state.rng},
-          'data': loader_state}
+  return {
+    'params': state.params,
+    'batch_stats': state.batch_stats,
+    'opt_state': state.opt_state,
+    'ema_params': state.ema_params,
+    'train_state': {'step': state.step, 'rng': state.rng},
+    'data': loader_state,
+  }
 
 
 def restore_state(checkpoints, step: int, abstract_state: TrainState, state_sharding, loader_state):
   """(state, loader state) of `step`, each array placed as `state_sharding` says."""
+
   def with_sharding(tree, shardings):
-    return jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
-                        tree, shardings)
+    return jax.tree.map(
+      lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s), tree, shardings
+    )
+
   abstract_items = checkpoint_items(with_sharding(abstract_state, state_sharding), loader_state)
   restored = checkpoints.restore(step, abstract_items)
   missing = {'params', 'opt_state', 'train_state', 'data'} - set(restored)
@@ -163,11 +192,17 @@ def restore_state(checkpoints, step: int, abstract_state: TrainState, state_shar
     missing.add('ema_params')
   if missing:
     raise checkpointing.CheckpointError(
-        f'step {step} under {checkpoints.directory} lacks {sorted(missing)}: it was not written by a '
-        'training run with this config (use init_from to start from converted weights)')
-  state = TrainState(step=restored['train_state']['step'], params=restored['params'],
-                     batch_stats=restored.get('batch_stats', {}), opt_state=restored['opt_state'],
-                     ema_params=restored.get('ema_params'), rng=restored['train_state']['rng'])
+      f'step {step} under {checkpoints.directory} lacks {sorted(missing)}: it was not written by a '
+      'training run with this config (use init_from to start from converted weights)'
+    )
+  state = TrainState(
+    step=restored['train_state']['step'],
+    params=restored['params'],
+    batch_stats=restored.get('batch_stats', {}),
+    opt_state=restored['opt_state'],
+    ema_params=restored.get('ema_params'),
+    rng=restored['train_state']['rng'],
+  )
   return state, restored['data']
 
 
@@ -181,8 +216,10 @@ def check_resumable(workdir, config) -> None:
     if hasattr(ours, 'to_dict'):
       ours, theirs = ours.to_dict(), theirs.to_dict() if theirs is not None else None
     if ours != theirs:
-      raise ResumeError(f'{workdir} holds a run with {name}={theirs!r}, this config has {ours!r}: '
-                       'resume with the same config or use a new --workdir')
+      raise ResumeError(
+        f'{workdir} holds a run with {name}={theirs!r}, this config has {ours!r}: '
+        'resume with the same config or use a new --workdir'
+      )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -199,7 +236,7 @@ class Preemption:
   """
 
   def __init__(self, sync_steps: int = 1):
-    self.requested = False           # this process got SIGTERM
+    self.requested = False  # this process got SIGTERM
     self.sync_steps = sync_steps
     self._previous = signal.signal(signal.SIGTERM, self._handle)
 
@@ -214,6 +251,7 @@ class Preemption:
     if step % self.sync_steps:
       return False
     from jax.experimental import multihost_utils
+
     flags = multihost_utils.process_allgather(np.int32(self.requested))  # (process_count,)
     return bool(np.max(flags))
 
@@ -225,8 +263,10 @@ def check_finite(step: int, metrics, last_good: int | None, checkpoints_dir) -> 
   loss = float(metrics['loss'])
   if not np.isfinite(loss):
     where = f'step {last_good} in {checkpoints_dir}' if last_good is not None else 'none was saved'
-    raise TrainingDiverged(f'the loss is {loss} at step {step}; stopped. The last good checkpoint is {where}. '
-                           'Lower --config.lr or set --config.optimizer.clip_grad_norm')
+    raise TrainingDiverged(
+      f'the loss is {loss} at step {step}; stopped. The last good checkpoint is {where}. '
+      'Lower --config.lr or set --config.optimizer.clip_grad_norm'
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -243,8 +283,9 @@ def run(config, workdir) -> TrainState:
   setup = run_setup.train_setup(config)
   mesh = setup.mesh
   sharding.check_batch_size(config.batch_size, mesh)
-  sharding.check_batch_size(config.batch_size // config.grad_accum_steps, mesh,
-                            'config.batch_size / config.grad_accum_steps')
+  sharding.check_batch_size(
+    config.batch_size // config.grad_accum_steps, mesh, 'config.batch_size / config.grad_accum_steps'
+  )
   sharding.check_batch_size(config.eval.batch_size, mesh, 'config.eval.batch_size')
   num_classes = config.model.num_classes
   train_source = sources.make_source(config.data, config.image_size, 'train', config.seed, num_classes)
@@ -254,21 +295,29 @@ def run(config, workdir) -> TrainState:
     workdir_lib.write_config(workdir, config)
 
   eval_model = build_model(config, dtype=run_setup.compute_dtype(config))
-  checkpoints = checkpointing.Checkpoints(workdir, keep=config.checkpoint.keep,
-                                          async_save=config.checkpoint.async_save)
+  checkpoints = checkpointing.Checkpoints(
+    workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
+  )
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
   loader = None
   preemption = Preemption(config.checkpoint.preemption_sync_steps)
   try:
     with jax.set_mesh(mesh):
-      loader = pipeline.TrainLoader(train_source, config.batch_size, seed=config.seed,
-                                    process_index=jax.process_index(), process_count=jax.process_count(),
-                                    workers=config.data.workers, transform=transforms.train_transform(config),
-                                    max_bad_fraction=config.data.max_bad_fraction)
+      loader = pipeline.TrainLoader(
+        train_source,
+        config.batch_size,
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        workers=config.data.workers,
+        transform=transforms.train_transform(config),
+        max_bad_fraction=config.data.max_bad_fraction,
+      )
       latest = checkpoints.latest_step()
       if latest is not None:
-        state, loader_state = restore_state(checkpoints, latest, setup.abstract_state, setup.state_sharding,
-                                            loader.get_state())
+        state, loader_state = restore_state(
+          checkpoints, latest, setup.abstract_state, setup.state_sharding, loader.get_state()
+        )
         loader.set_state(loader_state)
         logging.info('resuming from step %d in %s', latest, checkpoints.directory)
         if is_main:
@@ -276,10 +325,14 @@ def run(config, workdir) -> TrainState:
       else:
         state = setup.init_state()
         if config.init_from:
-          variables, source_step = transfer.load(config, run_setup.model_variables(state.params,
-                                                                                    state.batch_stats))
-          state = state.replace(params=variables['params'], batch_stats=variables.get('batch_stats', {}),
-                                ema_params=None if state.ema_params is None else variables['params'])
+          variables, source_step = transfer.load(
+            config, run_setup.model_variables(state.params, state.batch_stats)
+          )
+          state = state.replace(
+            params=variables['params'],
+            batch_stats=variables.get('batch_stats', {}),
+            ema_params=None if state.ema_params is None else variables['params'],
+          )
           state = jax.device_put(state, setup.state_sharding)
           logging.info('initialized from step %d of %s', source_step, config.init_from)
       start_step = int(state.step)
@@ -289,8 +342,20 @@ def run(config, workdir) -> TrainState:
 
       train_step = jit_train_step(setup)
       eval_step = jax.jit(evaluate.make_eval_step(eval_model, config.model.num_classes))
-      state = _train_loop(config, workdir, mesh, state, train_step, eval_step, loader, val_source,
-                          checkpoints, writer, preemption, start_step)
+      state = _train_loop(
+        config,
+        workdir,
+        mesh,
+        state,
+        train_step,
+        eval_step,
+        loader,
+        val_source,
+        checkpoints,
+        writer,
+        preemption,
+        start_step,
+      )
   finally:
     preemption.restore()
     if loader is not None:
@@ -301,12 +366,24 @@ def run(config, workdir) -> TrainState:
   return state
 
 
-def _train_loop(config, workdir, mesh, state, train_step, eval_step, loader, val_source, checkpoints, writer,
-                preemption, start_step):
+def _train_loop(
+  config,
+  workdir,
+  mesh,
+  state,
+  train_step,
+  eval_step,
+  loader,
+  val_source,
+  checkpoints,
+  writer,
+  preemption,
+  start_step,
+):
   total_steps = config.total_steps
   progress = progress_lib.Progress(total_steps, start_step)
   last_saved = checkpoints.latest_step()
-  previous = None              # (step, metrics) checked one step late: keeps dispatch asynchronous
+  previous = None  # (step, metrics) checked one step late: keeps dispatch asynchronous
   interval_start, interval_steps = time.perf_counter(), 0
   profiling = False
 
@@ -332,7 +409,7 @@ def _train_loop(config, workdir, mesh, state, train_step, eval_step, loader, val
       profiling = False
 
     final = done == total_steps
-    stop = preemption.stop_after(done)   # the same answer on every process
+    stop = preemption.stop_after(done)  # the same answer on every process
     if done % config.log.every_steps == 0 or final:
       check_finite(*previous, last_saved, checkpoints.directory)
       elapsed = time.perf_counter() - interval_start
@@ -350,8 +427,11 @@ def _train_loop(config, workdir, mesh, state, train_step, eval_step, loader, val
       for weights, result in results.items():
         writer.write(done, 'eval', {**result, 'weights': weights})
         if jax.process_index() == 0:
-          print(f'eval step {done} ({weights} weights): top-1 {result["top1"]:.4f}  '
-                f'top-5 {result["top5"]:.4f}  loss {result["loss"]:.4f}', flush=True)
+          print(
+            f'eval step {done} ({weights} weights): top-1 {result["top1"]:.4f}  '
+            f'top-5 {result["top5"]:.4f}  loss {result["loss"]:.4f}',
+            flush=True,
+          )
       save(done, {'top1': max(result['top1'] for result in results.values())})
       interval_start = time.perf_counter()  # evaluation time is not training speed
     elif done % config.checkpoint.every_steps == 0 or stop:
@@ -360,8 +440,9 @@ def _train_loop(config, workdir, mesh, state, train_step, eval_step, loader, val
 
     if stop and not final:
       checkpoints.wait()
-      logging.warning('SIGTERM: saved step %d in %s; restart the same command to resume', done,
-                      checkpoints.directory)
+      logging.warning(
+        'SIGTERM: saved step %d in %s; restart the same command to resume', done, checkpoints.directory
+      )
       print(f'preempted: saved step {done}; run the same command again to resume', flush=True)
       break
   if profiling:

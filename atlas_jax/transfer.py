@@ -33,8 +33,9 @@ def check_compatible(source_config, config) -> bool:
     theirs, ours = source_model.get(field), model.get(field)
     if theirs != ours:
       raise InitFromError(
-          f'init_from={config.init_from} has model.{field}={theirs!r} but this config says {ours!r}: '
-          f'set --config.model.{field}={theirs!r} to use its weights, or pick another init_from')
+        f'init_from={config.init_from} has model.{field}={theirs!r} but this config says {ours!r}: '
+        f'set --config.model.{field}={theirs!r} to use its weights, or pick another init_from'
+      )
   return source_model.num_classes != model.num_classes
 
 
@@ -45,8 +46,10 @@ def load(config, fresh_variables):
   """
   source = config.init_from
   if not workdir_lib.config_path(source).exists():
-    raise InitFromError(f'init_from={source} has no config.json: point it at a workdir written by '
-                        'atlas_jax.main or atlas_jax.tools.convert_torch')
+    raise InitFromError(
+      f'init_from={source} has no config.json: point it at a workdir written by '
+      'atlas_jax.main or atlas_jax.tools.convert_torch'
+    )
   source_config = config_lib.resolve(workdir_lib.read_config(source))
   new_head = check_compatible(source_config, config)
   abstract = run_setup.abstract_variables(build_model(source_config), source_config.image_size)
@@ -66,12 +69,15 @@ def load(config, fresh_variables):
 
 def _check_same_tree(loaded, fresh, source) -> None:
   """Same paths and shapes, or InitFromError naming the first difference (e.g. another number of scales)."""
-  loaded_leaves = {jax.tree_util.keystr(path): leaf.shape
-                   for path, leaf in jax.tree_util.tree_leaves_with_path(loaded)}
-  fresh_leaves = {jax.tree_util.keystr(path): leaf.shape
-                  for path, leaf in jax.tree_util.tree_leaves_with_path(fresh)}
+  loaded_leaves = {
+    jax.tree_util.keystr(path): leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(loaded)
+  }
+  fresh_leaves = {
+    jax.tree_util.keystr(path): leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(fresh)
+  }
   for path in sorted(set(loaded_leaves) | set(fresh_leaves)):
     if loaded_leaves.get(path) != fresh_leaves.get(path):
       raise InitFromError(
-          f'init_from={source}: parameter {path} is {loaded_leaves.get(path, "absent")} there and '
-          f'{fresh_leaves.get(path, "absent")} here (another image_size gives another number of scales)')
+        f'init_from={source}: parameter {path} is {loaded_leaves.get(path, "absent")} there and '
+        f'{fresh_leaves.get(path, "absent")} here (another image_size gives another number of scales)'
+      )

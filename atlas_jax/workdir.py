@@ -22,6 +22,8 @@ class WorkdirNotFound(AtlasError, FileNotFoundError):
 
 class ConfigFileError(AtlasError, ValueError):
   """A config.json that cannot be read back."""
+
+
 CHECKPOINTS = 'checkpoints'
 
 
@@ -49,6 +51,7 @@ def _encode(config: ml_collections.ConfigDict) -> dict:
         placeholders[prefix + key] = field.get_type().__name__
       values[key] = list(value) if isinstance(value, tuple) else value
     return values
+
   values = walk(config, '')
   values['__placeholders__'] = placeholders
   return values
@@ -70,6 +73,7 @@ def _decode(values: dict) -> ml_collections.ConfigDict:
       else:
         config[key] = value
     return config
+
   config = build(values)
   for dotted, type_name in placeholders.items():
     *parents, leaf = dotted.split('.')
@@ -93,10 +97,13 @@ def write_config(workdir, config: ml_collections.ConfigDict) -> pathlib.Path:
 def read_config(workdir) -> ml_collections.ConfigDict:
   path = config_path(workdir)
   if not path.is_file():
-    raise WorkdirNotFound(f'{path} not found: is {workdir} a workdir written by atlas_jax '
-                            '(main or tools.convert_torch)?')
+    raise WorkdirNotFound(
+      f'{path} not found: is {workdir} a workdir written by atlas_jax (main or tools.convert_torch)?'
+    )
   try:
     values = json.loads(path.read_text())
   except json.JSONDecodeError as error:
-    raise ConfigFileError(f'{path} is not valid JSON ({error}); restore it or rewrite it from the config file') from None
+    raise ConfigFileError(
+      f'{path} is not valid JSON ({error}); restore it or rewrite it from the config file'
+    ) from None
   return _decode(values)

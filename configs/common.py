@@ -28,40 +28,40 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 def model_config(variant: str = 'S') -> ml_collections.ConfigDict:
   model = ml_collections.ConfigDict()
-  model.name = 'atlas'                                  # atlas | vit | window_vit
-  model.variant = variant                               # T | S | B: defaults of dim, num_heads, stem_width
+  model.name = 'atlas'  # atlas | vit | window_vit
+  model.variant = variant  # T | S | B: defaults of dim, num_heads, stem_width
   model.dim = config_dict.placeholder(int)
   model.num_heads = config_dict.placeholder(int)
   model.stem_width = config_dict.placeholder(int)
-  model.depths = config_dict.placeholder(tuple)         # from the number of scales unless set
-  model.patch_size = 16                                 # 16 = conv stem; 4 or 8 = patchify stem
+  model.depths = config_dict.placeholder(tuple)  # from the number of scales unless set
+  model.patch_size = 16  # 16 = conv stem; 4 or 8 = patchify stem
   model.stem_in_dim = 64
   model.window = 16
   model.pool = 4
   model.mlp_ratio = 4
-  model.parent_window = 'spatial'                       # spatial | raster (the reference code)
-  model.communication = 'full'                          # full | top_down | bottom_up | none
-  model.composition = 'atlas'                           # atlas | stack
+  model.parent_window = 'spatial'  # spatial | raster (the reference code)
+  model.communication = 'full'  # full | top_down | bottom_up | none
+  model.composition = 'atlas'  # atlas | stack
   model.num_classes = 100
   model.drop_path_rate = 0.3
-  model.dtype = 'bfloat16'                              # compute dtype; parameters stay float32
-  model.attention = 'auto'                              # auto | cudnn | xla
-  model.remat = 'none'                                  # none | block | a jax.checkpoint_policies name
+  model.dtype = 'bfloat16'  # compute dtype; parameters stay float32
+  model.attention = 'auto'  # auto | cudnn | xla
+  model.remat = 'none'  # none | block | a jax.checkpoint_policies name
   return model
 
 
 def data_config() -> ml_collections.ConfigDict:
   data = ml_collections.ConfigDict()
-  data.source = 'tfds'                                  # synthetic | tfds | folder
-  data.name = config_dict.placeholder(str)              # tfds: the dataset, e.g. imagenet2012 (or name:1.2.3)
-  data.data_dir = config_dict.placeholder(str)          # tfds: its data_dir; folder: holds train/ and val/
+  data.source = 'tfds'  # synthetic | tfds | folder
+  data.name = config_dict.placeholder(str)  # tfds: the dataset, e.g. imagenet2012 (or name:1.2.3)
+  data.data_dir = config_dict.placeholder(str)  # tfds: its data_dir; folder: holds train/ and val/
   # A class-list file: only these classes, numbered in sorted order (HR-IN100 from imagenet2012:
   # atlas_jax/resources/imagenet100_classes.txt; a folder from tools/prepare_hr_in100 needs none).
   data.classes = config_dict.placeholder(str)
   data.workers = 8
-  data.max_bad_fraction = 0.01                          # stop when more of the examples fail to decode
-  data.max_pixels = 200_000_000                         # larger: JPEGs decoded reduced, others skipped as bad
-  data.synthetic_train_size = 50_000                    # examples of the built-in synthetic task
+  data.max_bad_fraction = 0.01  # stop when more of the examples fail to decode
+  data.max_pixels = 200_000_000  # larger: JPEGs decoded reduced, others skipped as bad
+  data.synthetic_train_size = 50_000  # examples of the built-in synthetic task
   data.synthetic_val_size = 2_000
   data.augment = augment_config()
   return data
@@ -71,18 +71,18 @@ def augment_config() -> ml_collections.ConfigDict:
   """The reference's train augmentation (ATLAS.md §4: timm's transform with `rand-m9-mstd0.5-inc1` and random
   erasing 0.25 in pixel mode) and where the upsampling runs (docs/data.md). Unused by the synthetic task."""
   augment = ml_collections.ConfigDict()
-  augment.crop_scale = (0.08, 1.0)                      # random resized crop: fraction of the area
-  augment.crop_ratio = (3 / 4, 4 / 3)                   # and width / height, log-uniform
+  augment.crop_scale = (0.08, 1.0)  # random resized crop: fraction of the area
+  augment.crop_ratio = (3 / 4, 4 / 3)  # and width / height, log-uniform
   augment.hflip = 0.5
-  augment.randaug_num_ops = 2                           # RandAugment over timm's increasing set; 0 = off
+  augment.randaug_num_ops = 2  # RandAugment over timm's increasing set; 0 = off
   augment.randaug_magnitude = 9.0
   augment.randaug_magnitude_std = 0.5
   augment.randaug_magnitude_max = 10.0
-  augment.randaug_prob = 0.5                            # each drawn operation applies with this probability
-  augment.erase_prob = 0.25                             # random erasing of the normalised image; 0 = off
-  augment.erase_mode = 'pixel'                          # pixel (N(0, 1) each) | rand (per box) | const (0)
+  augment.randaug_prob = 0.5  # each drawn operation applies with this probability
+  augment.erase_prob = 0.25  # random erasing of the normalised image; 0 = off
+  augment.erase_mode = 'pixel'  # pixel (N(0, 1) each) | rand (per box) | const (0)
   augment.erase_area = (0.02, 1 / 3)
-  augment.erase_ratio = (0.3, 1 / 0.3)                  # height / width, log-uniform
+  augment.erase_ratio = (0.3, 1 / 0.3)  # height / width, log-uniform
   augment.erase_count = 1
   # The host crops and augments at most this many pixels per side and the accelerator resizes to
   # image_size; 0 = everything on the host at image_size (the reference's exact order).
@@ -106,24 +106,27 @@ def base_config(variant: str, image_size: int | tuple[int, int]) -> ml_collectio
   config.min_lr = 1e-6
   config.weight_decay = 0.24
   config.seed = 42
-  config.optimizer = ml_collections.ConfigDict({'b1': 0.9, 'b2': 0.999, 'eps': 1e-8,
-                                               'clip_grad_norm': 0.0})  # 0 = no clipping (reference)
+  config.optimizer = ml_collections.ConfigDict(
+    {'b1': 0.9, 'b2': 0.999, 'eps': 1e-8, 'clip_grad_norm': 0.0}
+  )  # 0 = no clipping (reference)
   config.ema = ml_collections.ConfigDict({'decay': 0.0})  # 0 = off; e.g. 0.9998 keeps an EMA of the weights
   # timm's Mixup in batch mode with its label smoothing; both alphas 0 turn mixing off.
-  config.mixup = ml_collections.ConfigDict({'mixup_alpha': 0.8, 'cutmix_alpha': 1.0, 'switch_prob': 0.5,
-                                           'label_smoothing': 0.1})
+  config.mixup = ml_collections.ConfigDict(
+    {'mixup_alpha': 0.8, 'cutmix_alpha': 1.0, 'switch_prob': 0.5, 'label_smoothing': 0.1}
+  )
   # fsdp_min_size: state leaves with at least this many elements are split over the fsdp axis.
-  config.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'fsdp_min_size': 2 ** 18})
+  config.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'fsdp_min_size': 2**18})
   # preemption_sync_steps: in a multi-process run, how often (in steps) the processes agree whether any of
   # them got SIGTERM; one small all-gather each time. A single process checks every step.
-  config.checkpoint = ml_collections.ConfigDict({'every_steps': 1000, 'keep': 3, 'async_save': True,
-                                               'preemption_sync_steps': 10})
+  config.checkpoint = ml_collections.ConfigDict(
+    {'every_steps': 1000, 'keep': 3, 'async_save': True, 'preemption_sync_steps': 10}
+  )
   # batch_size 0 = the training micro-batch (batch_size / grad_accum_steps).
   config.eval = ml_collections.ConfigDict({'every_steps': 1000, 'batch_size': 0})
   config.log = ml_collections.ConfigDict({'every_steps': 50})
   # A jax.profiler trace of `num_steps` steps from `start_step` into WORKDIR/profile; -1 = off.
   config.profile = ml_collections.ConfigDict({'start_step': -1, 'num_steps': 5})
   config.compilation_cache_dir = '~/.cache/atlas_jax/xla'  # '' turns the persistent cache off
-  config.mode = 'train'                                 # train | eval | compile
+  config.mode = 'train'  # train | eval | compile
   config.init_from = config_dict.placeholder(str)
   return config

@@ -13,9 +13,18 @@ from configs import common
 def get_config(arg=None):
   args = common.parse_arg(arg, model='atlas', steps=800)
   config = common.base_config('T', 64)
-  config.model.update(name=args.model, patch_size=4, window=4, pool=4, dim=64, num_heads=2,
-                      depths=(2, 2), num_classes=4, drop_path_rate=0.0,
-                      dtype='float32')  # XLA's CPU backend runs bfloat16 matmuls slower than float32
+  config.model.update(
+    name=args.model,
+    patch_size=4,
+    window=4,
+    pool=4,
+    dim=64,
+    num_heads=2,
+    depths=(2, 2),
+    num_classes=4,
+    drop_path_rate=0.0,
+    dtype='float32',
+  )  # XLA's CPU backend runs bfloat16 matmuls slower than float32
   config.data.source = 'synthetic'
   config.data.workers = 2
   config.batch_size = 16

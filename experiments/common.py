@@ -23,11 +23,18 @@ if str(ROOT) not in sys.path:  # `python experiments/NAME/run.py` from anywhere,
 # 32 px, patch 4 (8 x 8 tokens), windows of 4 x 4 and a 2 x 2 pool (4 fine windows, one coarse window of
 # 4 x 4 tokens), one block per stage, so `stack` still differs from `atlas`.
 QUICK_OVERRIDES = {
-    'image_size': (32, 32), 'model.pool': 2, 'model.dim': 16, 'model.num_heads': 1, 'model.depths': (1, 1),
-    'batch_size': 4, 'eval.batch_size': 4, 'data.synthetic_val_size': 8, 'data.workers': 1,
-    'checkpoint.async_save': False,
-    # No persistent compilation cache: its setting is process-wide and would outlive a quick run in a test.
-    'compilation_cache_dir': '',
+  'image_size': (32, 32),
+  'model.pool': 2,
+  'model.dim': 16,
+  'model.num_heads': 1,
+  'model.depths': (1, 1),
+  'batch_size': 4,
+  'eval.batch_size': 4,
+  'data.synthetic_val_size': 8,
+  'data.workers': 1,
+  'checkpoint.async_save': False,
+  # No persistent compilation cache: its setting is process-wide and would outlive a quick run in a test.
+  'compilation_cache_dir': '',
 }
 QUICK_STEPS = 2
 
@@ -60,6 +67,7 @@ def set_fields(config, overrides: dict) -> None:
 def quickstart_config(model: str, steps: int, seed: int, overrides: dict, quick: bool):
   """`configs/quickstart.py:model=MODEL,steps=STEPS` with `--config.seed=SEED` and `overrides` applied."""
   from configs import quickstart
+
   config = quickstart.get_config(f'model={model},steps={steps}')
   config.seed = seed
   set_fields(config, {**(QUICK_OVERRIDES if quick else {}), **overrides})
@@ -70,6 +78,7 @@ def configure_jax(config) -> None:
   """What `atlas_jax.main` does before training: the persistent compilation cache, quiet absl logging."""
   from absl import logging
   import jax
+
   logging.set_verbosity(logging.WARNING)
   if config.compilation_cache_dir:
     jax.config.update('jax_compilation_cache_dir', os.path.expanduser(config.compilation_cache_dir))
@@ -86,12 +95,15 @@ def check_workdir(config, workdir: pathlib.Path) -> None:
   from atlas_jax import config as config_lib
   from atlas_jax import train as train_lib
   from atlas_jax import workdir as workdir_lib
+
   if not workdir_lib.config_path(workdir).exists():
     return
   stored_steps = workdir_lib.read_config(workdir).total_steps
   if stored_steps != config.total_steps:
-    raise ExperimentError(f'{workdir} holds a run of {stored_steps} steps, not {config.total_steps}: '
-                          'remove it or pass another --output')
+    raise ExperimentError(
+      f'{workdir} holds a run of {stored_steps} steps, not {config.total_steps}: '
+      'remove it or pass another --output'
+    )
   try:
     train_lib.check_resumable(workdir, config_lib.resolve(config))
   except train_lib.ResumeError as error:
@@ -106,6 +118,7 @@ def train(config, workdir: pathlib.Path) -> dict:
   run is kept in WORKDIR/experiment.json, so a reused run reports it too.
   """
   from atlas_jax import train as train_lib
+
   configure_jax(config)
   check_workdir(config, workdir)
   finished = any(r['kind'] == 'eval' and r['step'] == config.total_steps for r in read_metrics(workdir))
@@ -117,12 +130,16 @@ def train(config, workdir: pathlib.Path) -> dict:
   records = read_metrics(workdir)
   curve = [(r['step'], r['top1']) for r in records if r['kind'] == 'eval' and r['weights'] == 'raw']
   if not curve or curve[-1][0] != config.total_steps:  # SIGTERM: the trainer saved and returned early
-    raise ExperimentError(f'{workdir} stopped before step {config.total_steps}: start the same command again '
-                          'to resume it')
+    raise ExperimentError(
+      f'{workdir} stopped before step {config.total_steps}: start the same command again to resume it'
+    )
   step_times = [r['step_time_s'] for r in records if r['kind'] == 'train' and 'step_time_s' in r]
-  return {'top1': curve[-1][1], 'curve': curve,
-          'wall_s': json.loads(record.read_text())['wall_s'] if record.exists() else None,
-          'step_time_s': round(statistics.median(step_times), 4) if step_times else None}
+  return {
+    'top1': curve[-1][1],
+    'curve': curve,
+    'wall_s': json.loads(record.read_text())['wall_s'] if record.exists() else None,
+    'step_time_s': round(statistics.median(step_times), 4) if step_times else None,
+  }
 
 
 def write_csv(path: pathlib.Path, rows: list[dict], fields: list[str]) -> None:
@@ -146,8 +163,15 @@ def summarize(rows: list[dict], variants: list[str]) -> list[dict]:
   summary = []
   for variant in variants:
     top1 = [row['top1'] for row in rows if row['variant'] == variant]
-    summary.append({'variant': variant, 'seeds': len(top1), 'top1_mean': round(statistics.fmean(top1), 4),
-                    'top1_min': min(top1), 'top1_max': max(top1)})
+    summary.append(
+      {
+        'variant': variant,
+        'seeds': len(top1),
+        'top1_mean': round(statistics.fmean(top1), 4),
+        'top1_min': min(top1),
+        'top1_max': max(top1),
+      }
+    )
   return summary
 
 
@@ -155,6 +179,7 @@ def pyplot():
   """matplotlib's pyplot on the file-only Agg backend, or None (with a note) when matplotlib is missing."""
   try:
     import matplotlib
+
     matplotlib.use('Agg')
     from matplotlib import pyplot as plt
   except ImportError:
@@ -182,8 +207,12 @@ def plot_accuracy(plt, rows: list[dict], variants: list[str], paper: dict, title
     mean = [statistics.fmean(curve[index][1] for curve in curves) for index in range(len(steps))]
     curve_axes.plot(steps, mean, marker='o', label=variant)
   curve_axes.axhline(0.25, color='gray', linestyle='--')
-  curve_axes.set(xlabel='optimizer step', ylabel='validation top-1 (mean over seeds)', ylim=(0, 1),
-                 title='ours: learning curves')
+  curve_axes.set(
+    xlabel='optimizer step',
+    ylabel='validation top-1 (mean over seeds)',
+    ylim=(0, 1),
+    title='ours: learning curves',
+  )
   curve_axes.legend(fontsize=8)
   paper_axes.bar(positions, [paper[variant] for variant in variants], color='tab:orange', alpha=0.6)
   paper_axes.set_xticks(list(positions), variants, rotation=30, ha='right')
@@ -203,10 +232,12 @@ def accuracy_parser(doc: str, name: str, variants: dict, default_steps: int, def
   parser.add_argument('--steps', type=int, default=default_steps, help='optimizer steps of every run')
   parser.add_argument('--seeds', default=default_seeds, help='comma-separated seeds')
   parser.add_argument('--variants', default=','.join(variants), help='comma-separated subset of the variants')
-  parser.add_argument('--output', default=str(ROOT / 'experiments' / name),
-                      help='where the CSVs, the PNG and the workdirs go')
-  parser.add_argument('--quick', action='store_true',
-                      help='seconds-long smoke run (tiny model, 2 steps, 1 seed)')
+  parser.add_argument(
+    '--output', default=str(ROOT / 'experiments' / name), help='where the CSVs, the PNG and the workdirs go'
+  )
+  parser.add_argument(
+    '--quick', action='store_true', help='seconds-long smoke run (tiny model, 2 steps, 1 seed)'
+  )
   return parser
 
 
@@ -233,23 +264,43 @@ def run_accuracy_experiment(args, name: str, variants: dict, paper: dict, title:
       config = quickstart_config(model, steps, seed, overrides, args.quick)
       result = train(config, output / 'workdirs' / f'{variant}_seed{seed}')
       rows.append({'variant': variant, 'seed': seed, 'steps': steps, **result})
-      print(f'{name}: {variant} seed {seed}: top-1 {result["top1"]:.3f}, '
-            f'median step {result["step_time_s"]} s, wall {result["wall_s"]} s', flush=True)
+      print(
+        f'{name}: {variant} seed {seed}: top-1 {result["top1"]:.3f}, '
+        f'median step {result["step_time_s"]} s, wall {result["wall_s"]} s',
+        flush=True,
+      )
   write_csv(output / 'results.csv', rows, ['variant', 'seed', 'steps', 'top1', 'step_time_s', 'wall_s'])
   write_curves(output / 'curves.csv', rows)
   summary = []
   for row in summarize(rows, chosen):
     step_times = [r['step_time_s'] for r in rows if r['variant'] == row['variant'] and r['step_time_s']]
-    summary.append({**row, 'step_time_s': round(statistics.median(step_times), 4) if step_times else None,
-                    'paper_top1': paper[row['variant']]})
-  write_csv(output / 'summary.csv', summary,
-            ['variant', 'seeds', 'top1_mean', 'top1_min', 'top1_max', 'step_time_s', 'paper_top1'])
+    summary.append(
+      {
+        **row,
+        'step_time_s': round(statistics.median(step_times), 4) if step_times else None,
+        'paper_top1': paper[row['variant']],
+      }
+    )
+  write_csv(
+    output / 'summary.csv',
+    summary,
+    ['variant', 'seeds', 'top1_mean', 'top1_min', 'top1_max', 'step_time_s', 'paper_top1'],
+  )
   for row in summary:
-    print(f'{name}: {row["variant"]:>10}  ours {100 * row["top1_mean"]:5.1f}% (seeds {row["seeds"]}, '
-          f'{100 * row["top1_min"]:.1f}-{100 * row["top1_max"]:.1f}), step {row["step_time_s"]} s  '
-          f'paper {row["paper_top1"]:.2f}%', flush=True)
+    print(
+      f'{name}: {row["variant"]:>10}  ours {100 * row["top1_mean"]:5.1f}% (seeds {row["seeds"]}, '
+      f'{100 * row["top1_min"]:.1f}-{100 * row["top1_max"]:.1f}), step {row["step_time_s"]} s  '
+      f'paper {row["paper_top1"]:.2f}%',
+      flush=True,
+    )
   plt = pyplot()
   if plt is not None:
-    plot_accuracy(plt, rows, chosen, paper, f'{title}: synthetic task, {steps} steps, seeds {seeds}',
-                  output / f'{name}.png')
+    plot_accuracy(
+      plt,
+      rows,
+      chosen,
+      paper,
+      f'{title}: synthetic task, {steps} steps, seeds {seeds}',
+      output / f'{name}.png',
+    )
   return summary

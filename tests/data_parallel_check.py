@@ -21,8 +21,9 @@ def one_step(config, devices, fsdp: int = 1):
   config.mesh.update(data=len(devices) // fsdp, fsdp=fsdp)
   setup = run_setup.train_setup(config, sharding.make_mesh(config, devices))
   source = sources.make_source(config.data, config.image_size, 'train', 0)
-  with pipeline.TrainLoader(source, config.batch_size, seed=0,
-                            max_bad_fraction=config.data.max_bad_fraction) as loader:
+  with pipeline.TrainLoader(
+    source, config.batch_size, seed=0, max_bad_fraction=config.data.max_bad_fraction
+  ) as loader:
     local_batch = next(loader)
   mesh = setup.mesh
   with jax.set_mesh(mesh):
@@ -47,6 +48,7 @@ def max_relative_difference(got, want) -> float:
 def restore_on_fewer_devices(config, local_batches) -> dict:
   """A step on 8 devices (2 data x 4 FSDP) saved, restored on 4 (2 x 2) and on 1, then one more step each:
   each continues as the 8-device run does."""
+
   def setup(devices, fsdp):
     run_config = config.copy_and_resolve_references()
     run_config.mesh.update(data=len(devices) // fsdp, fsdp=fsdp)
@@ -74,7 +76,8 @@ def restore_on_fewer_devices(config, local_batches) -> dict:
         state, _ = train.restore_state(checkpoints, 1, run.abstract_state, run.state_sharding, loader_state)
         state, _ = step(state, sharding.global_batch(local_batches[1], mesh))
         differences[f'restored_on_{count}'] = max_relative_difference(
-            jax.device_get((state.params, state.ema_params)), reference)
+          jax.device_get((state.params, state.ema_params)), reference
+        )
     checkpoints.close()
   return differences
 
@@ -87,10 +90,20 @@ def main():
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   # A conv stem (patch 16) at 64 px: 4 x 4 tokens, one window; BatchNorm in every stem stage.
   overrides = {key.replace('.', '__'): value for key, value in FULL_RECIPE.items()}
-  config = config_lib.resolve(tiny_config(**overrides, image_size=(64, 64), model__patch_size=16,
-                                            model__stem_width=8, model__stem_in_dim=8, model__depths=(1,),
-                                            batch_size=16, mesh__fsdp_min_size=256, warmup_steps=0,
-                                            optimizer__eps=1e-3))
+  config = config_lib.resolve(
+    tiny_config(
+      **overrides,
+      image_size=(64, 64),
+      model__patch_size=16,
+      model__stem_width=8,
+      model__stem_in_dim=8,
+      model__depths=(1,),
+      batch_size=16,
+      mesh__fsdp_min_size=256,
+      warmup_steps=0,
+      optimizer__eps=1e-3,
+    )
+  )
   # warmup 0: the first step really moves the parameters. eps 1e-3: some gradients are zero in exact
   # arithmetic (conv biases before BatchNorm, the key bias under softmax) and hold only rounding noise,
   # which depends on the reduction order, hence on the device count; Adam with eps 1e-8 would blow that
@@ -102,14 +115,22 @@ def main():
   fsdp, fsdp_split = one_step(config.copy_and_resolve_references(), devices[:8], fsdp=4)
   assert jax.tree.leaves(single[1]), 'the model should have BatchNorm statistics'
   source = sources.make_source(config.data, config.image_size, 'train', 0)
-  with pipeline.TrainLoader(source, config.batch_size, seed=0,
-                            max_bad_fraction=config.data.max_bad_fraction) as loader:
+  with pipeline.TrainLoader(
+    source, config.batch_size, seed=0, max_bad_fraction=config.data.max_bad_fraction
+  ) as loader:
     local_batches = [next(loader), next(loader)]
   restored = restore_on_fewer_devices(config, local_batches)
-  print(json.dumps({**restored, 'devices': len(devices[:8]),
-                    'max_relative_difference': max(map(max_relative_difference, data_parallel, single)),
-                    'fsdp_max_relative_difference': max(map(max_relative_difference, fsdp, single)),
-                    'fsdp_split_fraction': fsdp_split}))
+  print(
+    json.dumps(
+      {
+        **restored,
+        'devices': len(devices[:8]),
+        'max_relative_difference': max(map(max_relative_difference, data_parallel, single)),
+        'fsdp_max_relative_difference': max(map(max_relative_difference, fsdp, single)),
+        'fsdp_split_fraction': fsdp_split,
+      }
+    )
+  )
 
 
 if __name__ == '__main__':

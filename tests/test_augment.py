@@ -54,8 +54,9 @@ def test_accelerator_upsampling_stays_close_to_pil_bicubic():
 
 def test_erasing_rate_and_boxes_follow_the_definition():
   height, width = 32, 48
-  boxes = np.asarray(jax.jit(augment.sample_erase_boxes, static_argnums=(1, 2, 3))(
-      jax.random.key(10), SAMPLES, height, width))[:, 0]                  # (SAMPLES, 4), count 1
+  boxes = np.asarray(
+    jax.jit(augment.sample_erase_boxes, static_argnums=(1, 2, 3))(jax.random.key(10), SAMPLES, height, width)
+  )[:, 0]  # (SAMPLES, 4), count 1
   erased = boxes[:, 2] > 0
   assert abs(erased.mean() - 0.25) < RATE_TOLERANCE
   tops, lefts, box_heights, box_widths = boxes[erased].T
@@ -76,15 +77,16 @@ def test_erasing_fills_exactly_the_boxes_with_standard_normal_values():
 
   @jax.jit
   def erase_all_modes(key):
-    box_key, _ = jax.random.split(key)      # random_erase's own first split draws the boxes
-    return ({mode: augment.random_erase(key, images, prob=0.5, mode=mode)
-             for mode in augment.ERASE_MODES},
-            augment.sample_erase_boxes(box_key, 400, 24, 24, prob=0.5)[:, 0])
+    box_key, _ = jax.random.split(key)  # random_erase's own first split draws the boxes
+    return (
+      {mode: augment.random_erase(key, images, prob=0.5, mode=mode) for mode in augment.ERASE_MODES},
+      augment.sample_erase_boxes(box_key, 400, 24, 24, prob=0.5)[:, 0],
+    )
 
   erased, boxes = jax.device_get(erase_all_modes(jax.random.key(11)))
   inside = np.zeros(images.shape[:3], bool)
   for index, (top, left, box_height, box_width) in enumerate(boxes):
-    inside[index, top:top + box_height, left:left + box_width] = True
+    inside[index, top : top + box_height, left : left + box_width] = True
   for mode in augment.ERASE_MODES:
     np.testing.assert_array_equal(erased[mode][~inside], 7.0)
   values = erased['pixel'][inside]
@@ -92,7 +94,7 @@ def test_erasing_fills_exactly_the_boxes_with_standard_normal_values():
   np.testing.assert_array_equal(erased['const'][inside], 0.0)
   # 'rand': one colour per box.
   index = int(np.flatnonzero(boxes[:, 2] > 1)[0])
-  box_pixels = erased['rand'][index][inside[index]]                                # (pixels, 3)
+  box_pixels = erased['rand'][index][inside[index]]  # (pixels, 3)
   np.testing.assert_array_equal(box_pixels, np.broadcast_to(box_pixels[0], box_pixels.shape))
   # Same key, same output.
   again, _ = jax.device_get(erase_all_modes(jax.random.key(11)))
@@ -100,8 +102,11 @@ def test_erasing_fills_exactly_the_boxes_with_standard_normal_values():
 
 
 def test_several_boxes_share_the_area():
-  boxes = np.asarray(jax.jit(augment.sample_erase_boxes, static_argnums=(1, 2, 3, 5, 6, 7))(
-      jax.random.key(12), 2000, 40, 40, 1.0, (0.02, 1 / 3), (0.3, 1 / 0.3), 3))     # (2000, 3, 4)
+  boxes = np.asarray(
+    jax.jit(augment.sample_erase_boxes, static_argnums=(1, 2, 3, 5, 6, 7))(
+      jax.random.key(12), 2000, 40, 40, 1.0, (0.02, 1 / 3), (0.3, 1 / 0.3), 3
+    )
+  )  # (2000, 3, 4)
   assert boxes.shape == (2000, 3, 4) and (boxes[..., 2] > 0).mean() > 0.99
   # Each of 3 boxes draws its area from (0.02, 1/3) / 3 of the image.
   assert (boxes[..., 2] * boxes[..., 3]).max() / 1600 < 0.14
@@ -116,10 +121,12 @@ def test_several_boxes_share_the_area():
 _jitted_mixup_cutmix = jax.jit(augment.mixup_cutmix, static_argnums=3)
 
 
-def mix(rng, images, labels, num_classes, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5,
-        label_smoothing=0.1):
-  mixed, targets = _jitted_mixup_cutmix(rng, images, labels, num_classes, mixup_alpha, cutmix_alpha,
-                                        switch_prob, label_smoothing)
+def mix(
+  rng, images, labels, num_classes, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, label_smoothing=0.1
+):
+  mixed, targets = _jitted_mixup_cutmix(
+    rng, images, labels, num_classes, mixup_alpha, cutmix_alpha, switch_prob, label_smoothing
+  )
   return np.asarray(mixed), np.asarray(targets)  # numpy from here: eager jax ops compile one by one
 
 
@@ -154,9 +161,9 @@ def test_mixup_forced_blends_with_flipped_batch(seed):
 def test_cutmix_forced_pastes_a_box_and_corrects_lam(seed):
   images, labels = example_batch()
   mixed, targets = mix(jax.random.key(seed), images, labels, NUM_CLASSES, switch_prob=1.0)
-  from_self = np.all(mixed == images, axis=-1)       # (B, H, W)
+  from_self = np.all(mixed == images, axis=-1)  # (B, H, W)
   from_partner = np.all(mixed == images[::-1], axis=-1)
-  assert np.all(from_self ^ from_partner)            # every pixel from exactly one source
+  assert np.all(from_self ^ from_partner)  # every pixel from exactly one source
   np.testing.assert_allclose(targets.sum(-1), 1.0, rtol=1e-6)
   lam = implied_lam(targets, labels, 0.1)
   np.testing.assert_allclose(lam, from_self[0].mean(), rtol=1e-5, atol=1e-6)
@@ -165,7 +172,7 @@ def test_cutmix_forced_pastes_a_box_and_corrects_lam(seed):
   assert np.all(~from_self == pasted)
   if pasted.any():
     rows, cols = np.nonzero(pasted.any(1))[0], np.nonzero(pasted.any(0))[0]
-    assert pasted[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
+    assert pasted[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].all()
     assert pasted.sum() == len(rows) * len(cols)
 
 
@@ -181,8 +188,9 @@ def test_cutmix_only_and_mixup_only_alphas():
 
 def test_both_alphas_zero_is_identity_with_smoothed_targets():
   images, labels = example_batch()
-  mixed, targets = augment.mixup_cutmix(jax.random.key(0), images, labels, NUM_CLASSES, mixup_alpha=0.0,
-                                       cutmix_alpha=0.0, label_smoothing=0.1)
+  mixed, targets = augment.mixup_cutmix(
+    jax.random.key(0), images, labels, NUM_CLASSES, mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.1
+  )
   np.testing.assert_array_equal(mixed, images)
   np.testing.assert_array_equal(targets, losses.one_hot_smoothed(labels, NUM_CLASSES, 0.1))
 

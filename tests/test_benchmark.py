@@ -37,8 +37,9 @@ def _scale_block_without_second_mlp(self, tokens, keys, values, deterministic):
   """ScaleBlock.__call__ that skips the MLP for the bottom-up queries (fewer queries than keys)."""
   rows, length, _ = tokens.shape
   query = self.q(self.norm_q(tokens)).reshape(rows, length, self.num_heads, self.dim // self.num_heads)
-  attended = msa.dot_product_attention(query, keys.astype(query.dtype), values.astype(query.dtype),
-                                       self.attention)
+  attended = msa.dot_product_attention(
+    query, keys.astype(query.dtype), values.astype(query.dtype), self.attention
+  )
   tokens = tokens + self.proj(attended.reshape(rows, length, self.dim))
   if length < keys.shape[1]:
     return tokens
@@ -52,41 +53,82 @@ def test_model_flops_of_atlas_b_1024_match_the_reference_count():
 
 def test_jaxpr_flops_counts_dots_convolutions_and_scans():
   def network(kernel, conv_kernel, x):
-    y = jax.lax.conv_general_dilated(x, conv_kernel, (1, 1), 'SAME',
-                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))      # 2*8*8*4*(3*3*3)
-    y = y.reshape(2, -1) @ kernel                                                       # 2*2*256*5
+    y = jax.lax.conv_general_dilated(
+      x, conv_kernel, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+    )  # 2*8*8*4*(3*3*3)
+    y = y.reshape(2, -1) @ kernel  # 2*2*256*5
     return jax.lax.scan(lambda carry, _: (carry @ jnp.ones((5, 5)), None), y, None, length=3)[0]  # 3*2*2*5*5
+
   jaxpr = jax.make_jaxpr(network)(jnp.ones((256, 5)), jnp.ones((3, 3, 3, 4)), jnp.ones((2, 8, 8, 3)))
   assert benchmark.jaxpr_flops(jaxpr.jaxpr) == 2 * 2 * 8 * 8 * 4 * 27 + 2 * 2 * 256 * 5 + 3 * 2 * 2 * 5 * 5
 
 
-@pytest.mark.parametrize('dtype, fault', [('bfloat16', None), ('float32', 'tanh_gelu'), ('bfloat16', 'no_second_mlp')])
+@pytest.mark.parametrize(
+  'dtype, fault', [('bfloat16', None), ('float32', 'tanh_gelu'), ('bfloat16', 'no_second_mlp')]
+)
 def test_fast_path_check_passes_a_clean_model_and_catches_planted_faults(dtype, fault):
   config = config_lib.resolve(tiny_config(model__dtype=dtype))
   model = build_model(config)
   variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-  fast_model = {None: model,
-                'tanh_gelu': Planted(model, layers, 'gelu', functools.partial(nn.gelu, approximate=True)),
-                'no_second_mlp': Planted(model, msa.ScaleBlock, '__call__', _scale_block_without_second_mlp),
-                }[fault]
-  difference, ok = benchmark.fast_path_check(config, variables['params'], variables.get('batch_stats'), fast_model)
+  fast_model = {
+    None: model,
+    'tanh_gelu': Planted(model, layers, 'gelu', functools.partial(nn.gelu, approximate=True)),
+    'no_second_mlp': Planted(model, msa.ScaleBlock, '__call__', _scale_block_without_second_mlp),
+  }[fault]
+  difference, ok = benchmark.fast_path_check(
+    config, variables['params'], variables.get('batch_stats'), fast_model
+  )
   assert ok == (fault is None), difference
 
 
 def test_command_line_prints_the_design_fields_without_the_data_pipeline(tmp_path):
   # Block the data pipeline and TensorFlow: the benchmark must not need them.
-  blocker = ("import sys, runpy; sys.modules['atlas_jax.data'] = None; sys.modules['tensorflow'] = None; "
-             "sys.argv = ['benchmark'] + sys.argv[1:]; runpy.run_module('atlas_jax.benchmark', run_name='__main__')")
-  command = [sys.executable, '-c', blocker, '--config=configs/quickstart.py', '--batch_size=4', '--steps=2',
-             '--warmup=1', f'--output={tmp_path / "results.jsonl"}', *command_line_overrides()]
-  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, 'PYTHONPATH': str(ROOT)})
+  blocker = (
+    "import sys, runpy; sys.modules['atlas_jax.data'] = None; sys.modules['tensorflow'] = None; "
+    "sys.argv = ['benchmark'] + sys.argv[1:]; runpy.run_module('atlas_jax.benchmark', run_name='__main__')"
+  )
+  command = [
+    sys.executable,
+    '-c',
+    blocker,
+    '--config=configs/quickstart.py',
+    '--batch_size=4',
+    '--steps=2',
+    '--warmup=1',
+    f'--output={tmp_path / "results.jsonl"}',
+    *command_line_overrides(),
+  ]
+  result = subprocess.run(
+    command,
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env={**os.environ, 'PYTHONPATH': str(ROOT)},
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   lines = [json.loads(line) for line in (tmp_path / 'results.jsonl').read_text().splitlines()]
   assert [line['mode'] for line in lines] == ['infer', 'train']
-  fields = {'config', 'model', 'image_size', 'batch_size', 'mode', 'images_per_s', 'step_ms_median', 'compile_s',
-            'peak_mem_gib', 'model_flops_per_image', 'xla_flops_per_image', 'mfu', 'peak_tflops', 'device',
-            'jax_version', 'dtype', 'attention', 'remat'}
+  fields = {
+    'config',
+    'model',
+    'image_size',
+    'batch_size',
+    'mode',
+    'images_per_s',
+    'step_ms_median',
+    'compile_s',
+    'peak_mem_gib',
+    'model_flops_per_image',
+    'xla_flops_per_image',
+    'mfu',
+    'peak_tflops',
+    'device',
+    'jax_version',
+    'dtype',
+    'attention',
+    'remat',
+  }
   for line in lines:
     assert fields <= set(line) and line['images_per_s'] > 0 and line['peak_mem_gib'] > 0
   assert lines[1]['model_flops_per_image'] == 3 * lines[0]['model_flops_per_image']
@@ -97,6 +139,7 @@ def test_device_time_by_op_reads_a_trace_without_tensorboard(tmp_path):
   import jax.numpy as jnp
 
   from atlas_jax import benchmark
+
   step = jax.jit(lambda x: jnp.tanh(x @ x).sum())
   matrix = jnp.ones((256, 256))
   step(matrix).block_until_ready()

@@ -28,8 +28,10 @@ def import_graph() -> dict[str, set[str]]:
         targets = [alias.name for alias in node.names]
       elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
         # `from atlas_jax import train` imports the module atlas_jax.train; `from a.b import f` imports a.b.
-        targets = [f'{node.module}.{alias.name}' if f'{node.module}.{alias.name}' in modules else node.module
-                   for alias in node.names]
+        targets = [
+          f'{node.module}.{alias.name}' if f'{node.module}.{alias.name}' in modules else node.module
+          for alias in node.names
+        ]
       else:
         continue
       edges.update(target for target in targets if target in modules and target != name)
@@ -45,7 +47,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     state[module] = 'open'
     for imported in sorted(graph[module]):
       if state.get(imported) == 'open':
-        return path[path.index(imported):] + [imported]
+        return path[path.index(imported) :] + [imported]
       if imported not in state:
         cycle = visit(imported, path + [imported])
         if cycle:
@@ -83,7 +85,9 @@ def test_models_import_nothing_of_training_data_or_orbax_statically():
 def _loaded_after(statement: str) -> set[str]:
   """The modules a fresh interpreter holds after running `statement`."""
   script = f'import sys\n{statement}\nprint("\\n".join(sorted(sys.modules)))'
-  result = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  result = subprocess.run(
+    [sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True, timeout=300
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   return set(result.stdout.split())
 

@@ -13,8 +13,9 @@ from configs import common
 
 def _patchify_model():
   config = common.base_config('T', 32)
-  config.model.update(patch_size=4, dim=16, num_heads=2, stem_width=4, depths=(1, 1), window=4, pool=2,
-                      dtype='float32')
+  config.model.update(
+    patch_size=4, dim=16, num_heads=2, stem_width=4, depths=(1, 1), window=4, pool=2, dtype='float32'
+  )
   return build_model(resolve(config))
 
 
@@ -27,7 +28,9 @@ def test_model_without_batchnorm_saves_and_restores(tmp_path):
   checkpoints.save(3, {'params': variables['params'], 'batch_stats': {}})
   checkpoints.close()
   assert sorted(p.name for p in (tmp_path / 'checkpoints' / '3').iterdir() if p.is_dir()) == ['params']
-  restored, step = checkpointing.restore_inference_variables(tmp_path, jax.eval_shape(model.init, jax.random.key(0), images))
+  restored, step = checkpointing.restore_inference_variables(
+    tmp_path, jax.eval_shape(model.init, jax.random.key(0), images)
+  )
   assert step == 3 and set(restored) == {'params'}
   for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(variables)):
     np.testing.assert_array_equal(got, want)

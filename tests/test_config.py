@@ -19,7 +19,9 @@ def _with(config, **fields):
   return config
 
 
-@pytest.mark.parametrize('overrides, field', [
+@pytest.mark.parametrize(
+  'overrides, field',
+  [
     (dict(lr=-1e-3), 'config.lr'),
     (dict(min_lr=-1.0), 'config.min_lr'),
     (dict(warmup_steps=200, total_steps=100), 'config.warmup_steps'),
@@ -52,7 +54,8 @@ def _with(config, **fields):
     (dict(data__augment__erase_prob=2.0), 'config.data.augment.erase_prob'),
     (dict(data__augment__erase_area=(0.0, 0.5)), 'config.data.augment.erase_area'),
     (dict(data__augment__erase_count=0), 'config.data.augment.erase_count'),
-])
+  ],
+)
 def test_a_field_out_of_range_is_refused_by_name_in_one_line(overrides, field):
   with pytest.raises(config_lib.ConfigError, match=field.replace('.', r'\.')) as error:
     config_lib.resolve(_with(tiny_config(), **overrides))

@@ -16,8 +16,11 @@ from configs import common
 
 ROOT = pathlib.Path(__file__).parents[1]
 # The model family; the quickstart (explicit small dims, 4 classes) has its own test.
-CONFIG_FILES = sorted(str(path) for path in (ROOT / 'configs').glob('*.py')
-                      if path.name not in ('__init__.py', 'common.py', 'quickstart.py'))
+CONFIG_FILES = sorted(
+  str(path)
+  for path in (ROOT / 'configs').glob('*.py')
+  if path.name not in ('__init__.py', 'common.py', 'quickstart.py')
+)
 
 
 def _parse(config_file, *overrides):
@@ -32,16 +35,24 @@ def _parse(config_file, *overrides):
 
 def _parse_argv(argv):
   flag_values = flags.FlagValues()
-  holder = config_flags.DEFINE_config_file('config', None, 'config', flag_values=flag_values,
-                                           lock_config=True)
+  holder = config_flags.DEFINE_config_file(
+    'config', None, 'config', flag_values=flag_values, lock_config=True
+  )
   flag_values(argv)
   return holder.value
 
 
 def test_the_expected_config_files_exist():
   names = {pathlib.Path(path).stem for path in CONFIG_FILES}
-  assert {'atlas_t_512', 'atlas_s_1024', 'atlas_s_2048', 'atlas_s_4096', 'atlas_b_1024', 'atlas_b_2048',
-          'atlas_b_4096'} <= names
+  assert {
+    'atlas_t_512',
+    'atlas_s_1024',
+    'atlas_s_2048',
+    'atlas_s_4096',
+    'atlas_b_1024',
+    'atlas_b_2048',
+    'atlas_b_4096',
+  } <= names
 
 
 @pytest.mark.parametrize('config_file', CONFIG_FILES)
@@ -83,6 +94,8 @@ def test_quickstart_config():
   config = _parse(str(ROOT / 'configs' / 'quickstart.py'))
   assert '--config=configs/quickstart.py' in open(ROOT / 'configs' / 'quickstart.py').read()
   resolved = resolve(config)
-  assert resolved.image_size == (64, 64) and resolved.model.num_classes == 4 and config.data.source == 'synthetic'
+  assert (
+    resolved.image_size == (64, 64) and resolved.model.num_classes == 4 and config.data.source == 'synthetic'
+  )
   baseline = _parse(str(ROOT / 'configs' / 'quickstart.py') + ':model=window_vit,steps=10')
   assert baseline.model.name == 'window_vit' and baseline.total_steps == 10

@@ -98,18 +98,32 @@ def test_scaling_point_measures_a_compiled_step(capsys):
   scaling = load_command('scaling')
   scaling.main(['--point=atlas:128', '--quick', '--steps=1', '--warmup=0'])
   (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith(scaling.RESULT_PREFIX)]
-  point = json.loads(line[len(scaling.RESULT_PREFIX):])
+  point = json.loads(line[len(scaling.RESULT_PREFIX) :])
   assert (point['model'], point['resolution'], point['tokens'], point['status']) == ('atlas', 128, 256, 'ok')
   assert point['step_s_median'] > 0 and point['train_gflops'] > 0 and point['memory_analysis_gib'] > 0
 
 
 def test_scaling_runs_each_point_in_a_child_process_and_reports_its_failure(tmp_path):
   # A child that fails at once (before importing JAX): the sweep records why and stops that model's curve.
-  command = [sys.executable, 'experiments/scaling/run.py', '--quick', '--models=atlas', '--steps=0',
-             f'--output={tmp_path}']
+  command = [
+    sys.executable,
+    'experiments/scaling/run.py',
+    '--quick',
+    '--models=atlas',
+    '--steps=0',
+    f'--output={tmp_path}',
+  ]
   scaling = load_command('scaling')
-  args = scaling.argparse.Namespace(models='atlas', quick=True, max_resolution=128, output=str(tmp_path),
-                                    point_time_limit_s=60.0, steps=0, warmup=0, max_memory_gib=None)
+  args = scaling.argparse.Namespace(
+    models='atlas',
+    quick=True,
+    max_resolution=128,
+    output=str(tmp_path),
+    point_time_limit_s=60.0,
+    steps=0,
+    warmup=0,
+    max_memory_gib=None,
+  )
   (row,) = scaling.sweep(args)
   assert row['status'] == 'error' and '--steps must be >= 1' in row['note']
   assert read_csv(tmp_path / 'points.csv')[0]['status'] == 'error'
@@ -128,22 +142,44 @@ def test_scaling_stops_a_curve_at_the_first_point_that_does_not_fit(tmp_path, mo
     launched.append((model, resolution))
     tokens = (resolution // 8) ** 2
     if model == 'vit' and resolution >= 512:
-      return {'model': model, 'resolution': resolution, 'tokens': tokens, 'status': 'over_memory',
-              'memory_analysis_gib': 99.0}
-    return {'model': model, 'resolution': resolution, 'tokens': tokens, 'status': 'ok',
-            'step_s_median': tokens / 256 * (0.1 if model == 'vit' else 1.0), 'compile_s': 10.0,
-            'memory_analysis_gib': tokens / 1e4, 'device': 'test'}
+      return {
+        'model': model,
+        'resolution': resolution,
+        'tokens': tokens,
+        'status': 'over_memory',
+        'memory_analysis_gib': 99.0,
+      }
+    return {
+      'model': model,
+      'resolution': resolution,
+      'tokens': tokens,
+      'status': 'ok',
+      'step_s_median': tokens / 256 * (0.1 if model == 'vit' else 1.0),
+      'compile_s': 10.0,
+      'memory_analysis_gib': tokens / 1e4,
+      'device': 'test',
+    }
+
   monkeypatch.setattr(scaling, 'run_point', fake_point)
   # Predicted from the last point, 4 steps growing 4x per doubling: 10 + 4 x 1 x 4 = 26 s for 256 px fits the
   # 60 s limit; 10 + 4 x 4 x 4 = 74 s for 512 px does not, so atlas and window_vit stop unlaunched there.
-  args = scaling.argparse.Namespace(models='atlas,vit,window_vit', quick=False, max_resolution=1024,
-                                    output=str(tmp_path), point_time_limit_s=60.0, steps=3, warmup=1)
+  args = scaling.argparse.Namespace(
+    models='atlas,vit,window_vit',
+    quick=False,
+    max_resolution=1024,
+    output=str(tmp_path),
+    point_time_limit_s=60.0,
+    steps=3,
+    warmup=1,
+  )
   rows = scaling.sweep(args)
   models = ('atlas', 'vit', 'window_vit')
   assert launched == [(model, resolution) for resolution in (128, 256) for model in models] + [('vit', 512)]
   assert [(row['model'], row['resolution'], row['status']) for row in rows[6:]] == [
-      ('atlas', 512, 'predicted_over_time'), ('vit', 512, 'over_memory'),
-      ('window_vit', 512, 'predicted_over_time')]
+    ('atlas', 512, 'predicted_over_time'),
+    ('vit', 512, 'over_memory'),
+    ('window_vit', 512, 'predicted_over_time'),
+  ]
   assert all(row['status'] == 'ok' for row in rows[:6]) and len(rows) == 9
   assert len(read_csv(tmp_path / 'points.csv')) == 9
   assert (tmp_path / 'scaling.png').read_bytes().startswith(PNG_SIGNATURE)

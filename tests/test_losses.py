@@ -31,10 +31,11 @@ def test_the_eval_loss_is_the_training_loss_with_one_hot_targets():
       return jnp.asarray(logits)
 
   sums = evaluate.make_eval_step(FixedLogits(), NUM_CLASSES)(
-      {}, {'image': np.zeros((4, 1, 1, 3)), 'label': labels, 'mask': np.ones(4)})
-  np.testing.assert_allclose(sums['loss'] / 4,
-                             losses.soft_target_cross_entropy(logits, jax.nn.one_hot(labels, NUM_CLASSES)),
-                             rtol=1e-6)
+    {}, {'image': np.zeros((4, 1, 1, 3)), 'label': labels, 'mask': np.ones(4)}
+  )
+  np.testing.assert_allclose(
+    sums['loss'] / 4, losses.soft_target_cross_entropy(logits, jax.nn.one_hot(labels, NUM_CLASSES)), rtol=1e-6
+  )
 
 
 def test_one_hot_smoothed_timm_values():

@@ -19,9 +19,17 @@ from tests.train_configs import FULL_RECIPE, ROOT, command_line_overrides
 STEPS = 32
 # The full recipe at 64 px (three scales). An asynchronous save takes longer than a few steps here, and a
 # save waits for the one before, so a run is still early when its first checkpoint completes.
-RUN_FLAGS = ['--config=configs/quickstart.py:steps=%d' % STEPS, *command_line_overrides(
-    **{key.replace('.', '__'): value for key, value in FULL_RECIPE.items()}, image_size=(64, 64),
-    checkpoint__every_steps=8, log__every_steps=1, eval__every_steps=1000, checkpoint__async_save=True)]
+RUN_FLAGS = [
+  '--config=configs/quickstart.py:steps=%d' % STEPS,
+  *command_line_overrides(
+    **{key.replace('.', '__'): value for key, value in FULL_RECIPE.items()},
+    image_size=(64, 64),
+    checkpoint__every_steps=8,
+    log__every_steps=1,
+    eval__every_steps=1000,
+    checkpoint__async_save=True,
+  ),
+]
 # Every run imports atlas_jax with TensorFlow unimportable: the events must still be written.
 NO_TENSORFLOW = "import sys; sys.modules['tensorflow'] = None\n"
 
@@ -41,8 +49,9 @@ def _command(workdir, extra):
 
 def _run(workdir, environment, timeout=300):
   env, extra = environment
-  return subprocess.run(_command(workdir, extra), cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=timeout)
+  return subprocess.run(
+    _command(workdir, extra), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+  )
 
 
 def _logged_steps(workdir) -> int:
@@ -55,14 +64,19 @@ def _logged_steps(workdir) -> int:
 
 def _complete_checkpoints(workdir) -> list[int]:
   directory = pathlib.Path(workdir) / 'checkpoints'
-  return sorted(int(path.name) for path in directory.iterdir() if path.name.isdigit()) if directory.is_dir() else []
+  return (
+    sorted(int(path.name) for path in directory.iterdir() if path.name.isdigit())
+    if directory.is_dir()
+    else []
+  )
 
 
 def _interrupt(workdir, environment, sig, ready) -> subprocess.CompletedProcess:
   """Starts a run and sends `sig` once `ready(workdir)` holds; returns the finished process."""
   env, extra = environment
-  process = subprocess.Popen(_command(workdir, extra), cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+  process = subprocess.Popen(
+    _command(workdir, extra), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
   deadline = time.monotonic() + 300
   while not ready(workdir):
     assert process.poll() is None, process.communicate()[1][-3000:]
@@ -76,13 +90,18 @@ def _interrupt(workdir, environment, sig, ready) -> subprocess.CompletedProcess:
 def _final_items(workdir):
   step_dir = pathlib.Path(workdir) / 'checkpoints' / str(STEPS)
   checkpointer = ocp.StandardCheckpointer()
-  return {name: checkpointer.restore(step_dir / name) for name in ('params', 'opt_state', 'ema_params',
-                                                                   'train_state', 'data')}
+  return {
+    name: checkpointer.restore(step_dir / name)
+    for name in ('params', 'opt_state', 'ema_params', 'train_state', 'data')
+  }
 
 
 def _train_losses(workdir):
-  return {record['step']: record['loss'] for record in metrics_lib.read_metrics(workdir)
-          if record['kind'] == 'train'}
+  return {
+    record['step']: record['loss']
+    for record in metrics_lib.read_metrics(workdir)
+    if record['kind'] == 'train'
+  }
 
 
 @pytest.fixture(scope='module')
@@ -105,10 +124,12 @@ def _assert_same_run(workdir, reference):
 
 
 def test_sigkill_between_checkpoints_then_restart_is_bitwise_the_uninterrupted_run(
-    uninterrupted, environment, tmp_path):
+  uninterrupted, environment, tmp_path
+):
   def past_a_checkpoint(workdir):
     complete = _complete_checkpoints(workdir)
     return bool(complete) and _logged_steps(workdir) > complete[-1]
+
   killed = _interrupt(tmp_path, environment, signal.SIGKILL, past_a_checkpoint)
   assert killed.returncode == -signal.SIGKILL
   logged = _logged_steps(tmp_path)
@@ -125,7 +146,8 @@ def test_sigkill_between_checkpoints_then_restart_is_bitwise_the_uninterrupted_r
 
 
 def test_sigterm_saves_at_the_next_step_and_exits_cleanly_then_resumes_exactly(
-    uninterrupted, environment, tmp_path):
+  uninterrupted, environment, tmp_path
+):
   stopped = _interrupt(tmp_path, environment, signal.SIGTERM, lambda workdir: _logged_steps(workdir) >= 5)
   assert stopped.returncode == 0, stopped.stderr[-3000:]
   saved = int(stopped.stdout.split('preempted: saved step ')[1].split(';')[0])
@@ -139,6 +161,7 @@ def test_sigterm_saves_at_the_next_step_and_exits_cleanly_then_resumes_exactly(
 
 def test_tensorboard_events_are_written_without_tensorflow(uninterrupted):
   from tensorboard.backend.event_processing import event_accumulator
+
   accumulator = event_accumulator.EventAccumulator(str(uninterrupted / 'tb'))
   accumulator.Reload()
   losses = accumulator.Scalars('train/loss')
@@ -150,9 +173,14 @@ def test_tensorboard_events_are_written_without_tensorflow(uninterrupted):
 
 
 def test_a_config_without_data_fails_in_one_line_naming_where_it_looked(tmp_path):
-  result = subprocess.run([sys.executable, '-m', 'atlas_jax.main', '--config=configs/atlas_s_2048.py',
-                           f'--workdir={tmp_path}'], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, 'PYTHONPATH': str(ROOT)})
+  result = subprocess.run(
+    [sys.executable, '-m', 'atlas_jax.main', '--config=configs/atlas_s_2048.py', f'--workdir={tmp_path}'],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env={**os.environ, 'PYTHONPATH': str(ROOT)},
+  )
   assert result.returncode == 1
   error_lines = [line for line in result.stderr.splitlines() if line.startswith('error:')]
   assert len(error_lines) == 1 and 'data_dir' in error_lines[0] and '--config.data' in error_lines[0]
@@ -161,14 +189,25 @@ def test_a_config_without_data_fails_in_one_line_naming_where_it_looked(tmp_path
 
 def test_the_quickstart_learns_well_above_chance(tmp_path):
   """The CI version of experiments/quickstart_vs_windows: 200 steps of the quickstart; chance is 25%."""
-  flags = ['--config=configs/quickstart.py:steps=200',
-           '--config.min_lr=0.002',  # a short run: hold the peak rate after warm-up rather than decay it away
-           '--config.data.synthetic_val_size=200', '--config.eval.every_steps=200', '--config.eval.batch_size=100',
-           '--config.checkpoint.every_steps=200', '--config.compilation_cache_dir=']
+  flags = [
+    '--config=configs/quickstart.py:steps=200',
+    '--config.min_lr=0.002',  # a short run: hold the peak rate after warm-up rather than decay it away
+    '--config.data.synthetic_val_size=200',
+    '--config.eval.every_steps=200',
+    '--config.eval.batch_size=100',
+    '--config.checkpoint.every_steps=200',
+    '--config.compilation_cache_dir=',
+  ]
   # XLA's full optimisation here: this test is dominated by running steps, not compiling them.
   env = {**os.environ, 'PYTHONPATH': str(ROOT), 'XLA_FLAGS': ''}
-  result = subprocess.run([sys.executable, '-m', 'atlas_jax.main', *flags, f'--workdir={tmp_path}'], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
+  result = subprocess.run(
+    [sys.executable, '-m', 'atlas_jax.main', *flags, f'--workdir={tmp_path}'],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   final = [record for record in metrics_lib.read_metrics(tmp_path) if record['kind'] == 'eval'][-1]
   assert final['step'] == 200 and final['top1'] >= 0.4, final

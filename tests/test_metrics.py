@@ -22,16 +22,20 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def _strict_json(line: str):
   """json.loads that refuses the non-standard NaN / Infinity tokens Python would otherwise accept."""
+
   def refuse(token):
     raise ValueError(f'non-standard JSON token {token}')
+
   return json.loads(line, parse_constant=refuse)
 
 
 def _scalars(tb_dir) -> dict[str, list[tuple[int, float]]]:
   accumulator = event_accumulator.EventAccumulator(str(tb_dir))
   accumulator.Reload()
-  return {tag: [(event.step, event.value) for event in accumulator.Scalars(tag)]
-          for tag in accumulator.Tags()['scalars']}
+  return {
+    tag: [(event.step, event.value) for event in accumulator.Scalars(tag)]
+    for tag in accumulator.Tags()['scalars']
+  }
 
 
 def _events(path) -> list:
@@ -40,11 +44,19 @@ def _events(path) -> list:
 
 def test_jsonl_round_trip_in_order(tmp_path):
   with metrics.MetricWriter(tmp_path) as writer:
-    train = writer.write(10, 'train', {'loss': 1.25, 'lr': 4e-4, 'grad_norm': 0.5, 'images_per_s': 312.5,
-                                      'step_time_s': 0.1})
+    train = writer.write(
+      10, 'train', {'loss': 1.25, 'lr': 4e-4, 'grad_norm': 0.5, 'images_per_s': 312.5, 'step_time_s': 0.1}
+    )
     evaluation = writer.write(20, 'eval', {'top1': 0.5, 'top5': 0.75, 'loss': 2.0, 'weights': 'ema'})
-  assert train == {'step': 10, 'kind': 'train', 'loss': 1.25, 'lr': 4e-4, 'grad_norm': 0.5,
-                   'images_per_s': 312.5, 'step_time_s': 0.1}
+  assert train == {
+    'step': 10,
+    'kind': 'train',
+    'loss': 1.25,
+    'lr': 4e-4,
+    'grad_norm': 0.5,
+    'images_per_s': 312.5,
+    'step_time_s': 0.1,
+  }
   lines = (tmp_path / 'metrics.jsonl').read_text().splitlines()
   assert [list(_strict_json(line)) for line in lines] == [list(train), list(evaluation)]  # key order kept
   assert metrics.read_metrics(tmp_path) == [train, evaluation]
@@ -55,15 +67,38 @@ def test_jsonl_round_trip_in_order(tmp_path):
 
 
 def test_numpy_and_jax_scalars_become_python_values(tmp_path):
-  values = {'f32': np.float32(1.5), 'f64': np.float64(2.5), 'i64': np.int64(3), 'u8': np.uint8(4),
-            'flag': np.bool_(True), 'jax_f32': jnp.asarray(0.25), 'jax_i32': jnp.asarray(7, jnp.int32),
-            'jax_bf16': jnp.asarray(1.5, jnp.bfloat16), 'zero_d': np.array(6.5), 'label': np.str_('raw'),
-            'python_int': 8, 'none': None}
+  values = {
+    'f32': np.float32(1.5),
+    'f64': np.float64(2.5),
+    'i64': np.int64(3),
+    'u8': np.uint8(4),
+    'flag': np.bool_(True),
+    'jax_f32': jnp.asarray(0.25),
+    'jax_i32': jnp.asarray(7, jnp.int32),
+    'jax_bf16': jnp.asarray(1.5, jnp.bfloat16),
+    'zero_d': np.array(6.5),
+    'label': np.str_('raw'),
+    'python_int': 8,
+    'none': None,
+  }
   with metrics.MetricWriter(tmp_path) as writer:
     record = writer.write(np.int64(5), 'train', values)
-  expected = {'step': 5, 'kind': 'train', 'f32': 1.5, 'f64': 2.5, 'i64': 3, 'u8': 4, 'flag': True,
-              'jax_f32': 0.25, 'jax_i32': 7, 'jax_bf16': 1.5, 'zero_d': 6.5, 'label': 'raw', 'python_int': 8,
-              'none': None}
+  expected = {
+    'step': 5,
+    'kind': 'train',
+    'f32': 1.5,
+    'f64': 2.5,
+    'i64': 3,
+    'u8': 4,
+    'flag': True,
+    'jax_f32': 0.25,
+    'jax_i32': 7,
+    'jax_bf16': 1.5,
+    'zero_d': 6.5,
+    'label': 'raw',
+    'python_int': 8,
+    'none': None,
+  }
   assert record == expected
   types = {key: type(value) for key, value in record.items()}
   assert types == {key: type(value) for key, value in expected.items()}
@@ -83,12 +118,26 @@ def test_non_scalars_and_reserved_names_are_refused(tmp_path):
 
 def test_nan_and_inf_give_standard_json_and_read_back_as_floats(tmp_path):
   with metrics.MetricWriter(tmp_path) as writer:
-    record = writer.write(1, 'train', {'loss': float('nan'), 'grad_norm': np.float32(np.inf),
-                                       'lr': jnp.asarray(-jnp.inf), 'images_per_s': 3.0})
+    record = writer.write(
+      1,
+      'train',
+      {
+        'loss': float('nan'),
+        'grad_norm': np.float32(np.inf),
+        'lr': jnp.asarray(-jnp.inf),
+        'images_per_s': 3.0,
+      },
+    )
   assert math.isnan(record['loss']) and record['grad_norm'] == math.inf and record['lr'] == -math.inf
   [line] = (tmp_path / 'metrics.jsonl').read_text().splitlines()
-  assert _strict_json(line) == {'step': 1, 'kind': 'train', 'loss': 'nan', 'grad_norm': 'inf', 'lr': '-inf',
-                                'images_per_s': 3.0}
+  assert _strict_json(line) == {
+    'step': 1,
+    'kind': 'train',
+    'loss': 'nan',
+    'grad_norm': 'inf',
+    'lr': '-inf',
+    'images_per_s': 3.0,
+  }
   [read] = metrics.read_metrics(tmp_path)
   assert math.isnan(read['loss']) and read['grad_norm'] == math.inf and read['lr'] == -math.inf
   scalars = _scalars(tmp_path / 'tb')
@@ -127,22 +176,36 @@ def test_truncate_after_keeps_the_records_of_the_restored_step(tmp_path):
     _log_run(writer, range(1, 5))
     writer.truncate_after(2)
     assert [(r['step'], r['kind']) for r in metrics.read_metrics(tmp_path)] == [
-        (1, 'train'), (2, 'train'), (2, 'eval')]
+      (1, 'train'),
+      (2, 'train'),
+      (2, 'eval'),
+    ]
     writer.write(3, 'train', {'loss': 0.5})  # the writer appends after a truncation
   assert [r['step'] for r in metrics.read_metrics(tmp_path)] == [1, 2, 2, 3]
 
 
 def test_tensorboard_reads_back_tags_steps_and_values(tmp_path):
   with metrics.MetricWriter(tmp_path) as writer:
-    writer.write(100, 'train', {'loss': 2.302585, 'lr': 4e-4, 'images_per_s': np.float32(312.4),
-                                'flag': True})
+    writer.write(
+      100, 'train', {'loss': 2.302585, 'lr': 4e-4, 'images_per_s': np.float32(312.4), 'flag': True}
+    )
     writer.write(200, 'train', {'loss': 1.1, 'lr': 3e-4, 'images_per_s': 300.0, 'flag': False})
     writer.write(200, 'eval', {'top1': 0.7125, 'top5': jnp.asarray(0.9), 'loss': 1.3, 'weights': 'ema'})
     writer.write(200, 'eval', {'top1': 0.70, 'top5': 0.89, 'loss': 1.35, 'weights': 'raw'})
     writer.write(300, 'note', {'message': 'only strings: no event'})
   scalars = _scalars(tmp_path / 'tb')
-  assert set(scalars) == {'train/loss', 'train/lr', 'train/images_per_s', 'train/flag', 'eval/ema/top1',
-                          'eval/ema/top5', 'eval/ema/loss', 'eval/raw/top1', 'eval/raw/top5', 'eval/raw/loss'}
+  assert set(scalars) == {
+    'train/loss',
+    'train/lr',
+    'train/images_per_s',
+    'train/flag',
+    'eval/ema/top1',
+    'eval/ema/top5',
+    'eval/ema/loss',
+    'eval/raw/top1',
+    'eval/raw/top5',
+    'eval/raw/loss',
+  }
   f32 = lambda value: float(np.float32(value))
   assert scalars['train/loss'] == [(100, f32(2.302585)), (200, f32(1.1))]
   assert scalars['train/lr'] == [(100, f32(4e-4)), (200, f32(3e-4))]
@@ -154,7 +217,8 @@ def test_tensorboard_reads_back_tags_steps_and_values(tmp_path):
   [events_file] = list((tmp_path / 'tb').iterdir())
   assert events_file == writer.events_path
   assert events_file.name.startswith('events.out.tfevents.') and events_file.name.endswith(
-      f'.{socket.gethostname()}.{os.getpid()}.atlas_jax')
+    f'.{socket.gethostname()}.{os.getpid()}.atlas_jax'
+  )
   events = _events(events_file)
   assert len(events) == 5 and events[0].file_version == 'brain.Event:2'
   assert [event.step for event in events[1:]] == [100, 200, 200, 200]
@@ -165,8 +229,11 @@ def test_tags_keep_their_characters_and_values_beyond_float32_become_inf(tmp_pat
   with metrics.MetricWriter(tmp_path) as writer:
     writer.write(1, 'eval', {'top1': 1e300, 'loss': -1e300, 'tiny': 1e-50, 'weights': 'ema é 2'})
   label = 'eval/ema é 2'  # kept as is (tensorboardX's add_scalar would make the space a '_')
-  assert _scalars(tmp_path / 'tb') == {f'{label}/top1': [(1, math.inf)], f'{label}/loss': [(1, -math.inf)],
-                                       f'{label}/tiny': [(1, 0.0)]}
+  assert _scalars(tmp_path / 'tb') == {
+    f'{label}/top1': [(1, math.inf)],
+    f'{label}/loss': [(1, -math.inf)],
+    f'{label}/tiny': [(1, 0.0)],
+  }
 
 
 def test_each_writer_has_its_own_events_file_sorted_in_opening_order(tmp_path):
@@ -191,13 +258,14 @@ def test_truncate_after_on_a_writer_that_already_logged_purges_in_its_own_file(t
   assert (truncated / 'metrics.jsonl').read_text() == (uninterrupted / 'metrics.jsonl').read_text()
   [events_file] = list((truncated / 'tb').iterdir())
   restarts = [event.step for event in _events(events_file) if event.HasField('session_log')]
-  assert restarts == [4] and [event.session_log.status for event in _events(events_file)
-                              if event.HasField('session_log')] == [event_pb2.SessionLog.START]
+  assert restarts == [4] and [
+    event.session_log.status for event in _events(events_file) if event.HasField('session_log')
+  ] == [event_pb2.SessionLog.START]
   assert _scalars(truncated / 'tb') == _scalars(uninterrupted / 'tb')
 
 
 def test_writes_events_with_tensorflow_and_tensorboard_unimportable(tmp_path):
-  script = textwrap.dedent(f'''
+  script = textwrap.dedent(f"""
       import sys
       for name in ('tensorflow', 'tensorboard'):
         sys.modules[name] = None  # makes `import {{name}}` raise ImportError
@@ -206,13 +274,16 @@ def test_writes_events_with_tensorflow_and_tensorboard_unimportable(tmp_path):
         writer.write(1, 'train', {{'loss': 0.5, 'lr': 1e-3}})
         writer.write(2, 'eval', {{'top1': 0.25, 'weights': 'raw'}})
       assert sys.modules['tensorflow'] is None and sys.modules['tensorboard'] is None
-  ''')
+  """)
   python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get('PYTHONPATH')]))
   env = {**os.environ, 'PYTHONPATH': python_path}
   result = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True, timeout=60)
   assert result.returncode == 0, result.stderr
-  assert _scalars(tmp_path / 'tb') == {'train/loss': [(1, 0.5)], 'train/lr': [(1, float(np.float32(1e-3)))],
-                                      'eval/raw/top1': [(2, 0.25)]}
+  assert _scalars(tmp_path / 'tb') == {
+    'train/loss': [(1, 0.5)],
+    'train/lr': [(1, float(np.float32(1e-3)))],
+    'eval/raw/top1': [(2, 0.25)],
+  }
   assert [record['step'] for record in metrics.read_metrics(tmp_path)] == [1, 2]
 
 
@@ -249,4 +320,6 @@ def test_a_corrupt_line_is_reported_not_skipped(tmp_path):
       writer.truncate_after(1)
     writer.write(3, 'train', {'loss': 0.5})  # the writer stays usable; the partial last line was cut off
   assert (tmp_path / 'metrics.jsonl').read_text().splitlines()[1:] == [
-      'not json', '{"step": 3, "kind": "train", "loss": 0.5}']
+    'not json',
+    '{"step": 3, "kind": "train", "loss": 0.5}',
+  ]

@@ -21,10 +21,19 @@ from tests.train_configs import FULL_RECIPE, ROOT, command_line_overrides
 STEPS = 16
 SYNC_STEPS = 2
 # FSDP across the two hosts too: the mesh is 2 (data) x 2 (fsdp), and leaves of >= 512 elements are split.
-RUN_FLAGS = ['--config=configs/quickstart.py:steps=%d' % STEPS, *command_line_overrides(
-    **{key.replace('.', '__'): value for key, value in FULL_RECIPE.items()}, mesh__fsdp=2,
-    mesh__fsdp_min_size=512, checkpoint__every_steps=8, log__every_steps=1, eval__every_steps=1000,
-    checkpoint__async_save=True, checkpoint__preemption_sync_steps=SYNC_STEPS)]
+RUN_FLAGS = [
+  '--config=configs/quickstart.py:steps=%d' % STEPS,
+  *command_line_overrides(
+    **{key.replace('.', '__'): value for key, value in FULL_RECIPE.items()},
+    mesh__fsdp=2,
+    mesh__fsdp_min_size=512,
+    checkpoint__every_steps=8,
+    log__every_steps=1,
+    eval__every_steps=1000,
+    checkpoint__async_save=True,
+    checkpoint__preemption_sync_steps=SYNC_STEPS,
+  ),
+]
 ITEMS = ('params', 'opt_state', 'ema_params', 'train_state', 'data')
 
 
@@ -40,13 +49,25 @@ def _free_port() -> int:
 
 
 def _start(workdir, cache, devices: int, process_id: int | None = None, port: int | None = None):
-  command = [sys.executable, '-m', 'atlas_jax.main', *RUN_FLAGS, f'--workdir={workdir}',
-             f'--config.compilation_cache_dir={cache}']
+  command = [
+    sys.executable,
+    '-m',
+    'atlas_jax.main',
+    *RUN_FLAGS,
+    f'--workdir={workdir}',
+    f'--config.compilation_cache_dir={cache}',
+  ]
   if process_id is not None:
     command += [f'--coordinator_address=localhost:{port}', '--num_processes=2', f'--process_id={process_id}']
-  env = {**os.environ, 'PYTHONPATH': str(ROOT), 'PYTHONUNBUFFERED': '1',
-         'XLA_FLAGS': f'{os.environ.get("XLA_FLAGS", "")} --xla_force_host_platform_device_count={devices}'}
-  return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  env = {
+    **os.environ,
+    'PYTHONPATH': str(ROOT),
+    'PYTHONUNBUFFERED': '1',
+    'XLA_FLAGS': f'{os.environ.get("XLA_FLAGS", "")} --xla_force_host_platform_device_count={devices}',
+  }
+  return subprocess.Popen(
+    command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
 
 
 def _finish(processes, timeout=240):
@@ -68,8 +89,11 @@ def _start_pair(workdir, cache):
 
 
 def _train_losses(workdir):
-  return {record['step']: record['loss'] for record in metrics_lib.read_metrics(workdir)
-          if record['kind'] == 'train'}
+  return {
+    record['step']: record['loss']
+    for record in metrics_lib.read_metrics(workdir)
+    if record['kind'] == 'train'
+  }
 
 
 def _final_items(workdir):
@@ -81,8 +105,9 @@ def _final_items(workdir):
   items = {}
   for name in ITEMS:
     metadata = checkpointer.metadata(step_dir / name).item_metadata
-    target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=on_one_device),
-                          metadata)
+    target = jax.tree.map(
+      lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=on_one_device), metadata
+    )
     items[name] = checkpointer.restore(step_dir / name, target)
   return items
 
@@ -124,10 +149,14 @@ def _assert_same_training(workdir, reference):
   for step, loss in want_losses.items():
     assert got_losses[step] == pytest.approx(loss, rel=1e-5), step
   got, want = _final_items(workdir), _final_items(reference)
-  noise_only = jax.tree.map(lambda nu: (np.asarray(nu) > 0) & (np.sqrt(np.asarray(nu)) < 1e-9),
-                            _adam_second_moment(want['opt_state']))
-  assert 0 < sum(mask.sum() for mask in jax.tree.leaves(noise_only)) < 0.01 * sum(
-      mask.size for mask in jax.tree.leaves(noise_only))
+  noise_only = jax.tree.map(
+    lambda nu: (np.asarray(nu) > 0) & (np.sqrt(np.asarray(nu)) < 1e-9), _adam_second_moment(want['opt_state'])
+  )
+  assert (
+    0
+    < sum(mask.sum() for mask in jax.tree.leaves(noise_only))
+    < 0.01 * sum(mask.size for mask in jax.tree.leaves(noise_only))
+  )
   for name in ITEMS:
     got_leaves, want_leaves = jax.tree.leaves(got[name]), jax.tree.leaves(want[name])
     assert len(got_leaves) == len(want_leaves) > 0, name
@@ -150,7 +179,8 @@ def one_process(cache, tmp_path_factory):
 
 
 def test_two_processes_train_as_one_and_a_sigterm_to_either_stops_both_at_one_step_then_they_resume(
-    one_process, cache, tmp_path):
+  one_process, cache, tmp_path
+):
   """The pair is interrupted (SIGTERM to the second process only), restarted, and then has trained exactly
   as one process with the same four devices does."""
   pair = _start_pair(tmp_path, cache)
@@ -188,9 +218,21 @@ def test_two_processes_train_as_one_and_a_sigterm_to_either_stops_both_at_one_st
 
 
 def test_multihost_outside_a_cluster_fails_in_one_line(tmp_path):
-  result = subprocess.run([sys.executable, '-m', 'atlas_jax.main', '--config=configs/quickstart.py',
-                           f'--workdir={tmp_path}', '--multihost'], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, 'PYTHONPATH': str(ROOT)})
+  result = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'atlas_jax.main',
+      '--config=configs/quickstart.py',
+      f'--workdir={tmp_path}',
+      '--multihost',
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env={**os.environ, 'PYTHONPATH': str(ROOT)},
+  )
   assert result.returncode == 1
   error_lines = [line for line in result.stderr.splitlines() if line.startswith('error:')]
   assert len(error_lines) == 1 and '--coordinator_address' in error_lines[0], result.stderr[-2000:]

@@ -37,15 +37,19 @@ def _text(cell) -> str:
 def test_the_notebook_runs_every_cell(tmp_path):
   workdir = _quickstart_workdir(tmp_path / 'workdir')
   notebook = nbformat.read(NOTEBOOK, as_version=4)
-  parameters = [index for index, cell in enumerate(notebook.cells)
-                if 'parameters' in cell.metadata.get('tags', [])]
+  parameters = [
+    index for index, cell in enumerate(notebook.cells) if 'parameters' in cell.metadata.get('tags', [])
+  ]
   assert len(parameters) == 1 and "CHECKPOINT = '" in notebook.cells[parameters[0]].source
   # As papermill does: a cell after the parameters overrides them.
-  notebook.cells.insert(parameters[0] + 1, new_code_cell(f'CHECKPOINT = {str(workdir)!r}',
-                                                         metadata={'tags': ['injected-parameters']}))
+  notebook.cells.insert(
+    parameters[0] + 1,
+    new_code_cell(f'CHECKPOINT = {str(workdir)!r}', metadata={'tags': ['injected-parameters']}),
+  )
   # Raises CellExecutionError, naming the cell, when any cell fails.
-  client = NotebookClient(notebook, timeout=240, kernel_name='python3',
-                          resources={'metadata': {'path': str(ROOT)}})  # the kernel starts in the repository
+  client = NotebookClient(
+    notebook, timeout=240, kernel_name='python3', resources={'metadata': {'path': str(ROOT)}}
+  )  # the kernel starts in the repository
   client.execute()
 
   code = [cell for cell in notebook.cells if cell.cell_type == 'code']
@@ -54,7 +58,7 @@ def test_the_notebook_runs_every_cell(tmp_path):
   assert f'{workdir} is a run of atlas_jax on the built-in synthetic long-range task' in text
   assert 'restored step 0 onto 1 cpu device(s)' in text
   # The top 4 of the 4 classes, most probable first, and a map per scale of the documented shape.
-  top = [line.split('  ', 1) for line in text.splitlines() if '(class ' in line]   # 'prob  label (class i)'
+  top = [line.split('  ', 1) for line in text.splitlines() if '(class ' in line]  # 'prob  label (class i)'
   assert {label.rsplit(' (class', 1)[0] for _, label in top} == set(inference.SYNTHETIC_CLASS_NAMES)
   probabilities = [float(prob) for prob, _ in top]
   assert len(top) == 4 and probabilities == sorted(probabilities, reverse=True)

@@ -89,8 +89,16 @@ def test_weight_decay_mask_is_kernels_only():
   params = tiny_params()
   mask = optim.weight_decay_mask(params)
   flat = {'/'.join(k.key for k in path): v for path, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
-  assert flat == {'conv/kernel': True, 'conv/bias': False, 'bn/scale': False, 'bn/bias': False,
-                  'norm/scale': False, 'norm/bias': False, 'head/kernel': True, 'head/bias': False}
+  assert flat == {
+    'conv/kernel': True,
+    'conv/bias': False,
+    'bn/scale': False,
+    'bn/bias': False,
+    'norm/scale': False,
+    'norm/bias': False,
+    'head/kernel': True,
+    'head/bias': False,
+  }
   # Works on abstract shapes too, for building masks before initialisation.
   abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
   assert jax.tree.leaves(optim.weight_decay_mask(abstract)) == jax.tree.leaves(mask)
@@ -238,7 +246,9 @@ def test_param_overview_counts():
   expected = {'conv': 76, 'bn': 8, 'norm': 8, 'head': 15}
   rows = dict(line.rsplit(None, 1) for line in text.splitlines()[1:])
   assert {name.strip(): int(count.replace(',', '')) for name, count in rows.items()} == {
-      **expected, 'total': 107}
+    **expected,
+    'total': 107,
+  }
   assert optim.param_count(params) == 107
   big = {'a': jax.ShapeDtypeStruct((100_000, 100_000), jnp.float32)}  # beyond int32: counted exactly
   assert optim.param_count(big) == 10**10

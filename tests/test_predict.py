@@ -27,15 +27,25 @@ from tests.train_configs import ROOT, command_line_overrides, tiny_config
 
 
 def _run(*args, env=None):
-  return subprocess.run([sys.executable, '-m', *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                        env={**os.environ, 'PYTHONPATH': str(ROOT), **(env or {})})
+  return subprocess.run(
+    [sys.executable, '-m', *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env={**os.environ, 'PYTHONPATH': str(ROOT), **(env or {})},
+  )
 
 
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('quickstart') / 'workdir'
-  trained = _run('atlas_jax.main', '--config=configs/quickstart.py:steps=2', f'--workdir={workdir}',
-                 *command_line_overrides())
+  trained = _run(
+    'atlas_jax.main',
+    '--config=configs/quickstart.py:steps=2',
+    f'--workdir={workdir}',
+    *command_line_overrides(),
+  )
   assert trained.returncode == 0, trained.stderr[-2000:]
   return workdir
 
@@ -69,8 +79,16 @@ def test_predict_a_folder_on_two_devices_through_the_command_line(workdir, atlas
   output = tmp_path / 'predictions.jsonl'
   # Two CPU devices: each batch of 4 is split 2 + 2; 7 files make 2 batches (progress bar on).
   two_devices = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=2'
-  predicted = _run('atlas_jax.predict', f'--checkpoint={workdir}', f'--output={output}', '--top_k=3',
-                   '--batch_size=4', '--dtype=float32', str(folder), env={'XLA_FLAGS': two_devices})
+  predicted = _run(
+    'atlas_jax.predict',
+    f'--checkpoint={workdir}',
+    f'--output={output}',
+    '--top_k=3',
+    '--batch_size=4',
+    '--dtype=float32',
+    str(folder),
+    env={'XLA_FLAGS': two_devices},
+  )
   assert predicted.returncode == 0, predicted.stderr[-2000:]
   assert 'broken.png' in predicted.stderr and '6 images' in predicted.stderr
   assert '1 unreadable' in predicted.stderr and 'on 2 cpu device(s)' in predicted.stderr
@@ -83,10 +101,14 @@ def test_predict_a_folder_on_two_devices_through_the_command_line(workdir, atlas
     assert [set(entry) for entry in line['top_k']] == [{'index', 'label', 'prob'}] * 3
     assert all(entry['label'] == atlas.labels[entry['index']] for entry in line['top_k'])
     probabilities = np.exp(line['logits']) / np.sum(np.exp(line['logits']))
-    np.testing.assert_allclose([entry['prob'] for entry in line['top_k']], np.sort(probabilities)[::-1][:3],
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+      [entry['prob'] for entry in line['top_k']], np.sort(probabilities)[::-1][:3], rtol=1e-5
+    )
   # The same logits as the Python API on one device, from the same files (one at a time: one compiled shape).
-  logits = [atlas.logits(inference.load_image(line['path'], atlas.image_size, atlas.config.data.max_pixels)[None])[0] for line in lines]
+  logits = [
+    atlas.logits(inference.load_image(line['path'], atlas.image_size, atlas.config.data.max_pixels)[None])[0]
+    for line in lines
+  ]
   np.testing.assert_allclose([line['logits'] for line in lines], logits, rtol=1e-5, atol=1e-5)
 
 
@@ -97,8 +119,9 @@ def test_classify_takes_arrays_and_pil_images_of_any_size(atlas):
   assert len(as_pil) == 1 and len(as_pil[0]) == 4  # top_k capped at the number of classes
   assert as_pil == atlas.classify(photo, top_k=10)
   float_photo = atlas.classify(photo.astype(np.float32) / 255.0, top_k=10)[0]
-  np.testing.assert_allclose([entry['prob'] for entry in float_photo], [entry['prob'] for entry in as_pil[0]],
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    [entry['prob'] for entry in float_photo], [entry['prob'] for entry in as_pil[0]], atol=1e-6
+  )
   assert set(atlas.labels) == set(inference.SYNTHETIC_CLASS_NAMES)
   with pytest.raises(inference.InferenceError, match=r'values in \[0, 1\]'):
     atlas.classify(photo.astype(np.float32))
@@ -142,10 +165,10 @@ def test_scales_the_last_stage_keeps_come_from_the_last_stage():
 
 # The shapes documented in atlas_jax/inference.py and the README, at batch 1.
 DOCUMENTED_SHAPES = {
-    ('S', 1024): [(1, 64, 64, 384), (1, 16, 16, 384)],
-    ('S', 2048): [(1, 128, 128, 384), (1, 32, 32, 384), (1, 8, 8, 384)],
-    ('B', 1024): [(1, 64, 64, 768), (1, 16, 16, 768)],
-    ('B', 2048): [(1, 128, 128, 768), (1, 32, 32, 768), (1, 8, 8, 768)],
+  ('S', 1024): [(1, 64, 64, 384), (1, 16, 16, 384)],
+  ('S', 2048): [(1, 128, 128, 384), (1, 32, 32, 384), (1, 8, 8, 384)],
+  ('B', 1024): [(1, 64, 64, 768), (1, 16, 16, 768)],
+  ('B', 2048): [(1, 128, 128, 768), (1, 32, 32, 768), (1, 8, 8, 768)],
 }
 
 
@@ -155,8 +178,11 @@ def test_feature_shapes_are_the_documented_ones(variant, size):
   assert shapes == DOCUMENTED_SHAPES[variant, size]
   documented = '   '.join(f'({", ".join(map(str, shape))})' for shape in shapes)
   row = f'atlas_{variant.lower()}_{size}'
-  assert any(line.split()[0] == row and ' '.join(line.split()[1:]) == ' '.join(documented.split())
-             for line in inference.__doc__.splitlines() if line.strip().startswith(row))
+  assert any(
+    line.split()[0] == row and ' '.join(line.split()[1:]) == ' '.join(documented.split())
+    for line in inference.__doc__.splitlines()
+    if line.strip().startswith(row)
+  )
   assert all(f'`{shape}`' in (ROOT / 'README.md').read_text() for shape in map(str, shapes))
 
 

@@ -23,10 +23,23 @@ def test_progress_line_and_eta_with_a_fake_clock():
 
 def test_metric_formats():
   line = progress.Progress(total_steps=10, clock=lambda: 0.0)
-  text = line.line(1, {'count': 3, 'flag': True, 'big': 123456.0, 'small': 1e-5, 'zero': 0.0,
-                       'diverged': math.nan, 'weights': 'ema', 'skipped': None})
-  assert text == ('step 1/10 (10.0%)  count 3  flag True  big 1.235e+05  small 1.000e-05  zero 0.0000  '
-                  'diverged nan  weights ema  ETA --:--:--')
+  text = line.line(
+    1,
+    {
+      'count': 3,
+      'flag': True,
+      'big': 123456.0,
+      'small': 1e-5,
+      'zero': 0.0,
+      'diverged': math.nan,
+      'weights': 'ema',
+      'skipped': None,
+    },
+  )
+  assert text == (
+    'step 1/10 (10.0%)  count 3  flag True  big 1.235e+05  small 1.000e-05  zero 0.0000  '
+    'diverged nan  weights ema  ETA --:--:--'
+  )
   with pytest.raises(ValueError, match='total_steps must be > 0'):
     progress.Progress(total_steps=0)
 

@@ -31,8 +31,10 @@ def _state_and_step(config):
 def _batch(config, index=0):
   source = sources.make_source(config.data, config.image_size, 'train', 0)
   from atlas_jax.data import pipeline
-  with pipeline.TrainLoader(source, config.batch_size, seed=index,
-                            max_bad_fraction=config.data.max_bad_fraction) as loader:
+
+  with pipeline.TrainLoader(
+    source, config.batch_size, seed=index, max_bad_fraction=config.data.max_bad_fraction
+  ) as loader:
     return next(loader)
 
 
@@ -69,16 +71,25 @@ def test_bfloat16_loss_tracks_float32():
 def test_weight_decay_reaches_kernels_only_on_the_atlas_tree():
   config = config_lib.resolve(tiny_config())
   params = run_setup.abstract_variables(build_model(config), (32, 32))['params']
-  decayed = {jax.tree_util.keystr(path): flag for path, flag in
-             jax.tree_util.tree_leaves_with_path(optim.weight_decay_mask(params))}
+  decayed = {
+    jax.tree_util.keystr(path): flag
+    for path, flag in jax.tree_util.tree_leaves_with_path(optim.weight_decay_mask(params))
+  }
   assert any('position' in path for path in decayed)
   for path, flag in decayed.items():
     assert flag == path.endswith("['kernel']"), path  # never biases, norms, position-MLP biases
 
 
 def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
-  config = tiny_config(steps=6, lr=1e30, warmup_steps=0, checkpoint__every_steps=1,
-                       checkpoint__async_save=False, log__every_steps=100, eval__every_steps=100)
+  config = tiny_config(
+    steps=6,
+    lr=1e30,
+    warmup_steps=0,
+    checkpoint__every_steps=1,
+    checkpoint__async_save=False,
+    log__every_steps=100,
+    eval__every_steps=100,
+  )
   with pytest.raises(train.TrainingDiverged, match=r'at step (\d+).*last good checkpoint is step') as error:
     train.run(config, tmp_path)
   bad_step = int(error.value.args[0].split('at step ')[1].split(';')[0])
@@ -114,13 +125,16 @@ def test_init_from_reinitializes_a_head_of_another_size(tmp_path):
   fresh = jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 512, 512, 3)))
   loaded, step = transfer.load(config, fresh)
   assert step == 0
-  np.testing.assert_array_equal(loaded['params']['readout']['head']['kernel'],
-                                fresh['params']['readout']['head']['kernel'])
+  np.testing.assert_array_equal(
+    loaded['params']['readout']['head']['kernel'], fresh['params']['readout']['head']['kernel']
+  )
   source, _ = checkpointing.restore_inference_variables(
-      tmp_path / 'converted', run_setup.abstract_variables(build_model(config_lib.resolve(source_config)),
-                                                           (512, 512)))
-  np.testing.assert_array_equal(loaded['params']['stem']['conv1']['kernel'],
-                                source['params']['stem']['conv1']['kernel'])
+    tmp_path / 'converted',
+    run_setup.abstract_variables(build_model(config_lib.resolve(source_config)), (512, 512)),
+  )
+  np.testing.assert_array_equal(
+    loaded['params']['stem']['conv1']['kernel'], source['params']['stem']['conv1']['kernel']
+  )
   config.model.window = 8
   with pytest.raises(transfer.InitFromError, match='model.window'):
     transfer.load(config, fresh)
@@ -134,10 +148,18 @@ def test_compile_mode_reports_memory_per_device():
 def test_data_parallel_and_fsdp_on_8_devices_match_1_device_and_restore_on_fewer():
   """One step with BatchNorm in train mode (conv stem), mixing, drop path and accumulation, in a subprocess
   that fakes 8 CPU devices."""
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0',
-         'PYTHONPATH': str(ROOT)}
-  result = subprocess.run([sys.executable, str(ROOT / 'tests' / 'data_parallel_check.py')], env=env,
-                          capture_output=True, text=True, timeout=600)
+  env = {
+    **os.environ,
+    'XLA_FLAGS': '--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0',
+    'PYTHONPATH': str(ROOT),
+  }
+  result = subprocess.run(
+    [sys.executable, str(ROOT / 'tests' / 'data_parallel_check.py')],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(result.stdout.strip().splitlines()[-1])
   assert report['devices'] == 8
@@ -148,9 +170,14 @@ def test_data_parallel_and_fsdp_on_8_devices_match_1_device_and_restore_on_fewer
   assert report['restored_on_4'] < 1e-5 and report['restored_on_1'] < 1e-5, report
 
 
-
 def test_a_profile_window_writes_a_trace(tmp_path):
-  config = tiny_config(steps=3, profile__start_step=1, profile__num_steps=1, checkpoint__async_save=False,
-                       log__every_steps=10, eval__every_steps=10)
+  config = tiny_config(
+    steps=3,
+    profile__start_step=1,
+    profile__num_steps=1,
+    checkpoint__async_save=False,
+    log__every_steps=10,
+    eval__every_steps=10,
+  )
   train.run(config, tmp_path)
   assert list((tmp_path / 'profile').rglob('*.xplane.pb'))

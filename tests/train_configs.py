@@ -7,19 +7,37 @@ from configs import quickstart
 ROOT = pathlib.Path(__file__).parents[1]
 
 # The quickstart at 32 px: 8 x 8 tokens, windows of 4 x 4, pool 2 -> two scales (2 x 2 windows, 1 window).
-TINY = {'image_size': (32, 32), 'model.pool': 2, 'model.dim': 16, 'model.depths': (1, 1),
-        'batch_size': 8, 'eval.batch_size': 8, 'data.synthetic_train_size': 64,
-        'data.synthetic_val_size': 12, 'data.workers': 0, 'warmup_steps': 2, 'compilation_cache_dir': ''}
+TINY = {
+  'image_size': (32, 32),
+  'model.pool': 2,
+  'model.dim': 16,
+  'model.depths': (1, 1),
+  'batch_size': 8,
+  'eval.batch_size': 8,
+  'data.synthetic_train_size': 64,
+  'data.synthetic_val_size': 12,
+  'data.workers': 0,
+  'warmup_steps': 2,
+  'compilation_cache_dir': '',
+}
 # Every part of the recipe on: drop path, Mixup/CutMix with label smoothing, accumulation, EMA.
-FULL_RECIPE = {'model.drop_path_rate': 0.1, 'mixup.mixup_alpha': 0.8, 'mixup.cutmix_alpha': 1.0,
-               'mixup.label_smoothing': 0.1, 'grad_accum_steps': 2, 'ema.decay': 0.9}
+FULL_RECIPE = {
+  'model.drop_path_rate': 0.1,
+  'mixup.mixup_alpha': 0.8,
+  'mixup.cutmix_alpha': 1.0,
+  'mixup.label_smoothing': 0.1,
+  'grad_accum_steps': 2,
+  'ema.decay': 0.9,
+}
 
 
 def tiny_config(steps: int = 6, **overrides):
   """The tiny quickstart; overrides name fields with '__' for '.', e.g. model__dtype='bfloat16'."""
   config = quickstart.get_config(f'steps={steps}')
   config.lock()  # refuses a misspelt field instead of adding it
-  config.update_from_flattened_dict({**TINY, **{key.replace('__', '.'): value for key, value in overrides.items()}})
+  config.update_from_flattened_dict(
+    {**TINY, **{key.replace('__', '.'): value for key, value in overrides.items()}}
+  )
   config.unlock()
   return config
 

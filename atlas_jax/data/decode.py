@@ -46,13 +46,13 @@ _MIN_JUDGED_PIXELS = 1 << 20
 _EXIF_ORIENTATION = 0x0112
 # EXIF orientation -> the transpose that makes the image upright (orientation 1 is upright already).
 _ORIENTATION_TRANSPOSE = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
+  2: Image.Transpose.FLIP_LEFT_RIGHT,
+  3: Image.Transpose.ROTATE_180,
+  4: Image.Transpose.FLIP_TOP_BOTTOM,
+  5: Image.Transpose.TRANSPOSE,
+  6: Image.Transpose.ROTATE_270,
+  7: Image.Transpose.TRANSVERSE,
+  8: Image.Transpose.ROTATE_90,
 }
 _SIXTEEN_BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N')
 _ALPHA_MODES = ('RGBA', 'RGBa', 'LA', 'La', 'PA')
@@ -64,10 +64,10 @@ class BadImageError(AtlasError, ValueError):
 
   def __init__(self, path, reason: str):
     self.path = str(path)
-    self.reason = ' '.join(str(reason).split())   # one line, whatever the underlying error printed
+    self.reason = ' '.join(str(reason).split())  # one line, whatever the underlying error printed
     super().__init__(f'{self.path}: {self.reason}')
 
-  def __reduce__(self):                           # picklable across worker processes
+  def __reduce__(self):  # picklable across worker processes
     return type(self), (self.path, self.reason)
 
 
@@ -105,11 +105,14 @@ def _decode_opened(image: Image.Image, num_bytes: int, max_pixels: int, name: st
   width, height = image.size
   pixels = width * height
   if pixels > max(_MIN_JUDGED_PIXELS, MAX_PIXELS_PER_BYTE * num_bytes):
-    raise BadImageError(name, f'the header claims {width}x{height} pixels, more than {num_bytes} bytes can '
-                              'hold: a corrupt or forged header')
+    raise BadImageError(
+      name,
+      f'the header claims {width}x{height} pixels, more than {num_bytes} bytes can '
+      'hold: a corrupt or forged header',
+    )
   if pixels > max_pixels:
     _reduce_on_decode(image, max_pixels, name)
-  image.load()        # raises on a truncated file (PIL's LOAD_TRUNCATED_IMAGES is False unless set)
+  image.load()  # raises on a truncated file (PIL's LOAD_TRUNCATED_IMAGES is False unless set)
   image = _upright(image)
   return _to_rgb(image, name)
 
@@ -117,8 +120,9 @@ def _decode_opened(image: Image.Image, num_bytes: int, max_pixels: int, name: st
 def _reduce_on_decode(image: Image.Image, max_pixels: int, name: str) -> None:
   """Asks the JPEG decoder for the largest 1/s scale within `max_pixels`; refuses anything else that large."""
   width, height = image.size
-  too_large = (f'{width}x{height} = {width * height} pixels exceeds data.max_pixels={max_pixels}; '
-               'raise data.max_pixels')
+  too_large = (
+    f'{width}x{height} = {width * height} pixels exceeds data.max_pixels={max_pixels}; raise data.max_pixels'
+  )
   if image.format != 'JPEG':
     raise BadImageError(name, f'{too_large} (only JPEGs are decoded reduced)')
   for scale in _JPEG_SCALES:
@@ -143,17 +147,17 @@ def _upright(image: Image.Image) -> Image.Image:
 def _to_rgb(image: Image.Image, name: str) -> np.ndarray:
   """Any PIL mode -> uint8 (H, W, 3)."""
   mode = image.mode
-  if mode in ('P', 'L', 'RGB') and 'transparency' in image.info:   # a transparent colour or palette entry
+  if mode in ('P', 'L', 'RGB') and 'transparency' in image.info:  # a transparent colour or palette entry
     image, mode = image.convert('RGBA'), 'RGBA'
   if mode == 'RGB':
     return np.ascontiguousarray(np.asarray(image, np.uint8))
   if mode in _ALPHA_MODES:
-    rgba = np.asarray(image.convert('RGBA'), np.uint32)                             # (H, W, 4)
+    rgba = np.asarray(image.convert('RGBA'), np.uint32)  # (H, W, 4)
     alpha = rgba[..., 3:]
     # Integer "over white": rgb * a + 255 * (255 - a), divided by 255 with rounding.
     return ((rgba[..., :3] * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
   if mode in _SIXTEEN_BIT_MODES or mode in ('I', 'F'):
-    gray = _scale_to_8_bits(np.asarray(image), mode)                                # (H, W)
+    gray = _scale_to_8_bits(np.asarray(image), mode)  # (H, W)
     return np.repeat(gray[..., None], 3, axis=-1)
   try:
     return np.ascontiguousarray(np.asarray(image.convert('RGB'), np.uint8))

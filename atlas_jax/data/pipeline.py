@@ -71,8 +71,11 @@ class BadExampleCounter:
       raise ValueError(f'max_bad_fraction must be in [0, 1], got {max_bad_fraction}')
     self.max_bad_fraction = float(max_bad_fraction)
     self.num_examples = int(num_examples)
-    self.judged_after = (self.MIN_ATTEMPTS if max_bad_fraction == 0.0 else
-                         max(self.MIN_ATTEMPTS, math.ceil(self.EXPECTED_BAD_AT_JUDGEMENT / max_bad_fraction)))
+    self.judged_after = (
+      self.MIN_ATTEMPTS
+      if max_bad_fraction == 0.0
+      else max(self.MIN_ATTEMPTS, math.ceil(self.EXPECTED_BAD_AT_JUDGEMENT / max_bad_fraction))
+    )
     self.attempted = 0
     self.bad = 0
     self.bad_indices: set[int] = set()
@@ -89,19 +92,22 @@ class BadExampleCounter:
       self.bad += 1
       self.bad_indices.add(int(index))
       attempted, bad, distinct = self.attempted, self.bad, len(self.bad_indices)
-    logging.warning('skipping bad example %d, %s (%d bad of %d attempted so far)', index, error, bad,
-                    attempted)
+    logging.warning(
+      'skipping bad example %d, %s (%d bad of %d attempted so far)', index, error, bad, attempted
+    )
     limit = self.max_bad_fraction
     if distinct > limit * self.num_examples:
       raise TooManyBadExamples(
-          f'{distinct} of the {self.num_examples} examples failed to decode, more than '
-          f'data.max_bad_fraction={limit} of the split; the last: {error}. Fix or remove the bad files, or '
-          'raise --config.data.max_bad_fraction')
+        f'{distinct} of the {self.num_examples} examples failed to decode, more than '
+        f'data.max_bad_fraction={limit} of the split; the last: {error}. Fix or remove the bad files, or '
+        'raise --config.data.max_bad_fraction'
+      )
     if attempted >= self.judged_after and bad > limit * attempted:
       raise TooManyBadExamples(
-          f'{bad} of {attempted} examples loaded so far failed to decode ({bad / attempted:.2%}), more than '
-          f'data.max_bad_fraction={limit}; the last: {error}. Fix or remove the bad files, or raise '
-          '--config.data.max_bad_fraction')
+        f'{bad} of {attempted} examples loaded so far failed to decode ({bad / attempted:.2%}), more than '
+        f'data.max_bad_fraction={limit}; the last: {error}. Fix or remove the bad files, or raise '
+        '--config.data.max_bad_fraction'
+      )
 
 
 def host_slice(global_batch_size: int, process_index: int, process_count: int) -> slice:
@@ -111,8 +117,10 @@ def host_slice(global_batch_size: int, process_index: int, process_count: int) -
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index must be in [0, {process_count}), got {process_index}')
   if global_batch_size % process_count:
-    raise ValueError(f'global batch size {global_batch_size} is not divisible by the process count '
-                     f'{process_count}: every process must load the same number of examples per batch')
+    raise ValueError(
+      f'global batch size {global_batch_size} is not divisible by the process count '
+      f'{process_count}: every process must load the same number of examples per batch'
+    )
   host_batch_size = global_batch_size // process_count
   return slice(process_index * host_batch_size, (process_index + 1) * host_batch_size)
 
@@ -120,10 +128,11 @@ def host_slice(global_batch_size: int, process_index: int, process_count: int) -
 @dataclasses.dataclass
 class _PendingBatch:
   """A host batch being loaded: its arrays fill in place as the futures finish."""
+
   number: int
-  images: np.ndarray                 # (B / P, H, W, 3) float32
-  labels: np.ndarray                 # (B / P,) int32
-  mask: np.ndarray                   # (B / P,) bool
+  images: np.ndarray  # (B / P, H, W, 3) float32
+  labels: np.ndarray  # (B / P,) int32
+  mask: np.ndarray  # (B / P,) bool
   futures: list[concurrent.futures.Future]
 
 
@@ -135,9 +144,19 @@ class _BatchLoader:
   on the number of workers or on the order the tasks finish in. Not safe to iterate from several threads.
   """
 
-  def __init__(self, source, global_batch_size: int, seed: int, process_index: int, process_count: int,
-               workers: int, prefetch: int, transform: Transform | None, num_batches: int | None,
-               max_bad_fraction: float):
+  def __init__(
+    self,
+    source,
+    global_batch_size: int,
+    seed: int,
+    process_index: int,
+    process_count: int,
+    workers: int,
+    prefetch: int,
+    transform: Transform | None,
+    num_batches: int | None,
+    max_bad_fraction: float,
+  ):
     self.source = source
     self.global_batch_size = int(global_batch_size)
     self.seed = int(seed)
@@ -154,13 +173,16 @@ class _BatchLoader:
     self.prefetch = int(prefetch)
     self.transform = transform
     self.bad_examples = BadExampleCounter(max_bad_fraction, self.num_examples)
-    self._num_batches = num_batches           # None: never ends
-    self._next_batch = 0                      # the batch number the caller gets next
+    self._num_batches = num_batches  # None: never ends
+    self._next_batch = 0  # the batch number the caller gets next
     self._in_flight: collections.deque[_PendingBatch] = collections.deque()
     self._closed = False
     # 0 or 1 worker: everything in the calling thread, nothing ahead.
-    self._executor = (concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix='atlas_data')
-                      if self.workers > 1 else None)
+    self._executor = (
+      concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix='atlas_data')
+      if self.workers > 1
+      else None
+    )
     self.image_shape = self._probe_image_shape()
 
   # What a subclass defines.
@@ -219,26 +241,33 @@ class _BatchLoader:
   def _fill_slot(self, batch: _PendingBatch, slot: int, index: int, epoch: int) -> None:
     example = self._load_good_example(index, epoch)
     if example is None:
-      batch.images[slot] = 0.0         # a bad example evaluation skips: zeros, label 0, masked out
+      batch.images[slot] = 0.0  # a bad example evaluation skips: zeros, label 0, masked out
       batch.labels[slot] = 0
       batch.mask[slot] = False
       self._skipped(index)
       return
     image = example['image']
     if image.shape != self.image_shape or image.dtype != np.uint8:
-      raise ValueError(f'example {index} has image {image.dtype}{list(image.shape)}, the batch takes '
-                       f'uint8{list(self.image_shape)}: every image of a batch must be uint8 of one size '
-                       '(resize in the source or the transform)')
+      raise ValueError(
+        f'example {index} has image {image.dtype}{list(image.shape)}, the batch takes '
+        f'uint8{list(self.image_shape)}: every image of a batch must be uint8 of one size '
+        '(resize in the source or the transform)'
+      )
     normalize_image(image, out=batch.images[slot])
     batch.labels[slot] = example['label']
 
   def _start(self, number: int) -> _PendingBatch:
     indices, mask, epoch = self._plan(number)
-    batch = _PendingBatch(number, np.empty((self.host_batch_size, *self.image_shape), np.float32),
-                          np.zeros((self.host_batch_size,), np.int32), mask, [])
+    batch = _PendingBatch(
+      number,
+      np.empty((self.host_batch_size, *self.image_shape), np.float32),
+      np.zeros((self.host_batch_size,), np.int32),
+      mask,
+      [],
+    )
     for slot in range(self.host_batch_size):
       if not mask[slot]:
-        batch.images[slot] = 0.0        # padding: zeros (the mean colour), label 0, masked out
+        batch.images[slot] = 0.0  # padding: zeros (the mean colour), label 0, masked out
         continue
       if self._executor is None:
         self._fill_slot(batch, slot, indices[slot], epoch)
@@ -264,7 +293,7 @@ class _BatchLoader:
   def _discard_in_flight(self) -> None:
     while self._in_flight:
       for future in self._in_flight.popleft().futures:
-        future.cancel()                 # a running task finishes into arrays nobody keeps
+        future.cancel()  # a running task finishes into arrays nobody keeps
 
   def _take_next(self) -> dict[str, np.ndarray]:
     if self._closed:
@@ -278,9 +307,9 @@ class _BatchLoader:
       assert batch.number == number, (batch.number, number)
       try:
         for future in batch.futures:
-          future.result()               # re-raises a worker's exception here, in the caller's thread
+          future.result()  # re-raises a worker's exception here, in the caller's thread
       except BaseException:
-        self._discard_in_flight()       # a retry starts loading again from this batch
+        self._discard_in_flight()  # a retry starts loading again from this batch
         raise
       self._in_flight.popleft()
     # Counted only once the batch is complete: a failed load leaves the position where it was.
@@ -324,17 +353,39 @@ class TrainLoader(_BatchLoader):
   Yields {'image': float32 (B / P, H, W, 3), 'label': int32 (B / P,)}.
   """
 
-  def __init__(self, source, global_batch_size: int, seed: int, process_index: int = 0,
-               process_count: int = 1, workers: int = 0, prefetch: int = 2,
-               transform: Transform | None = None, state: Mapping[str, Any] | None = None, *,
-               max_bad_fraction: float):
+  def __init__(
+    self,
+    source,
+    global_batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    workers: int = 0,
+    prefetch: int = 2,
+    transform: Transform | None = None,
+    state: Mapping[str, Any] | None = None,
+    *,
+    max_bad_fraction: float,
+  ):
     if len(source) < global_batch_size:
-      raise ValueError(f'the source has {len(source)} examples, fewer than one global batch of '
-                       f'{global_batch_size}: lower the batch size or use a larger split')
+      raise ValueError(
+        f'the source has {len(source)} examples, fewer than one global batch of '
+        f'{global_batch_size}: lower the batch size or use a larger split'
+      )
     self._permutations: dict[int, np.ndarray] = {}
-    self._permutations_lock = threading.Lock()   # workers look up replacements in the epoch's order
-    super().__init__(source, global_batch_size, seed, process_index, process_count, workers, prefetch,
-                     transform, num_batches=None, max_bad_fraction=max_bad_fraction)
+    self._permutations_lock = threading.Lock()  # workers look up replacements in the epoch's order
+    super().__init__(
+      source,
+      global_batch_size,
+      seed,
+      process_index,
+      process_count,
+      workers,
+      prefetch,
+      transform,
+      num_batches=None,
+      max_bad_fraction=max_bad_fraction,
+    )
     self.batches_per_epoch = self.num_examples // self.global_batch_size
     if state is not None:
       self.set_state(state)
@@ -352,8 +403,8 @@ class TrainLoader(_BatchLoader):
   def _plan(self, number):
     epoch, batch_in_epoch = divmod(number, self.batches_per_epoch)
     start = batch_in_epoch * self.global_batch_size
-    global_indices = self.permutation(epoch)[start:start + self.global_batch_size]  # (B,)
-    host_indices = global_indices[self._host_positions]                              # (B / P,)
+    global_indices = self.permutation(epoch)[start : start + self.global_batch_size]  # (B,)
+    host_indices = global_indices[self._host_positions]  # (B / P,)
     return host_indices, np.ones((self.host_batch_size,), np.bool_), epoch
 
   def _replacement(self, index, epoch, attempt):
@@ -380,18 +431,27 @@ class TrainLoader(_BatchLoader):
     `batches_consumed` is the position; the other entries are checked on restore, since another batch
     size, seed or split size would make the same position mean other examples.
     """
-    values = {'batches_consumed': self._next_batch, 'global_batch_size': self.global_batch_size,
-              'num_examples': self.num_examples, 'seed': self.seed}
+    values = {
+      'batches_consumed': self._next_batch,
+      'global_batch_size': self.global_batch_size,
+      'num_examples': self.num_examples,
+      'seed': self.seed,
+    }
     return {key: np.asarray(value, np.int64) for key, value in values.items()}
 
   def set_state(self, state: Mapping[str, Any]) -> None:
     """Resumes at `state` (from `get_state`, possibly through a checkpoint: numpy or JAX scalars)."""
-    expected = {'global_batch_size': self.global_batch_size, 'num_examples': self.num_examples,
-                'seed': self.seed}
+    expected = {
+      'global_batch_size': self.global_batch_size,
+      'num_examples': self.num_examples,
+      'seed': self.seed,
+    }
     for key, value in expected.items():
       if key in state and int(np.asarray(state[key])) != value:
-        raise ValueError(f'the loader state was saved with {key}={int(np.asarray(state[key]))}, this loader '
-                         f'has {key}={value}: the same position would be other examples')
+        raise ValueError(
+          f'the loader state was saved with {key}={int(np.asarray(state[key]))}, this loader '
+          f'has {key}={value}: the same position would be other examples'
+        )
     batches_consumed = int(np.asarray(state['batches_consumed']))
     if batches_consumed < 0:
       raise ValueError(f'batches_consumed must be >= 0, got {batches_consumed}')
@@ -403,7 +463,7 @@ class TrainLoader(_BatchLoader):
 
   def __next__(self) -> dict[str, np.ndarray]:
     batch = self._take_next()
-    del batch['mask']                   # every training example is real
+    del batch['mask']  # every training example is real
     return batch
 
 
@@ -418,26 +478,46 @@ class EvalLoader(_BatchLoader):
   Yields {'image': float32 (B / P, H, W, 3), 'label': int32 (B / P,), 'mask': bool (B / P,)}.
   """
 
-  def __init__(self, source, global_batch_size: int, process_index: int = 0, process_count: int = 1,
-               workers: int = 0, prefetch: int = 2, transform: Transform | None = None, seed: int = 0, *,
-               max_bad_fraction: float):
+  def __init__(
+    self,
+    source,
+    global_batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    workers: int = 0,
+    prefetch: int = 2,
+    transform: Transform | None = None,
+    seed: int = 0,
+    *,
+    max_bad_fraction: float,
+  ):
     num_batches = -(-len(source) // global_batch_size)
     self._skipped_indices: set[int] = set()
     self._skipped_lock = threading.Lock()
-    super().__init__(source, global_batch_size, seed, process_index, process_count, workers, prefetch,
-                     transform, num_batches=num_batches, max_bad_fraction=max_bad_fraction)
+    super().__init__(
+      source,
+      global_batch_size,
+      seed,
+      process_index,
+      process_count,
+      workers,
+      prefetch,
+      transform,
+      num_batches=num_batches,
+      max_bad_fraction=max_bad_fraction,
+    )
 
   def __len__(self) -> int:
     return self._num_batches
 
   def _plan(self, number):
     global_positions = number * self.global_batch_size + np.arange(self.global_batch_size)  # (B,)
-    host_positions = global_positions[self._host_positions]                                # (B / P,)
+    host_positions = global_positions[self._host_positions]  # (B / P,)
     mask = host_positions < self.num_examples
     return np.where(mask, host_positions, 0), mask, 0
 
   def _replacement(self, index, epoch, attempt):
-    return None                         # evaluation counts each good example once: no stand-ins
+    return None  # evaluation counts each good example once: no stand-ins
 
   def _skipped(self, index):
     with self._skipped_lock:
@@ -458,10 +538,26 @@ class EvalLoader(_BatchLoader):
       yield self._take_next()
 
 
-def eval_batches(source, global_batch_size: int, process_index: int = 0, process_count: int = 1,
-                 workers: int = 0, prefetch: int = 2, transform: Transform | None = None, *,
-                 max_bad_fraction: float) -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(
+  source,
+  global_batch_size: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  workers: int = 0,
+  prefetch: int = 2,
+  transform: Transform | None = None,
+  *,
+  max_bad_fraction: float,
+) -> Iterator[dict[str, np.ndarray]]:
   """One pass of EvalLoader over `source`, its threads stopped when the pass ends or is abandoned."""
-  with EvalLoader(source, global_batch_size, process_index, process_count, workers, prefetch,
-                  transform, max_bad_fraction=max_bad_fraction) as loader:
+  with EvalLoader(
+    source,
+    global_batch_size,
+    process_index,
+    process_count,
+    workers,
+    prefetch,
+    transform,
+    max_bad_fraction=max_bad_fraction,
+  ) as loader:
     yield from loader

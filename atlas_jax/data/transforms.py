@@ -37,19 +37,33 @@ from atlas_jax.normalization import IMAGENET_MEAN
 
 BICUBIC = Image.Resampling.BICUBIC
 # timm fills the area uncovered by rotate/shear/translate with the normalisation mean in uint8.
-FILL = tuple(round(255 * mean) for mean in IMAGENET_MEAN)   # (124, 116, 104)
+FILL = tuple(round(255 * mean) for mean in IMAGENET_MEAN)  # (124, 116, 104)
 
 # timm's `_RAND_INCREASING_TRANSFORMS`: the RandAugment operations whose strength grows with magnitude.
-RAND_AUGMENT_OPS = ('AutoContrast', 'Equalize', 'Invert', 'Rotate', 'PosterizeIncreasing',
-                    'SolarizeIncreasing', 'SolarizeAdd', 'ColorIncreasing', 'ContrastIncreasing',
-                    'BrightnessIncreasing', 'SharpnessIncreasing', 'ShearX', 'ShearY', 'TranslateXRel',
-                    'TranslateYRel')
-MAGNITUDE_SCALE = 10.0            # magnitude m means strength m / 10 of each operation's range
+RAND_AUGMENT_OPS = (
+  'AutoContrast',
+  'Equalize',
+  'Invert',
+  'Rotate',
+  'PosterizeIncreasing',
+  'SolarizeIncreasing',
+  'SolarizeAdd',
+  'ColorIncreasing',
+  'ContrastIncreasing',
+  'BrightnessIncreasing',
+  'SharpnessIncreasing',
+  'ShearX',
+  'ShearY',
+  'TranslateXRel',
+  'TranslateYRel',
+)
+MAGNITUDE_SCALE = 10.0  # magnitude m means strength m / 10 of each operation's range
 CROP_ATTEMPTS = 10
 
 
 class CropBox(NamedTuple):
   """A crop in pixels of the source image: rows [top, top + height), columns [left, left + width)."""
+
   top: int
   left: int
   height: int
@@ -58,14 +72,16 @@ class CropBox(NamedTuple):
 
 class RandAugmentOp(NamedTuple):
   """One drawn RandAugment operation: which, whether it applies, its magnitude and argument's sign."""
+
   name: str
   applied: bool
-  magnitude: float      # N(magnitude, std) clipped to [0, magnitude_max]
-  negate: bool          # signed operations (rotate, shear, translate, enhance) use -argument
+  magnitude: float  # N(magnitude, std) clipped to [0, magnitude_max]
+  negate: bool  # signed operations (rotate, shear, translate, enhance) use -argument
 
 
 class TrainDraw(NamedTuple):
   """Every random choice of one train example."""
+
   box: CropBox
   flip: bool
   ops: tuple[RandAugmentOp, ...]
@@ -86,8 +102,9 @@ def host_image_size(image_size: int | Sequence[int], host_max_side: int) -> tupl
 # Random resized crop and flip.
 
 
-def sample_crop_box(height: int, width: int, rng: np.random.Generator, scale: Sequence[float],
-                    ratio: Sequence[float]) -> CropBox:
+def sample_crop_box(
+  height: int, width: int, rng: np.random.Generator, scale: Sequence[float], ratio: Sequence[float]
+) -> CropBox:
   """timm's RandomResizedCrop box for an image of `height` x `width` (`data.augment.crop_scale` and
   `crop_ratio` as `scale` and `ratio`).
 
@@ -119,16 +136,23 @@ def sample_crop_box(height: int, width: int, rng: np.random.Generator, scale: Se
 def resized_crop(image: Image.Image, box: CropBox, size: Sequence[int]) -> Image.Image:
   """The `box` of `image` resized to `size` (H, W), bicubic (PIL filters over the box, no copy of it)."""
   height, width = image_size_pair(size)
-  return image.resize((width, height), BICUBIC,
-                      box=(box.left, box.top, box.left + box.width, box.top + box.height))
+  return image.resize(
+    (width, height), BICUBIC, box=(box.left, box.top, box.left + box.width, box.top + box.height)
+  )
 
 
 # ---------------------------------------------------------------------------------------------------
 # RandAugment: timm's increasing operation set, from each operation's definition.
 
 
-def sample_rand_augment(rng: np.random.Generator, num_ops: int, magnitude: float, magnitude_std: float,
-                        magnitude_max: float, prob: float) -> tuple[RandAugmentOp, ...]:
+def sample_rand_augment(
+  rng: np.random.Generator,
+  num_ops: int,
+  magnitude: float,
+  magnitude_std: float,
+  magnitude_max: float,
+  prob: float,
+) -> tuple[RandAugmentOp, ...]:
   """`num_ops` operations drawn uniformly with replacement, each with its own applied / magnitude / sign
   (the arguments are `data.augment.randaug_*`)."""
   names = rng.integers(0, len(RAND_AUGMENT_OPS), size=num_ops)
@@ -136,8 +160,10 @@ def sample_rand_augment(rng: np.random.Generator, num_ops: int, magnitude: float
   magnitudes = magnitude + magnitude_std * rng.standard_normal(num_ops)
   magnitudes = np.clip(magnitudes, 0.0, magnitude_max)
   negate = rng.random(num_ops) < 0.5
-  return tuple(RandAugmentOp(RAND_AUGMENT_OPS[name], bool(apply), float(level), bool(sign))
-               for name, apply, level, sign in zip(names, applied, magnitudes, negate))
+  return tuple(
+    RandAugmentOp(RAND_AUGMENT_OPS[name], bool(apply), float(level), bool(sign))
+    for name, apply, level, sign in zip(names, applied, magnitudes, negate)
+  )
 
 
 def _signed(value: float, negate: bool) -> float:
@@ -178,13 +204,13 @@ def apply_rand_augment_op(image: Image.Image, op: RandAugmentOp) -> Image.Image:
     return ImageOps.equalize(image)
   if name == 'Invert':
     return ImageOps.invert(image)
-  if name == 'Rotate':                              # up to 30 degrees either way
+  if name == 'Rotate':  # up to 30 degrees either way
     return image.rotate(_signed(30.0 * level, op.negate), resample=BICUBIC, fillcolor=FILL)
-  if name == 'PosterizeIncreasing':                 # keeps 4 bits at magnitude 0 down to 0 at 10
+  if name == 'PosterizeIncreasing':  # keeps 4 bits at magnitude 0 down to 0 at 10
     return _posterize(image, 4 - int(4 * level))
-  if name == 'SolarizeIncreasing':                  # inverts values >= 256 (none) down to >= 0 (all)
+  if name == 'SolarizeIncreasing':  # inverts values >= 256 (none) down to >= 0 (all)
     return ImageOps.solarize(image, 256 - int(256 * level))
-  if name == 'SolarizeAdd':                         # adds up to 110 below 128
+  if name == 'SolarizeAdd':  # adds up to 110 below 128
     return _solarize_add(image, int(110 * level))
   if name == 'ColorIncreasing':
     return ImageEnhance.Color(image).enhance(_enhance_factor(level, op.negate))
@@ -194,11 +220,11 @@ def apply_rand_augment_op(image: Image.Image, op: RandAugmentOp) -> Image.Image:
     return ImageEnhance.Brightness(image).enhance(_enhance_factor(level, op.negate))
   if name == 'SharpnessIncreasing':
     return ImageEnhance.Sharpness(image).enhance(_enhance_factor(level, op.negate))
-  if name == 'ShearX':                              # shear factor up to 0.3 either way
+  if name == 'ShearX':  # shear factor up to 0.3 either way
     return _affine(image, (1.0, _signed(0.3 * level, op.negate), 0.0, 0.0, 1.0, 0.0))
   if name == 'ShearY':
     return _affine(image, (1.0, 0.0, 0.0, _signed(0.3 * level, op.negate), 1.0, 0.0))
-  if name == 'TranslateXRel':                       # up to 45% of the width either way
+  if name == 'TranslateXRel':  # up to 45% of the width either way
     return _affine(image, (1.0, 0.0, _signed(0.45 * level, op.negate) * image.width, 0.0, 1.0, 0.0))
   if name == 'TranslateYRel':
     return _affine(image, (1.0, 0.0, 0.0, 0.0, 1.0, _signed(0.45 * level, op.negate) * image.height))
@@ -214,8 +240,10 @@ def _as_rgb_image(image: Any) -> Image.Image:
     return image if image.mode == 'RGB' else image.convert('RGB')
   image = np.asarray(image)
   if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
-    raise ValueError(f'the transforms take uint8 (h, w, 3) RGB images, got {image.dtype}{list(image.shape)}: '
-                     'decode to RGB in the source')
+    raise ValueError(
+      f'the transforms take uint8 (h, w, 3) RGB images, got {image.dtype}{list(image.shape)}: '
+      'decode to RGB in the source'
+    )
   return Image.fromarray(image)
 
 
@@ -225,6 +253,7 @@ class TrainTransform:
 
   `output_size` is `host_image_size(image_size, host_max_side)`; the other fields are `data.augment`'s.
   """
+
   output_size: tuple[int, int]
   crop_scale: tuple[float, float]
   crop_ratio: tuple[float, float]
@@ -239,8 +268,14 @@ class TrainTransform:
     """Every random choice for a source image of `height` x `width`, in the order __call__ makes them."""
     box = sample_crop_box(height, width, rng, self.crop_scale, self.crop_ratio)
     flip = bool(rng.random() < self.hflip)
-    ops = sample_rand_augment(rng, self.randaug_num_ops, self.randaug_magnitude, self.randaug_magnitude_std,
-                              self.randaug_magnitude_max, self.randaug_prob)
+    ops = sample_rand_augment(
+      rng,
+      self.randaug_num_ops,
+      self.randaug_magnitude,
+      self.randaug_magnitude_std,
+      self.randaug_magnitude_max,
+      self.randaug_prob,
+    )
     return TrainDraw(box, flip, ops)
 
   def apply(self, image: Any, draw: TrainDraw) -> np.ndarray:
@@ -270,6 +305,7 @@ def eval_resize(image: Any, image_size: int | Sequence[int]) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class EvalTransform:
   """`eval_resize` to `image_size` as a loader transform (it draws nothing from rng)."""
+
   image_size: tuple[int, int]
 
   def __call__(self, example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
@@ -283,13 +319,16 @@ def train_transform(config) -> TrainTransform | None:
     return None
   augment = config.data.augment  # checked by atlas_jax.config.resolve
   return TrainTransform(
-      output_size=host_image_size(config.image_size, augment.host_max_side),
-      crop_scale=tuple(float(value) for value in augment.crop_scale),
-      crop_ratio=tuple(float(value) for value in augment.crop_ratio),
-      hflip=float(augment.hflip), randaug_num_ops=int(augment.randaug_num_ops),
-      randaug_magnitude=float(augment.randaug_magnitude),
-      randaug_magnitude_std=float(augment.randaug_magnitude_std),
-      randaug_magnitude_max=float(augment.randaug_magnitude_max), randaug_prob=float(augment.randaug_prob))
+    output_size=host_image_size(config.image_size, augment.host_max_side),
+    crop_scale=tuple(float(value) for value in augment.crop_scale),
+    crop_ratio=tuple(float(value) for value in augment.crop_ratio),
+    hflip=float(augment.hflip),
+    randaug_num_ops=int(augment.randaug_num_ops),
+    randaug_magnitude=float(augment.randaug_magnitude),
+    randaug_magnitude_std=float(augment.randaug_magnitude_std),
+    randaug_magnitude_max=float(augment.randaug_magnitude_max),
+    randaug_prob=float(augment.randaug_prob),
+  )
 
 
 def eval_transform(config) -> EvalTransform | None:

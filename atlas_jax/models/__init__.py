@@ -10,9 +10,9 @@ from atlas_jax.models.atlas import Atlas
 from atlas_jax.models.baselines import ViT, WindowViT
 
 VARIANTS = {  # dim, num_heads, stem_width (ATLAS.md §9)
-    'T': (192, 3, 48),
-    'S': (384, 6, 96),
-    'B': (768, 12, 192),
+  'T': (192, 3, 48),
+  'S': (384, 6, 96),
+  'B': (768, 12, 192),
 }
 MODELS = {'atlas': Atlas, 'vit': ViT, 'window_vit': WindowViT}
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
@@ -28,12 +28,25 @@ def build_model(config, dtype: str | None = None):
   model = config.model
   if model.dim is None or model.depths is None or isinstance(config.image_size, int):
     raise TypeError('build_model takes a resolved config: pass atlas_jax.config.resolve(config)')
-  fields = dict(image_size=tuple(config.image_size), dim=model.dim, num_heads=model.num_heads,
-                depths=tuple(model.depths), stem_width=model.stem_width, num_classes=model.num_classes,
-                stem_in_dim=model.stem_in_dim, patch_size=model.patch_size, window=model.window, pool=model.pool,
-                mlp_ratio=model.mlp_ratio, drop_path_rate=model.drop_path_rate, attention=model.attention,
-                remat=model.remat, dtype=DTYPES[dtype or model.dtype])
+  fields = dict(
+    image_size=tuple(config.image_size),
+    dim=model.dim,
+    num_heads=model.num_heads,
+    depths=tuple(model.depths),
+    stem_width=model.stem_width,
+    num_classes=model.num_classes,
+    stem_in_dim=model.stem_in_dim,
+    patch_size=model.patch_size,
+    window=model.window,
+    pool=model.pool,
+    mlp_ratio=model.mlp_ratio,
+    drop_path_rate=model.drop_path_rate,
+    attention=model.attention,
+    remat=model.remat,
+    dtype=DTYPES[dtype or model.dtype],
+  )
   if model.name == 'atlas':
-    fields.update(parent_window=model.parent_window, communication=model.communication,
-                  composition=model.composition)
+    fields.update(
+      parent_window=model.parent_window, communication=model.communication, composition=model.composition
+    )
   return MODELS[model.name](**fields)

@@ -14,8 +14,9 @@ from atlas_jax.models.stem import ConvStem, PatchifyStem
 REMAT_POLICIES = ('none', 'block')
 
 
-def make_stem(patch_size: int, dim: int, stem_width: int, stem_in_dim: int, dtype, remat: str = 'none',
-              name='stem'):
+def make_stem(
+  patch_size: int, dim: int, stem_width: int, stem_in_dim: int, dtype, remat: str = 'none', name='stem'
+):
   if patch_size == 16:
     return ConvStem(dim=dim, width=stem_width, in_dim=stem_in_dim, remat=remat, dtype=dtype, name=name)
   if patch_size in (4, 8):
@@ -25,6 +26,7 @@ def make_stem(patch_size: int, dim: int, stem_width: int, stem_in_dim: int, dtyp
 
 class Readout(nn.Module):
   """LayerNorm -> mean over tokens -> LayerNorm -> Linear, as the reference's forward_head."""
+
   dim: int
   num_classes: int
   dtype: Any = jnp.float32
@@ -46,6 +48,7 @@ def block_class(remat: str):
 
 class Atlas(nn.Module):
   """Atlas on images (batch, H, W, 3), NHWC, normalised; every field as DESIGN.md's model config."""
+
   image_size: Sequence[int]
   dim: int
   num_heads: int
@@ -68,19 +71,32 @@ class Atlas(nn.Module):
   def setup(self):
     self.layouts = layout_lib.check_image_size(self.image_size, self.patch_size, self.window, self.pool)
     self.stage_scales = layout_lib.stage_scales(len(self.layouts), self.depths, self.composition)
-    self.stem = make_stem(self.patch_size, self.dim, self.stem_width, self.stem_in_dim, self.dtype,
-                          self.remat)
+    self.stem = make_stem(
+      self.patch_size, self.dim, self.stem_width, self.stem_in_dim, self.dtype, self.remat
+    )
     block = block_class(self.remat)
     blocks = []
     for stage, (depth, scales) in enumerate(zip(self.depths, self.stage_scales)):
       # Drop path restarts in every stage: linspace(0, rate, depth), as the reference.
       rates = np.linspace(0.0, self.drop_path_rate, depth)
-      blocks.append([block(layouts=tuple(self.layouts[s] for s in scales), dim=self.dim,
-                           num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, drop_path_rate=float(rate),
-                           parent_window=self.parent_window, communication=self.communication,
-                           pool=self.pool, attention=self.attention, dtype=self.dtype,
-                           name=f'stage{stage}_block{index}')
-                     for index, rate in enumerate(rates)])
+      blocks.append(
+        [
+          block(
+            layouts=tuple(self.layouts[s] for s in scales),
+            dim=self.dim,
+            num_heads=self.num_heads,
+            mlp_ratio=self.mlp_ratio,
+            drop_path_rate=float(rate),
+            parent_window=self.parent_window,
+            communication=self.communication,
+            pool=self.pool,
+            attention=self.attention,
+            dtype=self.dtype,
+            name=f'stage{stage}_block{index}',
+          )
+          for index, rate in enumerate(rates)
+        ]
+      )
     self.blocks = blocks
     self.readout = Readout(self.dim, self.num_classes, self.dtype, name='readout')
 
@@ -93,8 +109,10 @@ class Atlas(nn.Module):
     maps = [stem_map]
     for _ in self.layouts[1:]:
       maps.append(max_pool(maps[-1], self.pool))
-    tokens = [windows_from_map(token_map, layout.window_height, layout.window_width)
-              for token_map, layout in zip(maps, self.layouts)]
+    tokens = [
+      windows_from_map(token_map, layout.window_height, layout.window_width)
+      for token_map, layout in zip(maps, self.layouts)
+    ]
     stages = []
     for scales, blocks in zip(self.stage_scales, self.blocks):
       current = [tokens[s] for s in scales]
@@ -122,9 +140,10 @@ class Atlas(nn.Module):
     latest = {}
     for scales, stage_tokens in zip(self.stage_scales, stages):
       latest.update(zip(scales, stage_tokens))
-    return [map_from_windows(latest[scale], layout.height, layout.width, layout.window_height,
-                             layout.window_width)
-            for scale, layout in enumerate(self.layouts)]
+    return [
+      map_from_windows(latest[scale], layout.height, layout.width, layout.window_height, layout.window_width)
+      for scale, layout in enumerate(self.layouts)
+    ]
 
   def classify(self, last_stage_scales):
     """Readout over the tokens of every scale present at the end (each (batch * windows, tokens, dim))."""

@@ -15,8 +15,10 @@ def resolve_implementation(implementation: str, dtype) -> str:
   if implementation == 'auto':
     return 'cudnn' if on_gpu and half else 'xla'
   if implementation == 'cudnn' and not (on_gpu and half):
-    raise ValueError("model.attention='cudnn' needs a GPU and model.dtype bfloat16 or float16; "
-                     "use model.attention='auto' or 'xla' here")
+    raise ValueError(
+      "model.attention='cudnn' needs a GPU and model.dtype bfloat16 or float16; "
+      "use model.attention='auto' or 'xla' here"
+    )
   return implementation
 
 

@@ -24,6 +24,7 @@ from atlas_jax.models.msa import map_from_windows, windows_from_map
 
 class _SingleScale(nn.Module):
   """Stem -> sum(depths) MSA blocks on the finest scale cut into `_layout()` windows -> readout."""
+
   image_size: Sequence[int]
   dim: int
   num_heads: int
@@ -48,21 +49,33 @@ class _SingleScale(nn.Module):
 
   def setup(self):
     self.layout = self._layout()
-    self.stem = make_stem(self.patch_size, self.dim, self.stem_width, self.stem_in_dim, self.dtype,
-                          self.remat)
+    self.stem = make_stem(
+      self.patch_size, self.dim, self.stem_width, self.stem_in_dim, self.dtype, self.remat
+    )
     depth = sum(self.depths)
     block = block_class(self.remat)
-    self.blocks = [block(layouts=(self.layout,), dim=self.dim, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
-                         drop_path_rate=float(rate), pool=self.pool, attention=self.attention, dtype=self.dtype,
-                         name=f'stage0_block{index}')
-                   for index, rate in enumerate(np.linspace(0.0, self.drop_path_rate, depth))]
+    self.blocks = [
+      block(
+        layouts=(self.layout,),
+        dim=self.dim,
+        num_heads=self.num_heads,
+        mlp_ratio=self.mlp_ratio,
+        drop_path_rate=float(rate),
+        pool=self.pool,
+        attention=self.attention,
+        dtype=self.dtype,
+        name=f'stage0_block{index}',
+      )
+      for index, rate in enumerate(np.linspace(0.0, self.drop_path_rate, depth))
+    ]
     self.readout = Readout(self.dim, self.num_classes, self.dtype, name='readout')
 
   def encode(self, images, train: bool = False):
     """Same contract as Atlas.encode: (stem map, [[finest-scale tokens (batch * windows, tokens, dim)]])."""
     stem_map = self.stem(images.astype(self.dtype), train)
-    tokens = windows_from_map(self._add_global_position(stem_map), self.layout.window_height,
-                              self.layout.window_width)
+    tokens = windows_from_map(
+      self._add_global_position(stem_map), self.layout.window_height, self.layout.window_width
+    )
     for block in self.blocks:
       tokens = block([tokens], not train)[0]
     return stem_map, [[tokens]]

@@ -31,21 +31,42 @@ def torch_bias_init(fan_in: int):
 
   def init(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
+
   return init
 
 
 def Linear(features: int, fan_in: int, use_bias: bool = True, dtype: Dtype = jnp.float32, name=None):
   """nn.Dense with PyTorch's nn.Linear initialisation (needs fan_in for the bias bound)."""
-  return nn.Dense(features, use_bias=use_bias, dtype=dtype, kernel_init=torch_weight_init,
-                  bias_init=torch_bias_init(fan_in), name=name)
+  return nn.Dense(
+    features,
+    use_bias=use_bias,
+    dtype=dtype,
+    kernel_init=torch_weight_init,
+    bias_init=torch_bias_init(fan_in),
+    name=name,
+  )
 
 
-def Conv3x3(features: int, fan_in_channels: int, strides: int = 1, use_bias: bool = True,
-            dtype: Dtype = jnp.float32, name=None):
+def Conv3x3(
+  features: int,
+  fan_in_channels: int,
+  strides: int = 1,
+  use_bias: bool = True,
+  dtype: Dtype = jnp.float32,
+  name=None,
+):
   """3x3 conv padded by 1 on every side, as PyTorch's padding=1 (Flax 'SAME' pads stride 2 asymmetrically)."""
-  return nn.Conv(features, (3, 3), strides=(strides, strides), padding=((1, 1), (1, 1)), use_bias=use_bias,
-                 dtype=dtype, kernel_init=torch_weight_init, bias_init=torch_bias_init(9 * fan_in_channels),
-                 name=name)
+  return nn.Conv(
+    features,
+    (3, 3),
+    strides=(strides, strides),
+    padding=((1, 1), (1, 1)),
+    use_bias=use_bias,
+    dtype=dtype,
+    kernel_init=torch_weight_init,
+    bias_init=torch_bias_init(9 * fan_in_channels),
+    name=name,
+  )
 
 
 LayerNorm = functools.partial(nn.LayerNorm, epsilon=1e-5)
@@ -54,6 +75,7 @@ gelu = functools.partial(nn.gelu, approximate=False)  # PyTorch nn.GELU is the e
 
 class DropPath(nn.Module):
   """Stochastic depth with one keep/drop draw per leading row (per window, as the reference), rescaled."""
+
   rate: float
 
   @nn.compact
@@ -67,6 +89,7 @@ class DropPath(nn.Module):
 
 class Mlp(nn.Module):
   """Linear -> exact GELU -> Linear (timm's Mlp, no dropout)."""
+
   dim: int
   hidden: int
   dtype: Dtype = jnp.float32
@@ -83,6 +106,7 @@ class PositionMLP(nn.Module):
 
   Applied to normalised (row, col) coordinates, (tokens, 2) -> (tokens, dim).
   """
+
   dim: int
   hidden: int = 512
   dtype: Dtype = jnp.float32

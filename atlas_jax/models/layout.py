@@ -22,9 +22,10 @@ class LayoutError(AtlasError, ValueError):
 @dataclasses.dataclass(frozen=True)
 class ScaleLayout:
   """One scale of the pyramid: its token map and how it is cut into windows."""
-  height: int          # tokens
+
+  height: int  # tokens
   width: int
-  window_height: int   # tokens per window side
+  window_height: int  # tokens per window side
   window_width: int
 
   @property
@@ -75,8 +76,9 @@ def _valid_side_lengths(patch_size: int, limit: int, window: int, pool: int) -> 
   return sides
 
 
-def check_image_size(image_size: Sequence[int], patch_size: int, window: int = 16,
-                     pool: int = 4) -> tuple[ScaleLayout, ...]:
+def check_image_size(
+  image_size: Sequence[int], patch_size: int, window: int = 16, pool: int = 4
+) -> tuple[ScaleLayout, ...]:
   """Layouts for an image of `image_size` (H, W) pixels, or one LayoutError line naming sizes that work."""
   height, width = int(image_size[0]), int(image_size[1])
   if window < 1 or pool < 2 or window % pool:
@@ -96,9 +98,10 @@ def check_image_size(image_size: Sequence[int], patch_size: int, window: int = 1
     nearest.append(sorted({below[-1] if below else above[0], above[0] if above else below[-1]}))
   suggestions = ', '.join(f'{h}x{w}' for h in nearest[0] for w in nearest[1])
   raise LayoutError(
-      f'image size {height}x{width} does not fit the scale pyramid (patch {patch_size}, {window}x{window} '
-      f'windows, {pool}x{pool} pooling: at every scale each side in tokens must be at most {window} or a '
-      f'multiple of {window}); nearest sizes that work: {suggestions}')
+    f'image size {height}x{width} does not fit the scale pyramid (patch {patch_size}, {window}x{window} '
+    f'windows, {pool}x{pool} pooling: at every scale each side in tokens must be at most {window} or a '
+    f'multiple of {window}); nearest sizes that work: {suggestions}'
+  )
 
 
 def parent_windows(fine: ScaleLayout, coarse: ScaleLayout, rule: str) -> np.ndarray:
@@ -123,9 +126,11 @@ def parent_windows(fine: ScaleLayout, coarse: ScaleLayout, rule: str) -> np.ndar
 
 def window_coordinates(layout: ScaleLayout) -> np.ndarray:
   """Window-local (row, col) coordinates of a window's tokens, in [-1, 1): (tokens, 2), as the reference."""
+
   def normalized(side):
     half = max(side // 2, 1)
     return (np.arange(side, dtype=np.float32) - side // 2) / half
+
   rows, cols = np.meshgrid(normalized(layout.window_height), normalized(layout.window_width), indexing='ij')
   return np.stack([rows.reshape(-1), cols.reshape(-1)], axis=-1)
 
@@ -133,8 +138,10 @@ def window_coordinates(layout: ScaleLayout) -> np.ndarray:
 def stage_scales(num_scales: int, depths: Sequence[int], composition: str) -> list[range]:
   """The scales each macro-stage processes: `atlas` drops the finest after each stage, the last keeps the rest."""
   if len(depths) > num_scales and composition == 'atlas':
-    raise LayoutError(f'{len(depths)} stages (depths {tuple(depths)}) but the image gives only {num_scales} '
-                      f'scales: use at most {num_scales} stages')
+    raise LayoutError(
+      f'{len(depths)} stages (depths {tuple(depths)}) but the image gives only {num_scales} '
+      f'scales: use at most {num_scales} stages'
+    )
   if composition == 'stack':
     return [range(num_scales) for _ in depths]
   if composition != 'atlas':

@@ -50,6 +50,7 @@ def max_pool(token_map, pool: int):
 
 class ScaleBlock(nn.Module):
   """The per-scale weights of an MSA block (the reference's CrossWindowBlock), pre-norm."""
+
   dim: int
   num_heads: int
   mlp_ratio: int = 4
@@ -77,14 +78,16 @@ class ScaleBlock(nn.Module):
     """Attention of `tokens` to (keys, values), then the MLP; both residual with drop path per row."""
     rows, length, _ = tokens.shape
     query = self.q(self.norm_q(tokens)).reshape(rows, length, self.num_heads, self.dim // self.num_heads)
-    attended = dot_product_attention(query, keys.astype(query.dtype), values.astype(query.dtype),
-                                      self.attention)
+    attended = dot_product_attention(
+      query, keys.astype(query.dtype), values.astype(query.dtype), self.attention
+    )
     tokens = tokens + self.drop_path(self.proj(attended.reshape(rows, length, self.dim)), deterministic)
     return tokens + self.drop_path(self.mlp(self.norm_mlp(tokens)), deterministic)
 
 
 class MSABlock(nn.Module):
   """One Multi-Scale Attention block over the scales `layouts` (finest first), window-major tokens."""
+
   layouts: Sequence[layout_lib.ScaleLayout]
   dim: int
   num_heads: int
@@ -99,10 +102,21 @@ class MSABlock(nn.Module):
   def setup(self):
     if self.communication not in COMMUNICATIONS:
       raise ValueError(f'model.communication must be one of {COMMUNICATIONS}, got {self.communication!r}')
-    self.positions = [PositionMLP(self.dim, dtype=self.dtype, name=f'position{s}')
-                      for s in range(len(self.layouts))]
-    self.scales = [ScaleBlock(self.dim, self.num_heads, self.mlp_ratio, self.drop_path_rate, self.attention,
-                              self.dtype, name=f'scale{s}') for s in range(len(self.layouts))]
+    self.positions = [
+      PositionMLP(self.dim, dtype=self.dtype, name=f'position{s}') for s in range(len(self.layouts))
+    ]
+    self.scales = [
+      ScaleBlock(
+        self.dim,
+        self.num_heads,
+        self.mlp_ratio,
+        self.drop_path_rate,
+        self.attention,
+        self.dtype,
+        name=f'scale{s}',
+      )
+      for s in range(len(self.layouts))
+    ]
 
   def __call__(self, scales, deterministic: bool = True):
     """scales[s]: (batch * windows_s, tokens_s, dim) -> the same shapes, updated."""
@@ -120,8 +134,9 @@ class MSABlock(nn.Module):
     # (b) cumulative pooled summaries, fine to coarse.
     for s in range(len(layouts) - 1):
       fine, coarse = layouts[s], layouts[s + 1]
-      pooled = max_pool(map_from_windows(scales[s], fine.height, fine.width, fine.window_height,
-                                         fine.window_width), self.pool)
+      pooled = max_pool(
+        map_from_windows(scales[s], fine.height, fine.width, fine.window_height, fine.window_width), self.pool
+      )
       scales[s + 1] = scales[s + 1] + windows_from_map(pooled, coarse.window_height, coarse.window_width)
 
     # (c) top-down, coarse to fine; `updated_kv[t]` caches scale t's K/V after its own update.
@@ -144,8 +159,9 @@ class MSABlock(nn.Module):
       for s in range(1, len(layouts)):
         fine, coarse = layouts[s - 1], layouts[s]
         keys, values = self.scales[s - 1].keys_values(scales[s - 1])
-        coarse_map = map_from_windows(scales[s], coarse.height, coarse.width, coarse.window_height,
-                                      coarse.window_width)
+        coarse_map = map_from_windows(
+          scales[s], coarse.height, coarse.width, coarse.window_height, coarse.window_width
+        )
         query_height, query_width = fine.window_height // self.pool, fine.window_width // self.pool
         queries = windows_from_map(coarse_map, query_height, query_width)  # (batch * fine windows, 16, dim)
         queries = self.scales[s](queries, keys, values, deterministic)

@@ -16,20 +16,42 @@ from atlas_jax.errors import AtlasError
 
 # Reference buffers and modules the Atlas forward never reads: skipped by rule, never silently.
 UNUSED_REFERENCE_KEYS = (
-    re.compile(r'.*\.num_batches_tracked$'),         # BatchNorm step counters
-    re.compile(r'^atlas_models\.\d+\.norm\.'),        # per-stage BatchNorm readout heads (process_readout=False)
-    re.compile(r'^atlas_models\.\d+\.head\.'),
+  re.compile(r'.*\.num_batches_tracked$'),  # BatchNorm step counters
+  re.compile(r'^atlas_models\.\d+\.norm\.'),  # per-stage BatchNorm readout heads (process_readout=False)
+  re.compile(r'^atlas_models\.\d+\.head\.'),
 )
 
-_STEM_MODULES = {'conv1': 'conv0.0', 'bn1': 'conv0.1', 'conv2': 'conv0.3', 'bn2': 'conv0.4',
-                 'down1': 'ds1', 'down2': 'ds2'}
-_RESIDUAL_MODULES = {'conv1': 'conv_block1.0', 'bn1': 'conv_block1.1', 'conv2': 'conv_block2.0',
-                     'bn2': 'conv_block2.1'}
-_SCALE_MODULES = {'norm_q': 'norm1_q', 'norm_kv': 'norm1_kv', 'q': 'attn.q', 'kv': 'attn.kv',
-                  'proj': 'attn.proj', 'norm_mlp': 'norm2', 'mlp': 'mlp'}
+_STEM_MODULES = {
+  'conv1': 'conv0.0',
+  'bn1': 'conv0.1',
+  'conv2': 'conv0.3',
+  'bn2': 'conv0.4',
+  'down1': 'ds1',
+  'down2': 'ds2',
+}
+_RESIDUAL_MODULES = {
+  'conv1': 'conv_block1.0',
+  'bn1': 'conv_block1.1',
+  'conv2': 'conv_block2.0',
+  'bn2': 'conv_block2.1',
+}
+_SCALE_MODULES = {
+  'norm_q': 'norm1_q',
+  'norm_kv': 'norm1_kv',
+  'q': 'attn.q',
+  'kv': 'attn.kv',
+  'proj': 'attn.proj',
+  'norm_mlp': 'norm2',
+  'mlp': 'mlp',
+}
 _READOUT_MODULES = {'readout_norm': 'readout_norm', 'fc_norm': 'fc_norm', 'head': 'fc'}
-_LEAVES = {'kernel': 'weight', 'bias': 'bias', 'scale': 'weight', 'mean': 'running_mean',
-           'var': 'running_var'}
+_LEAVES = {
+  'kernel': 'weight',
+  'bias': 'bias',
+  'scale': 'weight',
+  'mean': 'running_mean',
+  'var': 'running_var',
+}
 
 
 class ReferenceMismatchError(AtlasError, ValueError):
@@ -107,13 +129,18 @@ def variables_from_reference(state_dict: Mapping[str, np.ndarray], abstract_vari
     used.add(name)
     array = _to_flax_layout(np.asarray(state_dict[name]), path)
     if array.shape != tuple(abstract.shape):
-      misshaped.append(f'{name} {tuple(np.shape(state_dict[name]))} (expected '
-                       f'{_reference_shape(tuple(abstract.shape), path)})')
+      misshaped.append(
+        f'{name} {tuple(np.shape(state_dict[name]))} (expected '
+        f'{_reference_shape(tuple(abstract.shape), path)})'
+      )
       continue
     converted[path] = array.astype(abstract.dtype)
   unexpected = sorted(name for name in state_dict if name not in used and not is_unused_reference_key(name))
-  problems = [f'{label}: {", ".join(names)}' for label, names in
-              (('missing', missing), ('unexpected', unexpected), ('wrong shape', misshaped)) if names]
+  problems = [
+    f'{label}: {", ".join(names)}'
+    for label, names in (('missing', missing), ('unexpected', unexpected), ('wrong shape', misshaped))
+    if names
+  ]
   if problems:
     raise ReferenceMismatchError('the state dict does not fit the model; ' + '; '.join(problems))
   return flax.traverse_util.unflatten_dict(converted)

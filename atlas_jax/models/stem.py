@@ -22,6 +22,7 @@ BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, use_fast_variance=Fals
 
 class ConvResidual(nn.Module):
   """x + BN(Conv(GELU(BN(Conv(x))))): the reference's EarlyConvResidual (convs with bias, BN eps 1e-5)."""
+
   width: int
   dtype: Any = jnp.float32
 
@@ -37,6 +38,7 @@ class ConvResidual(nn.Module):
 
 class ConvDownsample(nn.Module):
   """LayerNorm over channels (eps 1e-6, timm's LayerNorm2d) -> 3x3 conv stride 2, no bias."""
+
   width: int
   out_width: int
   dtype: Any = jnp.float32
@@ -49,16 +51,19 @@ class ConvDownsample(nn.Module):
 
 class ConvStem(nn.Module):
   """conv 3->in_dim s2, BN, ReLU, conv ->width s2, BN, ReLU; 3 residuals; down x2; 3 residuals; down -> dim."""
+
   dim: int
   width: int
   in_dim: int = 64
   num_residual: int = 3
-  remat: str = 'none'                      # none | block | a jax.checkpoint_policies name
+  remat: str = 'none'  # none | block | a jax.checkpoint_policies name
   dtype: Any = jnp.float32
 
   def _to_quarter_resolution(self, images, train: bool):
     """(batch, H, W, 3) -> (batch, H / 4, W / 4, width): two stride-2 convs, each with BN and ReLU."""
-    x = Conv3x3(self.in_dim, images.shape[-1], strides=2, use_bias=False, dtype=self.dtype, name='conv1')(images)
+    x = Conv3x3(self.in_dim, images.shape[-1], strides=2, use_bias=False, dtype=self.dtype, name='conv1')(
+      images
+    )
     x = nn.relu(BatchNorm(use_running_average=not train, epsilon=1e-4, dtype=self.dtype, name='bn1')(x))
     x = Conv3x3(self.width, self.in_dim, strides=2, use_bias=False, dtype=self.dtype, name='conv2')(x)
     return nn.relu(BatchNorm(use_running_average=not train, epsilon=1e-4, dtype=self.dtype, name='bn2')(x))
@@ -84,6 +89,7 @@ class ConvStem(nn.Module):
 
 class PatchifyStem(nn.Module):
   """One conv with kernel = stride = patch_size."""
+
   dim: int
   patch_size: int
   dtype: Any = jnp.float32
@@ -91,7 +97,14 @@ class PatchifyStem(nn.Module):
   @nn.compact
   def __call__(self, images, train: bool = False):
     del train  # no BatchNorm: nothing differs between train and eval
-    fan_in = images.shape[-1] * self.patch_size ** 2
-    return nn.Conv(self.dim, (self.patch_size,) * 2, strides=(self.patch_size,) * 2, padding='VALID',
-                   dtype=self.dtype, kernel_init=torch_weight_init, bias_init=torch_bias_init(fan_in),
-                   name='patch')(images)
+    fan_in = images.shape[-1] * self.patch_size**2
+    return nn.Conv(
+      self.dim,
+      (self.patch_size,) * 2,
+      strides=(self.patch_size,) * 2,
+      padding='VALID',
+      dtype=self.dtype,
+      kernel_init=torch_weight_init,
+      bias_init=torch_bias_init(fan_in),
+      name='patch',
+    )(images)

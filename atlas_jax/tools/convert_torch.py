@@ -28,8 +28,9 @@ from atlas_jax.tools.torch_checkpoint import load_state_dict
 def define_flags():
   """The command line's flags; defined only when run as a program, so the module imports anywhere."""
   global _CONFIG, _CHECKPOINT, _OUTPUT
-  _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file of the model the checkpoint holds.',
-                                            lock_config=True)
+  _CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Config file of the model the checkpoint holds.', lock_config=True
+  )
   _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'The PyTorch checkpoint (zip format).')
   _OUTPUT = flags.DEFINE_string('output', None, 'The workdir to write (must not hold checkpoints yet).')
 
@@ -49,8 +50,10 @@ def convert(checkpoint, config, output, parent_window_given: bool = False) -> di
   if not parent_window_given:
     config.model.parent_window = 'raster'  # the reference computes top-down parents this way
   if config.model.name != 'atlas' or config.model.patch_size != 16 or config.model.composition != 'atlas':
-    raise ConversionError('reference checkpoints hold Atlas with the conv stem: model.name=atlas, '
-                          'model.patch_size=16, model.composition=atlas')
+    raise ConversionError(
+      'reference checkpoints hold Atlas with the conv stem: model.name=atlas, '
+      'model.patch_size=16, model.composition=atlas'
+    )
   state_dict = load_state_dict(checkpoint)
   abstract = run_setup.abstract_variables(build_model(config), config.image_size)
   variables = variables_from_reference(state_dict, abstract)  # raises, naming tensors, before any write
@@ -59,8 +62,12 @@ def convert(checkpoint, config, output, parent_window_given: bool = False) -> di
   checkpoints.save(0, {'params': variables['params'], 'batch_stats': variables.get('batch_stats')})
   checkpoints.close()
   counts = {name: sum(leaf.size for leaf in jax.tree.leaves(tree)) for name, tree in variables.items()}
-  return {'config': config_path, 'checkpoint': workdir_lib.checkpoints_dir(output) / '0', 'counts': counts,
-          'parent_window': config.model.parent_window}
+  return {
+    'config': config_path,
+    'checkpoint': workdir_lib.checkpoints_dir(output) / '0',
+    'counts': counts,
+    'parent_window': config.model.parent_window,
+  }
 
 
 @one_line_errors

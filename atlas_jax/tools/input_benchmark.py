@@ -38,15 +38,20 @@ GENERATED_CLASSES = 4
 
 def define_flags():
   config_flags.DEFINE_config_file('config', None, 'A config file under configs/.', lock_config=True)
-  flags.DEFINE_string('images', None, 'A folder of images (searched recursively). Default: generate '
-                      '--num_images ImageNet-sized JPEGs into a temporary folder.')
+  flags.DEFINE_string(
+    'images',
+    None,
+    'A folder of images (searched recursively). Default: generate '
+    '--num_images ImageNet-sized JPEGs into a temporary folder.',
+  )
   flags.DEFINE_integer('num_images', 256, 'How many JPEGs to generate when --images is not given.')
-  flags.DEFINE_integer('workers', None, 'Loader workers (default: the config\'s data.workers).')
+  flags.DEFINE_integer('workers', None, "Loader workers (default: the config's data.workers).")
   flags.DEFINE_integer('batches', 10, 'Timed batches.')
   flags.DEFINE_integer('warmup_batches', 1, 'Untimed batches first (thread start, first decodes).')
   flags.DEFINE_integer('batch_size', 16, 'Images per batch.')
-  flags.DEFINE_bool('device', False, 'Also time the train step\'s part of the transform on the default '
-                    'backend.')
+  flags.DEFINE_bool(
+    'device', False, "Also time the train step's part of the transform on the default backend."
+  )
   flags.mark_flags_as_required(['config'])
 
 
@@ -65,7 +70,7 @@ def generate_images(directory: pathlib.Path, count: int, seed: int = 0) -> list[
     coarse = rng.integers(0, 256, size=(int(rng.integers(3, 9)), int(rng.integers(3, 9)), 3), dtype=np.uint8)
     image = Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)
     draw = ImageDraw.Draw(image)
-    for _ in range(int(rng.integers(3, 12))):                  # objects with edges
+    for _ in range(int(rng.integers(3, 12))):  # objects with edges
       left, top = int(rng.integers(0, width)), int(rng.integers(0, height))
       box = (left, top, left + int(rng.integers(10, width // 2)), top + int(rng.integers(10, height // 2)))
       colour = tuple(int(value) for value in rng.integers(0, 256, 3))
@@ -98,6 +103,7 @@ class ImageFiles:
 def image_source(config, directory: pathlib.Path):
   """(source, its name): the project's `folder` source over `directory` when it reads it, else ImageFiles."""
   from atlas_jax.data import sources
+
   if (directory / 'train').is_dir():
     folder_data = config.data.copy_and_resolve_references()
     with folder_data.unlocked():
@@ -105,23 +111,33 @@ def image_source(config, directory: pathlib.Path):
     try:
       return sources.make_source(folder_data, config.image_size, 'train', config.seed), 'folder'
     except sources.DataSourceError:
-      pass                  # a folder source that cannot read it (or none yet): decode the files here
+      pass  # a folder source that cannot read it (or none yet): decode the files here
   paths = sorted(path for path in directory.rglob('*') if path.suffix.lower() in IMAGE_SUFFIXES)
   if not paths:
-    raise BenchmarkError(f'no image files ({", ".join(IMAGE_SUFFIXES)}) under {directory}: point --images at '
-                         'a folder of images, or leave it out to generate some')
+    raise BenchmarkError(
+      f'no image files ({", ".join(IMAGE_SUFFIXES)}) under {directory}: point --images at '
+      'a folder of images, or leave it out to generate some'
+    )
   return ImageFiles(paths), 'files'
 
 
 def time_loader(config, source, workers: int, batch_size: int, batches: int, warmup_batches: int) -> dict:
   """Images/s of TrainLoader over `source` with the train transform of a resolved real-data `config`."""
   from atlas_jax.data import pipeline, transforms
+
   transform = transforms.train_transform(config)
   if len(source) < batch_size:
-    raise BenchmarkError(f'{len(source)} images are fewer than one batch of {batch_size}: lower --batch_size '
-                         'or give more images')
-  with pipeline.TrainLoader(source, batch_size, seed=config.seed, workers=workers, transform=transform,
-                            max_bad_fraction=config.data.max_bad_fraction) as loader:
+    raise BenchmarkError(
+      f'{len(source)} images are fewer than one batch of {batch_size}: lower --batch_size or give more images'
+    )
+  with pipeline.TrainLoader(
+    source,
+    batch_size,
+    seed=config.seed,
+    workers=workers,
+    transform=transform,
+    max_bad_fraction=config.data.max_bad_fraction,
+  ) as loader:
     for _ in range(warmup_batches):
       next(loader)
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -129,10 +145,13 @@ def time_loader(config, source, workers: int, batch_size: int, batches: int, war
       batch = next(loader)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
   images = batches * batch_size
-  return {'host_image_size': list(batch['image'].shape[1:3]), 'seconds': round(seconds, 3),
-          'images_per_s': round(images / seconds, 2),
-          'images_per_s_per_worker': round(images / seconds / max(1, workers), 2),
-          'cpu_ms_per_image': round(1000 * cpu_seconds / images, 2)}
+  return {
+    'host_image_size': list(batch['image'].shape[1:3]),
+    'seconds': round(seconds, 3),
+    'images_per_s': round(images / seconds, 2),
+    'images_per_s_per_worker': round(images / seconds / max(1, workers), 2),
+    'cpu_ms_per_image': round(1000 * cpu_seconds / images, 2),
+  }
 
 
 def time_device_finish(config, batch_size: int, host_size, repeats: int = 3) -> dict:
@@ -140,6 +159,7 @@ def time_device_finish(config, batch_size: int, host_size, repeats: int = 3) -> 
   import jax
 
   from atlas_jax import augment
+
   finish = jax.jit(augment.train_finish(config))
   images = jax.device_put(np.random.default_rng(0).standard_normal((batch_size, *host_size, 3), np.float32))
   key = jax.random.key(0)
@@ -148,13 +168,16 @@ def time_device_finish(config, batch_size: int, host_size, repeats: int = 3) -> 
   for repeat in range(repeats):
     finish(jax.random.fold_in(key, repeat), images).block_until_ready()
   seconds = (time.perf_counter() - start) / repeats
-  return {'device_finish_ms_per_image': round(1000 * seconds / batch_size, 3),
-          'device': str(jax.devices()[0].device_kind)}
+  return {
+    'device_finish_ms_per_image': round(1000 * seconds / batch_size, 3),
+    'device': str(jax.devices()[0].device_kind),
+  }
 
 
 @one_line_errors
 def main(argv):
   from atlas_jax import config as config_lib
+
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   config = FLAGS.config.copy_and_resolve_references()
@@ -171,15 +194,22 @@ def main(argv):
     else:
       directory = pathlib.Path(FLAGS.images).expanduser()
       if not directory.is_dir():
-        raise BenchmarkError(f'--images={FLAGS.images} is not a folder: give a folder of images, or '
-                             'leave it out to generate some')
+        raise BenchmarkError(
+          f'--images={FLAGS.images} is not a folder: give a folder of images, or '
+          'leave it out to generate some'
+        )
     source, source_name = image_source(config, directory)
-    result = {'config': config_flags.get_config_filename(FLAGS['config']),
-              'image_size': list(config.image_size), 'host_max_side': config.data.augment.host_max_side,
-              'source': source_name, 'source_images': len(source), 'workers': workers,
-              'batch_size': FLAGS.batch_size, 'batches': FLAGS.batches}
-    result.update(time_loader(config, source, workers, FLAGS.batch_size, FLAGS.batches,
-                              FLAGS.warmup_batches))
+    result = {
+      'config': config_flags.get_config_filename(FLAGS['config']),
+      'image_size': list(config.image_size),
+      'host_max_side': config.data.augment.host_max_side,
+      'source': source_name,
+      'source_images': len(source),
+      'workers': workers,
+      'batch_size': FLAGS.batch_size,
+      'batches': FLAGS.batches,
+    }
+    result.update(time_loader(config, source, workers, FLAGS.batch_size, FLAGS.batches, FLAGS.warmup_batches))
   if FLAGS.device:
     result.update(time_device_finish(config, FLAGS.batch_size, result['host_image_size']))
   print(json.dumps(result), flush=True)

@@ -31,7 +31,7 @@ from PIL import Image
 
 from atlas_jax.data import sources
 
-SPLIT_DIRS = {'train': 'train', 'val': 'validation'}   # output folder -> the source split it comes from
+SPLIT_DIRS = {'train': 'train', 'val': 'validation'}  # output folder -> the source split it comes from
 TMP_MARK = '.tmp-'
 SUMMARY_FILE = 'hr_in100.json'
 
@@ -39,8 +39,9 @@ SUMMARY_FILE = 'hr_in100.json'
 def define_flags():
   """The command line's flags; defined only when run as a program, so the module imports anywhere."""
   global _SOURCE, _OUTPUT, _CLASSES, _SPLITS, _TFDS_NAME, _COPY, _WORKERS
-  _SOURCE = flags.DEFINE_string('source', None, 'An ImageNet folder (train/, val/ by class) or a tfds '
-                                'data_dir.')
+  _SOURCE = flags.DEFINE_string(
+    'source', None, 'An ImageNet folder (train/, val/ by class) or a tfds data_dir.'
+  )
   _OUTPUT = flags.DEFINE_string('output', None, 'The image folder to write (train/<wnid>/, val/<wnid>/).')
   _CLASSES = flags.DEFINE_string('classes', str(sources.HR_IN100_CLASSES), 'Class-list file (WordNet IDs).')
   _SPLITS = flags.DEFINE_list('splits', ['train', 'val'], 'Which of train, val to write.')
@@ -65,15 +66,21 @@ def _folder_plan(source: pathlib.Path, classes: list[str], splits: list[str]) ->
     if lacking:
       missing[split] = lacking
   if missing:
-    detail = '; '.join(f'{source / split}/ lacks {sources.abbreviated(names)}'
-                       for split, names in missing.items())
-    raise PrepareError(f'{detail}: --source must hold {split}/<wnid>/ for every class of --classes (sort the '
-                       'validation images into class folders first)')
+    detail = '; '.join(
+      f'{source / split}/ lacks {sources.abbreviated(names)}' for split, names in missing.items()
+    )
+    raise PrepareError(
+      f'{detail}: --source must hold {split}/<wnid>/ for every class of --classes (sort the '
+      'validation images into class folders first)'
+    )
   plan = []
   for split in splits:
     for name in classes:
-      files = sorted(entry.name for entry in os.scandir(source / split / name)
-                     if entry.is_file() and not entry.name.startswith('.'))
+      files = sorted(
+        entry.name
+        for entry in os.scandir(source / split / name)
+        if entry.is_file() and not entry.name.startswith('.')
+      )
       if not files:
         raise PrepareError(f'{source / split / name} holds no files: the source is incomplete')
       plan.extend((split, name, file, source / split / name / file) for file in files)
@@ -83,13 +90,15 @@ def _folder_plan(source: pathlib.Path, classes: list[str], splits: list[str]) ->
 def _tfds_plan(source: pathlib.Path, tfds_name: str, classes_file: str, splits: list[str]) -> list[tuple]:
   """(output split dir, class, file name, (TfdsSource, index)) of every record of the classes."""
   from configs import common  # pylint: disable=import-outside-toplevel
+
   # The plan copies stored bytes and never decodes, so data.max_pixels only has to be a valid value.
   max_pixels = common.data_config().max_pixels
   plan = []
   for split in splits:
     try:
-      records = sources.TfdsSource(tfds_name, source, SPLIT_DIRS[split], classes_file=classes_file,
-                                   max_pixels=max_pixels)
+      records = sources.TfdsSource(
+        tfds_name, source, SPLIT_DIRS[split], classes_file=classes_file, max_pixels=max_pixels
+      )
     except sources.DataSourceError as error:
       raise PrepareError(str(error)) from error
     counts = [0] * records.num_classes
@@ -98,8 +107,10 @@ def _tfds_plan(source: pathlib.Path, tfds_name: str, classes_file: str, splits: 
       plan.append((split, records.classes[label], None, (records, index)))
     empty = [name for name, count in zip(records.classes, counts) if not count]
     if empty:
-      raise PrepareError(f'the {records.split!r} split of {records.name} has no example of '
-                         f'{sources.abbreviated(empty)}: the source is incomplete')
+      raise PrepareError(
+        f'the {records.split!r} split of {records.name} has no example of '
+        f'{sources.abbreviated(empty)}: the source is incomplete'
+      )
   return plan
 
 
@@ -113,7 +124,7 @@ def _file_name_of_record(example: dict) -> str:
 def _write(output: pathlib.Path, split: str, name: str, file_name: str | None, origin, copy: bool) -> str:
   """Puts one file in place (under a temporary name first); returns 'kept' or 'written'."""
   directory = output / split / name
-  if isinstance(origin, tuple):                       # a tfds record
+  if isinstance(origin, tuple):  # a tfds record
     records, index = origin
     example = records.encoded(index)
     data = example['image']
@@ -137,7 +148,7 @@ def _write(output: pathlib.Path, split: str, name: str, file_name: str | None, o
   else:
     try:
       os.link(origin, temporary)
-    except OSError:                                   # another file system, or links not allowed
+    except OSError:  # another file system, or links not allowed
       shutil.copyfile(origin, temporary)
   os.replace(temporary, target)
   return 'written'
@@ -152,8 +163,15 @@ def _remove_leftovers(output: pathlib.Path) -> int:
   return removed
 
 
-def prepare(source, output, classes_file=sources.HR_IN100_CLASSES, splits=('train', 'val'),
-            tfds_name: str = 'imagenet2012', copy: bool = False, workers: int = 8) -> dict:
+def prepare(
+  source,
+  output,
+  classes_file=sources.HR_IN100_CLASSES,
+  splits=('train', 'val'),
+  tfds_name: str = 'imagenet2012',
+  copy: bool = False,
+  workers: int = 8,
+) -> dict:
   """Writes the image folder; returns the summary also written to OUTPUT/hr_in100.json."""
   source, output = pathlib.Path(source).expanduser(), pathlib.Path(output).expanduser()
   splits = list(splits)
@@ -175,8 +193,10 @@ def prepare(source, output, classes_file=sources.HR_IN100_CLASSES, splits=('trai
     kind = 'tfds'
     plan = _tfds_plan(source, tfds_name, classes_file, splits)
   else:
-    raise PrepareError(f'--source={source} holds neither train/ or val/ (an ImageNet folder) nor a prepared '
-                       f'{tfds_name}/ (a tfds data_dir): point it at one of them')
+    raise PrepareError(
+      f'--source={source} holds neither train/ or val/ (an ImageNet folder) nor a prepared '
+      f'{tfds_name}/ (a tfds data_dir): point it at one of them'
+    )
   for split in splits:
     for name in classes:
       (output / split / name).mkdir(parents=True, exist_ok=True)
@@ -189,8 +209,15 @@ def prepare(source, output, classes_file=sources.HR_IN100_CLASSES, splits=('trai
       if number % 10_000 == 0:
         logging.info('%d of %d files in place', number, len(plan))
   counts = {split: sum(1 for entry in plan if entry[0] == split) for split in splits}
-  summary = {'source': str(source), 'source_kind': kind, 'classes': classes, 'counts': counts,
-             'written': outcomes['written'], 'kept': outcomes['kept'], 'leftovers_removed': removed}
+  summary = {
+    'source': str(source),
+    'source_kind': kind,
+    'classes': classes,
+    'counts': counts,
+    'written': outcomes['written'],
+    'kept': outcomes['kept'],
+    'leftovers_removed': removed,
+  }
   temporary = output / f'.{SUMMARY_FILE}{TMP_MARK}{os.getpid()}'
   temporary.write_text(json.dumps(summary, indent=1) + '\n')
   os.replace(temporary, output / SUMMARY_FILE)
@@ -204,15 +231,24 @@ def main(argv):
   if not _SOURCE.value or not _OUTPUT.value:
     raise app.UsageError('--source and --output are required')
   try:
-    summary = prepare(_SOURCE.value, _OUTPUT.value, _CLASSES.value, _SPLITS.value, _TFDS_NAME.value,
-                      _COPY.value, _WORKERS.value)
+    summary = prepare(
+      _SOURCE.value,
+      _OUTPUT.value,
+      _CLASSES.value,
+      _SPLITS.value,
+      _TFDS_NAME.value,
+      _COPY.value,
+      _WORKERS.value,
+    )
   except (PrepareError, OSError) as error:
     print(f'prepare_hr_in100: {error}', file=sys.stderr)
     sys.exit(1)
   counts = ', '.join(f'{count} {split}' for split, count in summary['counts'].items())
-  print(f'{_OUTPUT.value}: {len(summary["classes"])} classes, {counts} images ({summary["written"]} written, '
-        f'{summary["kept"]} already in place); read it with --config.data.source=folder '
-        f'--config.data.data_dir={_OUTPUT.value}')
+  print(
+    f'{_OUTPUT.value}: {len(summary["classes"])} classes, {counts} images ({summary["written"]} written, '
+    f'{summary["kept"]} already in place); read it with --config.data.source=folder '
+    f'--config.data.data_dir={_OUTPUT.value}'
+  )
 
 
 if __name__ == '__main__':

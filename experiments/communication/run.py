@@ -24,11 +24,11 @@ from experiments import common  # noqa: E402 (after the path is set)
 
 # variant -> (model.name, config overrides)
 VARIANTS = {
-    'window_vit': ('window_vit', {}),
-    'none': ('atlas', {'model.communication': 'none'}),
-    'bottom_up': ('atlas', {'model.communication': 'bottom_up'}),
-    'top_down': ('atlas', {'model.communication': 'top_down'}),
-    'full': ('atlas', {'model.communication': 'full'}),
+  'window_vit': ('window_vit', {}),
+  'none': ('atlas', {'model.communication': 'none'}),
+  'bottom_up': ('atlas', {'model.communication': 'bottom_up'}),
+  'top_down': ('atlas', {'model.communication': 'top_down'}),
+  'full': ('atlas', {'model.communication': 'full'}),
 }
 # Table 4 of the paper (HR-IN100, 256 px, top-1 %): ATLAS.md §5.
 PAPER_TOP1 = {'window_vit': 59.39, 'none': 65.14, 'bottom_up': 69.92, 'top_down': 69.04, 'full': 72.02}

@@ -22,20 +22,32 @@ MODELS = ('atlas', 'window_vit')
 
 
 def train(model: str, steps: int, seed: int, workdir: pathlib.Path) -> dict:
-  command = [sys.executable, '-m', 'atlas_jax.main', f'--config=configs/quickstart.py:model={model},steps={steps}',
-             f'--config.seed={seed}', f'--workdir={workdir}']
+  command = [
+    sys.executable,
+    '-m',
+    'atlas_jax.main',
+    f'--config=configs/quickstart.py:model={model},steps={steps}',
+    f'--config.seed={seed}',
+    f'--workdir={workdir}',
+  ]
   start = time.monotonic()
   subprocess.run(command, cwd=ROOT, check=True, env={**os.environ, 'PYTHONPATH': str(ROOT)})
   wall_s = time.monotonic() - start
   records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   curve = [(r['step'], r['top1']) for r in records if r['kind'] == 'eval' and r['weights'] == 'raw']
-  return {'model': model, 'seed': seed, 'steps': steps, 'top1': curve[-1][1], 'wall_s': round(wall_s, 1),
-          'curve': curve}
+  return {
+    'model': model,
+    'seed': seed,
+    'steps': steps,
+    'top1': curve[-1][1],
+    'wall_s': round(wall_s, 1),
+    'curve': curve,
+  }
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--steps', type=int, default=None, help='optimizer steps (default: the config\'s)')
+  parser.add_argument('--steps', type=int, default=None, help="optimizer steps (default: the config's)")
   parser.add_argument('--seeds', default='0', help='comma-separated seeds')
   parser.add_argument('--out', default=str(ROOT / 'experiments' / 'quickstart_vs_windows'))
   args = parser.parse_args()
@@ -44,6 +56,7 @@ def main():
   if args.steps is None:
     sys.path.insert(0, str(ROOT))
     from configs import quickstart
+
     args.steps = quickstart.get_config().total_steps
   results = []
   for seed in (int(seed) for seed in args.seeds.split(',')):
@@ -64,6 +77,7 @@ def main():
       writer.writerows((result['model'], result['seed'], step, top1) for step, top1 in result['curve'])
   try:
     import matplotlib
+
     matplotlib.use('Agg')
     from matplotlib import pyplot
   except ImportError:
@@ -74,8 +88,12 @@ def main():
     steps, top1 = zip(*result['curve'])
     axes.plot(steps, top1, marker='o', label=f'{result["model"]} (seed {result["seed"]})')
   axes.axhline(0.25, color='gray', linestyle='--', label='chance')
-  axes.set(xlabel='optimizer step', ylabel='validation top-1', ylim=(0, 1),
-           title='Synthetic long-range task, 2 CPU cores')
+  axes.set(
+    xlabel='optimizer step',
+    ylabel='validation top-1',
+    ylim=(0, 1),
+    title='Synthetic long-range task, 2 CPU cores',
+  )
   axes.legend()
   figure.tight_layout()
   figure.savefig(out / 'curves.png', dpi=120)

@@ -33,8 +33,21 @@ from experiments import common  # noqa: E402 (after the path is set)
 
 MODELS = ('atlas', 'vit', 'window_vit')
 RESULT_PREFIX = 'scaling point: '
-FIELDS = ['model', 'resolution', 'tokens', 'scales', 'depths', 'status', 'step_s_median', 'train_gflops',
-          'compile_s', 'memory_analysis_gib', 'peak_process_gib', 'device', 'note']
+FIELDS = [
+  'model',
+  'resolution',
+  'tokens',
+  'scales',
+  'depths',
+  'status',
+  'step_s_median',
+  'train_gflops',
+  'compile_s',
+  'memory_analysis_gib',
+  'peak_process_gib',
+  'device',
+  'note',
+]
 TOTAL_BLOCKS, QUICK_TOTAL_BLOCKS = 6, 1
 
 
@@ -51,10 +64,17 @@ def point_config(model: str, resolution: int, quick: bool, accelerator: bool):
   """The config of one point: Atlas-T widths (tiny under --quick), patch 8, 16 x 16 windows, pool 4."""
   from atlas_jax.models import layout
   from configs import common as config_common
+
   config = config_common.base_config('T', resolution)
-  config.model.update(name=model, patch_size=8, window=16, pool=4, drop_path_rate=0.0,
-                      # XLA's CPU backend runs bfloat16 matmuls slower than float32
-                      dtype='bfloat16' if accelerator else 'float32')
+  config.model.update(
+    name=model,
+    patch_size=8,
+    window=16,
+    pool=4,
+    drop_path_rate=0.0,
+    # XLA's CPU backend runs bfloat16 matmuls slower than float32
+    dtype='bfloat16' if accelerator else 'float32',
+  )
   if quick:
     config.model.update(dim=16, num_heads=1, stem_width=8)
   # The baselines run every block on the finest scale alone.
@@ -82,23 +102,36 @@ def measure_point(args) -> dict:
   config = config_lib.resolve(config)
   tokens = (args.resolution // config.model.patch_size) ** 2
   device = jax.devices()[0]
-  result = {'model': args.model, 'resolution': args.resolution, 'tokens': tokens, 'scales': num_scales,
-            'depths': ' '.join(map(str, config.model.depths)), 'device': device.device_kind}
+  result = {
+    'model': args.model,
+    'resolution': args.resolution,
+    'tokens': tokens,
+    'scales': num_scales,
+    'depths': ' '.join(map(str, config.model.depths)),
+    'device': device.device_kind,
+  }
   limit_gib = args.max_memory_gib
   if limit_gib is None:
     stats = device.memory_stats() if accelerator else None
-    limit_gib = 0.9 * stats['bytes_limit'] / 2 ** 30 if stats and 'bytes_limit' in stats else 8.0
+    limit_gib = 0.9 * stats['bytes_limit'] / 2**30 if stats and 'bytes_limit' in stats else 8.0
   setup = run_setup.train_setup(config)
   mesh = setup.mesh
   start = time.perf_counter()
   with jax.set_mesh(mesh):
-    compiled = train.jit_train_step(setup).lower(setup.abstract_state,
-                                                 train.abstract_batch(config, config.batch_size)).compile()
+    compiled = (
+      train.jit_train_step(setup)
+      .lower(setup.abstract_state, train.abstract_batch(config, config.batch_size))
+      .compile()
+    )
     result['compile_s'] = round(time.perf_counter() - start, 1)
     memory = compiled.memory_analysis()
     # Donated state aliases its output, so it counts once (as `--config.mode=compile` reports it).
-    need_gib = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
-                + memory.temp_size_in_bytes) / 2 ** 30
+    need_gib = (
+      memory.argument_size_in_bytes
+      + memory.output_size_in_bytes
+      - memory.alias_size_in_bytes
+      + memory.temp_size_in_bytes
+    ) / 2**30
     result['memory_analysis_gib'] = round(need_gib, 4)
     if need_gib > limit_gib:
       return {**result, 'status': 'over_memory', 'note': f'needs {need_gib:.2f} GiB > {limit_gib:.2f} GiB'}
@@ -113,34 +146,49 @@ def measure_point(args) -> dict:
       if index >= args.warmup:
         times.append(time.perf_counter() - start)
   if accelerator:
-    peak = device.memory_stats().get('peak_bytes_in_use', 0) / 2 ** 30
+    peak = device.memory_stats().get('peak_bytes_in_use', 0) / 2**30
   else:  # ru_maxrss is in KiB on Linux: the whole process, JAX and Python included
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
   # Model FLOPs of the step (3 x the forward's matmuls and convolutions, counted from its jaxpr): the cost
   # no other process's load changes.
   train_gflops = 3 * benchmark.model_flops_per_image(config) * config.batch_size / 1e9
-  return {**result, 'status': 'ok', 'step_s_median': round(statistics.median(times), 4),
-          'train_gflops': round(train_gflops, 3), 'peak_process_gib': round(peak, 3),
-          'note': f'{args.steps} timed steps after {args.warmup} warmup'}
+  return {
+    **result,
+    'status': 'ok',
+    'step_s_median': round(statistics.median(times), 4),
+    'train_gflops': round(train_gflops, 3),
+    'peak_process_gib': round(peak, 3),
+    'note': f'{args.steps} timed steps after {args.warmup} warmup',
+  }
 
 
 def run_point(args, model: str, resolution: int) -> dict:
   """Runs one point in a child process under the time limit; its result dict."""
-  command = [sys.executable, __file__, f'--point={model}:{resolution}', f'--steps={args.steps}',
-             f'--warmup={args.warmup}'] + (['--quick'] if args.quick else [])
+  command = [
+    sys.executable,
+    __file__,
+    f'--point={model}:{resolution}',
+    f'--steps={args.steps}',
+    f'--warmup={args.warmup}',
+  ] + (['--quick'] if args.quick else [])
   if args.max_memory_gib is not None:
     command.append(f'--max_memory_gib={args.max_memory_gib}')
   base = {'model': model, 'resolution': resolution}
   try:
-    child = subprocess.run(command, capture_output=True, text=True, timeout=args.point_time_limit_s,
-                           env={**os.environ, 'PYTHONPATH': str(common.ROOT)})
+    child = subprocess.run(
+      command,
+      capture_output=True,
+      text=True,
+      timeout=args.point_time_limit_s,
+      env={**os.environ, 'PYTHONPATH': str(common.ROOT)},
+    )
   except subprocess.TimeoutExpired:
     return {**base, 'status': 'timeout', 'note': f'over --point_time_limit_s={args.point_time_limit_s}'}
   lines = [line for line in child.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
   if child.returncode or not lines:
     last_error = (child.stderr.strip().splitlines() or ['no output'])[-1]
     return {**base, 'status': 'error', 'note': f'exit {child.returncode}: {last_error}'[:300]}
-  return json.loads(lines[-1][len(RESULT_PREFIX):])
+  return json.loads(lines[-1][len(RESULT_PREFIX) :])
 
 
 def predicted_seconds(previous: dict, resolution: int, args) -> float:
@@ -158,19 +206,32 @@ def plot(plt, rows: list[dict], path: pathlib.Path, device: str):
     if points:
       tokens = [row['tokens'] for row in points]
       time_axes.plot(tokens, [row['step_s_median'] for row in points], marker='o', color=color, label=model)
-      memory_axes.plot(tokens, [row['memory_analysis_gib'] for row in points], marker='o', color=color,
-                       label=model)
-    refused = [row for row in rows if row['model'] == model and row['status'] == 'over_memory'
-               and row.get('memory_analysis_gib') is not None]
+      memory_axes.plot(
+        tokens, [row['memory_analysis_gib'] for row in points], marker='o', color=color, label=model
+      )
+    refused = [
+      row
+      for row in rows
+      if row['model'] == model
+      and row['status'] == 'over_memory'
+      and row.get('memory_analysis_gib') is not None
+    ]
     if refused:  # what XLA said the step would need: compiled, never run
-      memory_axes.plot([row['tokens'] for row in refused], [row['memory_analysis_gib'] for row in refused],
-                       'x', color=color, markersize=9, label=f'{model}: over the cap, not run')
+      memory_axes.plot(
+        [row['tokens'] for row in refused],
+        [row['memory_analysis_gib'] for row in refused],
+        'x',
+        color=color,
+        markersize=9,
+        label=f'{model}: over the cap, not run',
+      )
   all_tokens = sorted({row['tokens'] for row in ok})
 
   def ideal(axes, anchor_model, key, shape, label, style):
     # Anchored at the model's largest measured point, where the asymptotic term dominates.
-    anchor = max((row for row in ok if row['model'] == anchor_model), key=lambda row: row['tokens'],
-                 default=None)
+    anchor = max(
+      (row for row in ok if row['model'] == anchor_model), key=lambda row: row['tokens'], default=None
+    )
     if anchor is None or len(all_tokens) < 2:
       return
     scale = anchor[key] / shape(anchor['tokens'])
@@ -202,7 +263,7 @@ def sweep(args) -> list[dict]:
   top = 128 if args.quick else args.max_resolution
   if top < 128:
     raise common.ExperimentError(f'--max_resolution must be at least 128, got {top}')
-  resolutions = [128 * 2 ** k for k in range(int(math.log2(top // 128)) + 1)]
+  resolutions = [128 * 2**k for k in range(int(math.log2(top // 128)) + 1)]
   output = pathlib.Path(args.output)
   output.mkdir(parents=True, exist_ok=True)
   rows, last_ok, stopped = [], {}, set()
@@ -212,8 +273,12 @@ def sweep(args) -> list[dict]:
         continue
       previous = last_ok.get(model)
       if previous and predicted_seconds(previous, resolution, args) > args.point_time_limit_s:
-        row = {'model': model, 'resolution': resolution, 'status': 'predicted_over_time',
-               'note': f'at least {predicted_seconds(previous, resolution, args):.0f} s predicted'}
+        row = {
+          'model': model,
+          'resolution': resolution,
+          'status': 'predicted_over_time',
+          'note': f'at least {predicted_seconds(previous, resolution, args):.0f} s predicted',
+        }
       else:
         start = time.monotonic()
         row = run_point(args, model, resolution)
@@ -239,14 +304,18 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--models', default=','.join(MODELS), help='comma-separated subset of the models')
   parser.add_argument('--max_resolution', type=int, default=4096, help='largest side in px (128 x 2^k)')
-  parser.add_argument('--max_memory_gib', type=float, default=None,
-                      help='skip points whose compiled step needs more GiB (default: 8 on CPU, 90%% of the '
-                      'device\'s memory)')
+  parser.add_argument(
+    '--max_memory_gib',
+    type=float,
+    default=None,
+    help="skip points whose compiled step needs more GiB (default: 8 on CPU, 90%% of the device's memory)",
+  )
   parser.add_argument('--point_time_limit_s', type=float, default=300.0, help='wall-clock limit of one point')
   parser.add_argument('--steps', type=int, default=3, help='timed steps per point')
   parser.add_argument('--warmup', type=int, default=1, help='untimed steps after compilation')
-  parser.add_argument('--output', default=str(pathlib.Path(__file__).parent),
-                      help='where points.csv and the PNG go')
+  parser.add_argument(
+    '--output', default=str(pathlib.Path(__file__).parent), help='where points.csv and the PNG go'
+  )
   parser.add_argument('--quick', action='store_true', help='seconds-long smoke run (tiny model, 128 px)')
   parser.add_argument('--point', default=None, help=argparse.SUPPRESS)  # MODEL:RESOLUTION, in a child process
   args = parser.parse_args(argv)

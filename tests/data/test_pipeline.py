@@ -61,7 +61,7 @@ def test_batches_are_normalised_images_and_labels():
 
 
 def test_epochs_are_permutations_with_the_remainder_dropped():
-  source = IndexedSource(30)                   # 3 batches of 8 per epoch, 6 examples dropped
+  source = IndexedSource(30)  # 3 batches of 8 per epoch, 6 examples dropped
   loader = train_loader(source, 8, seed=4)
   assert loader.batches_per_epoch == 3
   epochs = []
@@ -81,11 +81,12 @@ def test_epochs_are_permutations_with_the_remainder_dropped():
 
 @pytest.mark.parametrize('process_count', [2, 4])
 def test_process_slices_concatenate_to_the_single_process_batch(process_count):
-  source = IndexedSource(50)                   # 6 batches of 8 per epoch: 8 batches cross an epoch boundary
+  source = IndexedSource(50)  # 6 batches of 8 per epoch: 8 batches cross an epoch boundary
   single = labels_of(take(train_loader(source, 8, seed=1), 8))
-  per_process = [labels_of(take(train_loader(source, 8, seed=1, process_index=p,
-                                             process_count=process_count), 8))
-                 for p in range(process_count)]
+  per_process = [
+    labels_of(take(train_loader(source, 8, seed=1, process_index=p, process_count=process_count), 8))
+    for p in range(process_count)
+  ]
   for step in range(8):
     slices = [per_process[p][step] for p in range(process_count)]
     assert all(len(part) == 8 // process_count for part in slices)
@@ -105,9 +106,11 @@ def test_batch_size_must_divide_among_processes():
 
 def test_workers_do_not_change_the_batches():
   source = SyntheticLongRange(32, 64, seed=2)
-  with train_loader(source, 8, seed=3, workers=0) as serial, \
-       train_loader(source, 8, seed=3, workers=3, prefetch=3) as threaded:
-    for _ in range(10):                        # 10 batches: past the end of epoch 0 (8 batches)
+  with (
+    train_loader(source, 8, seed=3, workers=0) as serial,
+    train_loader(source, 8, seed=3, workers=3, prefetch=3) as threaded,
+  ):
+    for _ in range(10):  # 10 batches: past the end of epoch 0 (8 batches)
       expected, actual = next(serial), next(threaded)
       assert expected['image'].tobytes() == actual['image'].tobytes()
       np.testing.assert_array_equal(expected['label'], actual['label'])
@@ -115,13 +118,15 @@ def test_workers_do_not_change_the_batches():
 
 @pytest.mark.parametrize('workers', [0, 3])
 def test_resume_from_state_gives_the_same_next_batches(workers):
-  source = IndexedSource(37)                   # 4 batches of 8 per epoch
+  source = IndexedSource(37)  # 4 batches of 8 per epoch
   uninterrupted = train_loader(source, 8, seed=7, workers=3, prefetch=2)
   take(uninterrupted, 3)
-  state = uninterrupted.get_state()           # prefetched batches are not counted
+  state = uninterrupted.get_state()  # prefetched batches are not counted
   assert int(state['batches_consumed']) == 3
-  assert all(isinstance(value, np.ndarray) and value.shape == () and value.dtype == np.int64
-             for value in state.values())
+  assert all(
+    isinstance(value, np.ndarray) and value.shape == () and value.dtype == np.int64
+    for value in state.values()
+  )
   expected = labels_of(take(uninterrupted, 6))
   resumed = train_loader(source, 8, seed=7, workers=workers, state=state)
   assert resumed.batches_consumed == 3 and resumed.epoch == 0
@@ -137,6 +142,7 @@ def test_state_through_an_orbax_checkpoint(tmp_path):
   import jax
 
   from atlas_jax import checkpointing
+
   source = IndexedSource(40)
   loader = train_loader(source, 8, seed=1)
   take(loader, 7)
@@ -177,8 +183,9 @@ def test_transform_gets_an_rng_of_seed_epoch_and_index():
   source = SyntheticLongRange(32, 24, seed=0)
   serial = train_loader(source, 8, seed=5, transform=flip_sometimes)
   expected = [batch['image'].tobytes() for batch in take(serial, 5)]
-  threaded = train_loader(source, 8, seed=5, workers=3, transform=flip_sometimes,
-                          state={'batches_consumed': np.int64(2)})
+  threaded = train_loader(
+    source, 8, seed=5, workers=3, transform=flip_sometimes, state={'batches_consumed': np.int64(2)}
+  )
   assert [batch['image'].tobytes() for batch in take(threaded, 3)] == expected[2:]
   threaded.close()
 
@@ -192,7 +199,7 @@ def test_a_failed_load_raises_in_the_caller_and_does_not_advance():
     with pytest.raises(OSError, match='example 3'):
       next(loader)
     assert loader.batches_consumed == failing_batch
-    with pytest.raises(OSError):              # a retry loads the same batch again
+    with pytest.raises(OSError):  # a retry loads the same batch again
       next(loader)
 
 
@@ -210,7 +217,7 @@ def test_close_stops_the_threads():
 @pytest.mark.parametrize('process_count', [1, 2, 4])
 @pytest.mark.parametrize('workers', [0, 3])
 def test_eval_visits_every_example_once_in_order(process_count, workers):
-  source = IndexedSource(23)                  # 3 global batches of 8, the last with 7 padding slots
+  source = IndexedSource(23)  # 3 global batches of 8, the last with 7 padding slots
   real_labels = []
   for process_index in range(process_count):
     batches = list(eval_batches(source, 8, process_index, process_count, workers=workers))
@@ -242,9 +249,11 @@ def test_the_bad_fraction_has_no_default_in_code():
 
 
 def test_the_data_package_imports_no_model_or_jax():
-  code = ('import sys, atlas_jax.data; '
-          'print(sorted(m for m in sys.modules if m.split(".")[0] in ("jax", "flax", "tensorflow") '
-          'or m.startswith("atlas_jax.models")))')
+  code = (
+    'import sys, atlas_jax.data; '
+    'print(sorted(m for m in sys.modules if m.split(".")[0] in ("jax", "flax", "tensorflow") '
+    'or m.startswith("atlas_jax.models")))'
+  )
   repo_root = str(pathlib.Path(__file__).resolve().parents[2])
   env = {**os.environ, 'PYTHONPATH': os.pathsep.join(filter(None, [repo_root, os.environ.get('PYTHONPATH')]))}
   result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True, env=env)

@@ -15,12 +15,12 @@ from atlas_jax.data.decode import BadImageError
 from configs import common
 from tests.data import image_files
 
-CLASSES = ('n02000000', 'n01000000', 'n03000000')     # created in this order: labels follow sorted names
+CLASSES = ('n02000000', 'n01000000', 'n03000000')  # created in this order: labels follow sorted names
 TRAIN_PER_CLASS = 8
 VAL_PER_CLASS = 3
 SIDE = 16
 MAX_PIXELS = 10_000_000
-MAX_BAD_FRACTION = common.data_config().max_bad_fraction    # the config's: 1%
+MAX_BAD_FRACTION = common.data_config().max_bad_fraction  # the config's: 1%
 image_folder = functools.partial(sources.ImageFolder, max_pixels=MAX_PIXELS)
 
 
@@ -44,9 +44,9 @@ def clean(tmp_path_factory):
       directory.mkdir(parents=True)
       for file_index in range(count):
         write_solid(directory / f'img_{file_index}.png', value_of(split, class_index, file_index))
-      (directory / '.hidden.png').write_bytes(b'')              # hidden: ignored
+      (directory / '.hidden.png').write_bytes(b'')  # hidden: ignored
       (directory / 'notes.txt').write_text('not an image suffix')  # ignored
-  (root / 'train' / '.cache').mkdir()                          # hidden folder: not a class
+  (root / 'train' / '.cache').mkdir()  # hidden folder: not a class
   return root
 
 
@@ -79,7 +79,7 @@ def test_labels_are_the_sorted_class_names(clean):
       example = source[index]
       class_name = source.path(index).parent.name
       assert example['label'] == sorted(CLASSES).index(class_name) and example['label'].dtype == np.int32
-      assert example['image'].shape == (12, 20, 3)                          # as decoded: not resized
+      assert example['image'].shape == (12, 20, 3)  # as decoded: not resized
       file_index = int(source.path(index).stem.split('_')[1])
       assert example['image'][0, 0, 0] == value_of(split, CLASSES.index(class_name), file_index)
 
@@ -87,16 +87,20 @@ def test_labels_are_the_sorted_class_names(clean):
 def test_a_class_list_filters_and_numbers_the_classes(clean, tmp_path):
   class_list = tmp_path / 'classes.txt'
   class_list.write_text('# two of the three\nn03000000\n\nn02000000  # trailing comment\n')
-  source = sources.make_source(_data_config(clean, classes=str(class_list)), 32, 'validation', 0,
-                               num_classes=2)
+  source = sources.make_source(
+    _data_config(clean, classes=str(class_list)), 32, 'validation', 0, num_classes=2
+  )
   assert source.classes == ['n02000000', 'n03000000'] and len(source) == 2 * VAL_PER_CLASS
   assert sorted(set(source.labels.tolist())) == [0, 1]
   assert all(source.path(i).parent.name == source.classes[source.labels[i]] for i in range(len(source)))
 
 
 def _data_config(data_dir, **fields):
-  return type('DataConfig', (), {'source': 'folder', 'data_dir': str(data_dir), 'classes': None,
-                                 'max_pixels': MAX_PIXELS, **fields})()
+  return type(
+    'DataConfig',
+    (),
+    {'source': 'folder', 'data_dir': str(data_dir), 'classes': None, 'max_pixels': MAX_PIXELS, **fields},
+  )()
 
 
 def one_line_error(function, *args, **kwargs) -> str:
@@ -132,25 +136,29 @@ def test_a_wrong_layout_gets_one_line_saying_what_to_do(clean, tmp_path):
 
 
 def test_same_seed_same_batches_and_resume_is_exact(clean):
-  source = image_folder(clean, 'train')                         # 24 examples: 4 batches of 6 per epoch
-  with pipeline.TrainLoader(source, 6, seed=3, transform=resize_and_flip,
-                            max_bad_fraction=MAX_BAD_FRACTION) as loader:
+  source = image_folder(clean, 'train')  # 24 examples: 4 batches of 6 per epoch
+  with pipeline.TrainLoader(
+    source, 6, seed=3, transform=resize_and_flip, max_bad_fraction=MAX_BAD_FRACTION
+  ) as loader:
     uninterrupted = [next(loader) for _ in range(6)]
-  with pipeline.TrainLoader(source, 6, seed=3, workers=3, transform=resize_and_flip,
-                            max_bad_fraction=MAX_BAD_FRACTION) as loader:
+  with pipeline.TrainLoader(
+    source, 6, seed=3, workers=3, transform=resize_and_flip, max_bad_fraction=MAX_BAD_FRACTION
+  ) as loader:
     for expected in uninterrupted[:2]:
       np.testing.assert_array_equal(next(loader)['image'], expected['image'])
     state = loader.get_state()
-  with pipeline.TrainLoader(source, 6, seed=3, workers=2, transform=resize_and_flip, state=state,
-                            max_bad_fraction=MAX_BAD_FRACTION) as resumed:
+  with pipeline.TrainLoader(
+    source, 6, seed=3, workers=2, transform=resize_and_flip, state=state, max_bad_fraction=MAX_BAD_FRACTION
+  ) as resumed:
     for expected in uninterrupted[2:]:
       batch = next(resumed)
       np.testing.assert_array_equal(batch['image'], expected['image'])
       np.testing.assert_array_equal(batch['label'], expected['label'])
   epoch = sorted(value for batch in uninterrupted[:4] for value in batch_values(batch))
   assert epoch == sorted(value_of('train', c, f) for c in range(3) for f in range(TRAIN_PER_CLASS))
-  with pipeline.TrainLoader(source, 6, seed=4, transform=resize_and_flip,
-                            max_bad_fraction=MAX_BAD_FRACTION) as other_seed:
+  with pipeline.TrainLoader(
+    source, 6, seed=4, transform=resize_and_flip, max_bad_fraction=MAX_BAD_FRACTION
+  ) as other_seed:
     assert batch_values(next(other_seed)) != batch_values(uninterrupted[0])
 
 
@@ -158,21 +166,30 @@ def test_two_hosts_shards_are_disjoint_and_cover_the_epoch(clean):
   source = image_folder(clean, 'train')
   seen = {}
   for process_index in (0, 1):
-    with pipeline.TrainLoader(source, 8, seed=5, process_index=process_index, process_count=2,
-                              transform=resize_and_flip, max_bad_fraction=MAX_BAD_FRACTION) as loader:
+    with pipeline.TrainLoader(
+      source,
+      8,
+      seed=5,
+      process_index=process_index,
+      process_count=2,
+      transform=resize_and_flip,
+      max_bad_fraction=MAX_BAD_FRACTION,
+    ) as loader:
       seen[process_index] = [value for _ in range(3) for value in batch_values(next(loader))]  # one epoch
   assert len(seen[0]) == len(seen[1]) == 12
   assert not set(seen[0]) & set(seen[1])
-  assert sorted(seen[0] + seen[1]) == sorted(value_of('train', c, f) for c in range(3)
-                                             for f in range(TRAIN_PER_CLASS))
+  assert sorted(seen[0] + seen[1]) == sorted(
+    value_of('train', c, f) for c in range(3) for f in range(TRAIN_PER_CLASS)
+  )
 
 
 def test_eval_counts_every_example_once_over_two_hosts(clean):
-  source = image_folder(clean, 'validation')                    # 9 examples, batches of 4: 3 batches
+  source = image_folder(clean, 'validation')  # 9 examples, batches of 4: 3 batches
   counted = []
   for process_index in (0, 1):
-    for batch in pipeline.eval_batches(source, 4, process_index, 2, transform=resize_and_flip,
-                                       max_bad_fraction=MAX_BAD_FRACTION):
+    for batch in pipeline.eval_batches(
+      source, 4, process_index, 2, transform=resize_and_flip, max_bad_fraction=MAX_BAD_FRACTION
+    ):
       counted += [value for value, real in zip(batch_values(batch), batch['mask']) if real]
   assert sorted(counted) == sorted(value_of('val', c, f) for c in range(3) for f in range(VAL_PER_CLASS))
 
@@ -194,17 +211,18 @@ def broken(tmp_path_factory):
 
 
 def test_bad_files_are_logged_and_replaced_in_training(broken, caplog):
-  source = image_folder(broken, 'train')                        # 11 good kinds, 4 solid, 4 broken: 19
+  source = image_folder(broken, 'train')  # 11 good kinds, 4 solid, 4 broken: 19
   bad = {index for index in range(len(source)) if source.path(index).stem in image_files.BAD_KINDS}
   assert len(source) == 19 and len(bad) == len(image_files.BAD_KINDS)
-  for index in range(len(source)):                              # the source itself raises, one line each
+  for index in range(len(source)):  # the source itself raises, one line each
     if index in bad:
       with pytest.raises(BadImageError):
         source[index]
   with caplog.at_level(logging.WARNING):
-    with pipeline.TrainLoader(source, 4, seed=0, workers=2, transform=resize_and_flip,
-                              max_bad_fraction=0.5) as loader:
-      batches = [next(loader) for _ in range(9)]                # two epochs of 4 full batches, and one more
+    with pipeline.TrainLoader(
+      source, 4, seed=0, workers=2, transform=resize_and_flip, max_bad_fraction=0.5
+    ) as loader:
+      batches = [next(loader) for _ in range(9)]  # two epochs of 4 full batches, and one more
       counter = loader.bad_examples
   assert all(batch['image'].shape == (4, SIDE, SIDE, 3) for batch in batches)
   assert counter.bad_indices == bad and counter.bad >= len(bad)
@@ -212,7 +230,7 @@ def test_bad_files_are_logged_and_replaced_in_training(broken, caplog):
   assert len(logged) == counter.bad
   for path in (source.path(index) for index in bad):
     assert any(str(path) in message for message in logged)
-  assert any(f'({counter.bad} bad of' in message for message in logged)   # the running count
+  assert any(f'({counter.bad} bad of' in message for message in logged)  # the running count
   with pipeline.TrainLoader(source, 4, seed=0, transform=resize_and_flip, max_bad_fraction=0.5) as loader:
     loader.set_state({'batches_consumed': np.asarray(5)})
     for expected in batches[5:]:
@@ -230,9 +248,10 @@ def test_eval_masks_bad_files_and_counts_each_good_one_once(broken):
 def test_too_many_bad_files_stop_with_one_line(broken):
   source = image_folder(broken, 'train')
   with pytest.raises(pipeline.TooManyBadExamples) as caught:
-    with pipeline.TrainLoader(source, 4, seed=0, transform=resize_and_flip,
-                              max_bad_fraction=0.01) as loader:   # limit 1%
-      for _ in range(4):                  # 16 of the 19 examples: at least one of the 4 bad ones
+    with pipeline.TrainLoader(
+      source, 4, seed=0, transform=resize_and_flip, max_bad_fraction=0.01
+    ) as loader:  # limit 1%
+      for _ in range(4):  # 16 of the 19 examples: at least one of the 4 bad ones
         next(loader)
   message = str(caught.value)
   assert '\n' not in message and 'data.max_bad_fraction=0.01' in message and 'of the 19 examples' in message

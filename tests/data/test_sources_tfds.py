@@ -56,8 +56,10 @@ def test_every_record_reads_with_labels_of_sorted_class_names(prepared, file_for
       if split == 'train' and index == tiny_tfds.BAD_TRAIN_RECORD:
         continue
       class_name = tiny_tfds.CLASS_NAMES[example['label']]
-      expected[example['file_name']] = (sorted(tiny_tfds.CLASS_NAMES).index(class_name),
-                                        tiny_tfds.example_value(split, index))
+      expected[example['file_name']] = (
+        sorted(tiny_tfds.CLASS_NAMES).index(class_name),
+        tiny_tfds.example_value(split, index),
+      )
     assert found == expected
     assert source[0]['image'].shape == tiny_tfds.IMAGE_SHAPE and source[0]['label'].dtype == np.int32
 
@@ -73,8 +75,9 @@ def test_the_same_class_gets_the_same_label_from_tfds_and_a_folder(prepared, tmp
     tfds_source = tfds_dataset(tiny_tfds.NAME, prepared['array_record'], split)
     assert folder.classes == tfds_source.classes
     from_folder = {folder.path(i).name: int(folder.labels[i]) for i in range(len(folder))}
-    from_tfds = {tfds_source.encoded(i)['file_name']: tfds_source.encoded(i)['label']
-                 for i in range(len(tfds_source))}
+    from_tfds = {
+      tfds_source.encoded(i)['file_name']: tfds_source.encoded(i)['label'] for i in range(len(tfds_source))
+    }
     assert from_folder == from_tfds
 
 
@@ -82,7 +85,7 @@ def test_a_class_list_keeps_and_renumbers_classes(prepared, tmp_path):
   class_list = tmp_path / 'classes.txt'
   class_list.write_text('n03000134\nn01440764\n')
   source = tfds_dataset(tiny_tfds.NAME, prepared['tfrecord'], 'validation', classes_file=class_list)
-  assert source.classes == ['n01440764', 'n03000134'] and len(source) == 4        # 2 of 3 classes of 6
+  assert source.classes == ['n01440764', 'n03000134'] and len(source) == 4  # 2 of 3 classes of 6
   names = [tiny_tfds.CLASS_NAMES[example['label']] for _, example in tiny_tfds.examples('validation')]
   for index in range(len(source)):
     encoded = source.encoded(index)
@@ -114,9 +117,9 @@ def test_a_bad_record_is_named_and_replaced_by_the_loader(prepared):
 
 def test_data_that_is_not_there_gets_one_line(prepared, tmp_path):
   cases = [
-      ((tiny_tfds.NAME, tmp_path / 'nowhere', 'train'), 'is not a directory'),
-      (('imagenet2012', prepared['array_record'], 'train'), 'no prepared tfds dataset imagenet2012'),
-      ((tiny_tfds.NAME + ':9.9.9', prepared['array_record'], 'train'), 'no prepared tfds dataset'),
+    ((tiny_tfds.NAME, tmp_path / 'nowhere', 'train'), 'is not a directory'),
+    (('imagenet2012', prepared['array_record'], 'train'), 'no prepared tfds dataset imagenet2012'),
+    ((tiny_tfds.NAME + ':9.9.9', prepared['array_record'], 'train'), 'no prepared tfds dataset'),
   ]
   for args, match in cases:
     with pytest.raises(sources.DataSourceError, match=match) as caught:
@@ -146,7 +149,7 @@ def masked(crc: int) -> int:
 
 
 def test_masked_crc32c_matches_the_definition():
-  assert crc32c_bit_by_bit(b'123456789') == 0xE3069283                    # CRC-32C's published check value
+  assert crc32c_bit_by_bit(b'123456789') == 0xE3069283  # CRC-32C's published check value
   assert masked_crc32c(b'123456789') == masked(0xE3069283)
   rng = np.random.default_rng(0)
   for size in (0, 1, 8, 12, 1000, 4099):
@@ -158,7 +161,7 @@ def test_both_formats_load_where_tensorflow_cannot_be_imported(prepared):
   # The path finder, minus tensorflow: as where TensorFlow is not installed, even where it is. (Making the
   # import fail otherwise misleads tfds: it takes a 'tensorflow' key in sys.modules, or a spec found, for
   # TensorFlow present.)
-  code = f'''
+  code = f"""
 import importlib.machinery, json, sys
 class PathFinderWithoutTensorFlow(importlib.machinery.PathFinder):
   @classmethod
@@ -183,7 +186,7 @@ except ImportError:
   counts['tensorflow'] = 'unimportable'
 counts['tensorflow_loaded'] = 'tensorflow' in sys.modules
 print(json.dumps(counts))
-'''
+"""
   python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get('PYTHONPATH')]))
   env = {**os.environ, 'PYTHONPATH': python_path}
   result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, timeout=120)

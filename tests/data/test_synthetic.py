@@ -59,14 +59,16 @@ def test_label_formula_and_rendered_markers():
     assert example['label'] == params.label
     image = example['image'].astype(np.int16)
     side = params.side
-    for colour, top, left in ((params.colour_a, params.top_a, params.left_a),
-                              (params.colour_b, params.top_b, params.left_b)):
-      box = image[top:top + side, left:left + side].reshape(-1, 3)
+    for colour, top, left in (
+      (params.colour_a, params.top_a, params.left_a),
+      (params.colour_b, params.top_b, params.left_b),
+    ):
+      box = image[top : top + side, left : left + side].reshape(-1, 3)
       # Every pixel of a marker is its palette colour up to the background's noise.
       assert np.abs(box - SyntheticLongRange.PALETTE[colour]).max() <= SyntheticLongRange.NOISE
     outside = np.ones(image.shape[:2], bool)
-    outside[params.top_a:params.top_a + side, params.left_a:params.left_a + side] = False
-    outside[params.top_b:params.top_b + side, params.left_b:params.left_b + side] = False
+    outside[params.top_a : params.top_a + side, params.left_a : params.left_a + side] = False
+    outside[params.top_b : params.top_b + side, params.left_b : params.left_b + side] = False
     assert np.abs(image[outside] - SyntheticLongRange.BACKGROUND).max() <= SyntheticLongRange.NOISE
 
 
@@ -104,7 +106,7 @@ def _least_squares_fit(train_features, train_labels, test_features, test_labels)
   design = np.concatenate([train_features, np.ones((len(train_features), 1))], axis=1)
   weights, *_ = np.linalg.lstsq(design, _one_hot(train_labels, NUM_CLASSES), rcond=None)
   test_design = np.concatenate([test_features, np.ones((len(test_features), 1))], axis=1)
-  scores = test_design @ weights                                        # (examples, classes)
+  scores = test_design @ weights  # (examples, classes)
   squared_error = np.mean(np.sum((scores - _one_hot(test_labels, NUM_CLASSES)) ** 2, axis=1))
   return np.mean(np.argmax(scores, axis=1) == test_labels), squared_error
 
@@ -113,14 +115,15 @@ def test_additive_evidence_stays_near_chance_and_joint_evidence_solves_it():
   """docs/synthetic_task.md (i): scores u(A) + v(B) cannot represent the label; the joint one-hot can."""
   source = SyntheticLongRange(64, 8000, seed=2)
   params = [source.describe(index) for index in range(8000)]
-  marker_a = np.array([p.colour_a * 2 + p.region_a for p in params])    # all the label uses of A
-  marker_b = np.array([p.colour_b * 2 + p.region_b for p in params])    # ... and of B
+  marker_a = np.array([p.colour_a * 2 + p.region_a for p in params])  # all the label uses of A
+  marker_b = np.array([p.colour_b * 2 + p.region_b for p in params])  # ... and of B
   labels = np.array([p.label for p in params])
   additive = np.concatenate([_one_hot(marker_a, 4), _one_hot(marker_b, 4)], axis=1)
   joint = _one_hot(marker_a * 4 + marker_b, 16)
   train, test = slice(0, 4000), slice(4000, 8000)
-  additive_accuracy, additive_error = _least_squares_fit(additive[train], labels[train], additive[test],
-                                                         labels[test])
+  additive_accuracy, additive_error = _least_squares_fit(
+    additive[train], labels[train], additive[test], labels[test]
+  )
   joint_accuracy, joint_error = _least_squares_fit(joint[train], labels[train], joint[test], labels[test])
   # The additive scores explain nothing: held out, they do no better than the constant 1/4 per class
   # (squared error 3/4). Their argmax only breaks near-ties by sampling noise, hence near chance.
@@ -167,7 +170,7 @@ def test_make_source_without_data_dir_says_what_to_set(name):
   message = str(error.value)
   assert '\n' not in message
   assert f"data.source='{name}'" in message
-  assert 'data_dir=None' in message                        # where it looked: nowhere was given
+  assert 'data_dir=None' in message  # where it looked: nowhere was given
   assert '--config.data.data_dir=' in message and '--config.data.source=synthetic' in message
 
 

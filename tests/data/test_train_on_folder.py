@@ -18,14 +18,22 @@ def test_a_short_run_on_a_folder_with_a_bad_file(tmp_path):
     for name in ('n01', 'n02', 'n03'):
       directory = data_dir / split / name
       directory.mkdir(parents=True)
-      for index in range(count):                                  # sizes other than the model's
+      for index in range(count):  # sizes other than the model's
         Image.fromarray(rng.integers(0, 256, (20 + 3 * index, 44, 3), dtype=np.uint8)).save(
-            directory / f'{index}.jpg')
+          directory / f'{index}.jpg'
+        )
     (data_dir / split / 'n02' / 'broken.jpg').write_bytes(b'\xff\xd8\xff\xe0 cut short')
-  config = tiny_config(steps=2, data__source='folder', data__data_dir=str(data_dir), model__num_classes=3,
-                       data__max_bad_fraction=0.2, eval__every_steps=2, eval__batch_size=4,
-                       checkpoint__every_steps=2)
-  config.data.augment.host_max_side = 16                          # the step upsamples 16 -> 32 px
+  config = tiny_config(
+    steps=2,
+    data__source='folder',
+    data__data_dir=str(data_dir),
+    model__num_classes=3,
+    data__max_bad_fraction=0.2,
+    eval__every_steps=2,
+    eval__batch_size=4,
+    checkpoint__every_steps=2,
+  )
+  config.data.augment.host_max_side = 16  # the step upsamples 16 -> 32 px
   state = train.run(config, tmp_path / 'workdir')
   assert int(state.step) == 2
   records = [json.loads(line) for line in (tmp_path / 'workdir' / 'metrics.jsonl').read_text().splitlines()]

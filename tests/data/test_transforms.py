@@ -19,9 +19,13 @@ RATE_TOLERANCE = 4.5 * math.sqrt(0.25 / SAMPLES)
 # The reference's augmentation as the arguments of the sample_* draws (configs/common.py holds the values).
 AUGMENT = common.augment_config()
 CROP = {'scale': AUGMENT.crop_scale, 'ratio': AUGMENT.crop_ratio}
-RAND_AUGMENT = {'num_ops': AUGMENT.randaug_num_ops, 'magnitude': AUGMENT.randaug_magnitude,
-                'magnitude_std': AUGMENT.randaug_magnitude_std,
-                'magnitude_max': AUGMENT.randaug_magnitude_max, 'prob': AUGMENT.randaug_prob}
+RAND_AUGMENT = {
+  'num_ops': AUGMENT.randaug_num_ops,
+  'magnitude': AUGMENT.randaug_magnitude,
+  'magnitude_std': AUGMENT.randaug_magnitude_std,
+  'magnitude_max': AUGMENT.randaug_magnitude_max,
+  'prob': AUGMENT.randaug_prob,
+}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -51,16 +55,20 @@ def test_crop_area_is_uniform_and_ratio_log_uniform_where_every_attempt_fits():
   # rejected, so the draws are the definition's distributions themselves.
   rng = np.random.default_rng(1)
   side = 1000
-  boxes = np.array([transforms.sample_crop_box(side, side, rng, **{**CROP, 'scale': (0.08, 0.5)})
-                    for _ in range(SAMPLES)])
-  area = boxes[:, 2] * boxes[:, 3] / side ** 2
+  boxes = np.array(
+    [transforms.sample_crop_box(side, side, rng, **{**CROP, 'scale': (0.08, 0.5)}) for _ in range(SAMPLES)]
+  )
+  area = boxes[:, 2] * boxes[:, 3] / side**2
   log_ratio = np.log(boxes[:, 3] / boxes[:, 2])
   # Uniform quantiles within 0.03 (a Kolmogorov distance far beyond chance at 4000 samples).
   quantiles = np.linspace(0.1, 0.9, 9)
   np.testing.assert_allclose(np.quantile(area, quantiles), 0.08 + 0.42 * quantiles, atol=0.03 * 0.42)
   log_low, log_high = math.log(3 / 4), math.log(4 / 3)
-  np.testing.assert_allclose(np.quantile(log_ratio, quantiles), log_low + (log_high - log_low) * quantiles,
-                             atol=0.03 * (log_high - log_low))
+  np.testing.assert_allclose(
+    np.quantile(log_ratio, quantiles),
+    log_low + (log_high - log_low) * quantiles,
+    atol=0.03 * (log_high - log_low),
+  )
   # Positions uniform over the free range: the centre of the boxes averages the image's centre.
   centres = boxes[:, 0] + boxes[:, 2] / 2
   assert abs(centres.mean() - side / 2) < 10
@@ -97,7 +105,7 @@ def test_rand_augment_draws_two_operations_of_the_increasing_set_with_magnitude_
   assert set(names) == set(transforms.RAND_AUGMENT_OPS) and len(transforms.RAND_AUGMENT_OPS) == 15
   counts = np.array([names.count(name) for name in transforms.RAND_AUGMENT_OPS])
   expected = len(ops) / 15
-  assert np.abs(counts - expected).max() < 4.5 * math.sqrt(expected)            # uniform choice
+  assert np.abs(counts - expected).max() < 4.5 * math.sqrt(expected)  # uniform choice
   # With replacement, as timm: both operations the same one time in 15.
   same = np.mean([first.name == second.name for first, second in draws])
   assert abs(same - 1 / 15) < 4.5 * math.sqrt(1 / 15 * 14 / 15 / SAMPLES)
@@ -111,16 +119,22 @@ def test_rand_augment_draws_two_operations_of_the_increasing_set_with_magnitude_
 
 def test_rand_augment_magnitude_is_clipped_to_10():
   rng = np.random.default_rng(6)
-  magnitudes = np.array([op.magnitude for _ in range(SAMPLES)
-                         for op in transforms.sample_rand_augment(rng, **{**RAND_AUGMENT, 'magnitude': 9.8})])
+  magnitudes = np.array(
+    [
+      op.magnitude
+      for _ in range(SAMPLES)
+      for op in transforms.sample_rand_augment(rng, **{**RAND_AUGMENT, 'magnitude': 9.8})
+    ]
+  )
   assert magnitudes.max() == 10.0
   # P(N(9.8, 0.5) > 10) = P(z > 0.4) = 0.345 of the draws sit exactly on the bound.
   assert abs(np.mean(magnitudes == 10.0) - 0.3446) < RATE_TOLERANCE / math.sqrt(2)
 
 
 def apply_op(image: np.ndarray, name: str, magnitude: float = 9.0, negate: bool = False) -> np.ndarray:
-  return np.asarray(transforms.apply_rand_augment_op(Image.fromarray(image),
-                                                     RandAugmentOp(name, True, magnitude, negate)))
+  return np.asarray(
+    transforms.apply_rand_augment_op(Image.fromarray(image), RandAugmentOp(name, True, magnitude, negate))
+  )
 
 
 def test_operations_follow_their_definitions():
@@ -130,12 +144,14 @@ def test_operations_follow_their_definitions():
   # Magnitude 9: posterize keeps 4 - int(3.6) = 1 bit; solarize inverts from 256 - int(230.4) = 26;
   # solarize-add adds int(99) below 128; enhance factors 1 +- 0.81.
   np.testing.assert_array_equal(apply_op(image, 'PosterizeIncreasing'), image & 0x80)
-  np.testing.assert_array_equal(apply_op(image, 'PosterizeIncreasing', 10.0), 0)        # 0 bits: black
+  np.testing.assert_array_equal(apply_op(image, 'PosterizeIncreasing', 10.0), 0)  # 0 bits: black
   np.testing.assert_array_equal(apply_op(image, 'PosterizeIncreasing', 0.0), image & 0xF0)
-  np.testing.assert_array_equal(apply_op(image, 'SolarizeIncreasing'),
-                                np.where(image >= 26, 255 - image, image))
-  np.testing.assert_array_equal(apply_op(image, 'SolarizeAdd'),
-                                np.where(wide < 128, np.minimum(wide + 99, 255), wide))
+  np.testing.assert_array_equal(
+    apply_op(image, 'SolarizeIncreasing'), np.where(image >= 26, 255 - image, image)
+  )
+  np.testing.assert_array_equal(
+    apply_op(image, 'SolarizeAdd'), np.where(wide < 128, np.minimum(wide + 99, 255), wide)
+  )
   brighter = np.clip(np.round(wide * 1.81), 0, 255)
   assert np.abs(apply_op(image, 'BrightnessIncreasing') - brighter).max() <= 1
   darker = np.round(wide * 0.19)
@@ -178,8 +194,9 @@ def test_train_transform_is_deterministic_in_its_rng_and_makes_the_host_size():
   full = transforms.train_transform(folder_config((96, 128), host_max_side=0))
   first = full({'image': image, 'label': 3}, np.random.default_rng(8))
   assert first['image'].shape == (96, 128, 3) and first['image'].dtype == np.uint8 and first['label'] == 3
-  np.testing.assert_array_equal(full({'image': image, 'label': 3}, np.random.default_rng(8))['image'],
-                                first['image'])
+  np.testing.assert_array_equal(
+    full({'image': image, 'label': 3}, np.random.default_rng(8))['image'], first['image']
+  )
   other_seed = full({'image': image, 'label': 3}, np.random.default_rng(9))['image']
   assert not np.array_equal(other_seed, first['image'])
   # __call__ is draw then apply, with the rng's draws in that order.
@@ -207,5 +224,6 @@ def test_eval_resize_is_pil_bicubic():
   np.testing.assert_array_equal(transforms.eval_resize(Image.fromarray(image), (64, 48)), expected)
   assert transforms.eval_resize(expected, (64, 48)) is expected
   transform = transforms.eval_transform(folder_config((64, 48)))
-  np.testing.assert_array_equal(transform({'image': image, 'label': 1}, np.random.default_rng(0))['image'],
-                                expected)
+  np.testing.assert_array_equal(
+    transform({'image': image, 'label': 1}, np.random.default_rng(0))['image'], expected
+  )

@@ -17,9 +17,9 @@ from atlas_jax.data.sources.tfds import masked_crc32c
 from tests.data import image_files
 
 NAME = 'tiny_classes'
-CLASS_NAMES = ('n03000134', 'n01440764', 'n02102040')        # the dataset's label order: not sorted
+CLASS_NAMES = ('n03000134', 'n01440764', 'n02102040')  # the dataset's label order: not sorted
 SPLIT_SIZES = {'train': 9, 'validation': 6}
-BAD_TRAIN_RECORD = 4                                          # its image is a truncated JPEG
+BAD_TRAIN_RECORD = 4  # its image is a truncated JPEG
 IMAGE_SHAPE = (32, 40, 3)
 
 
@@ -34,7 +34,7 @@ def examples(split: str):
     label = index % len(CLASS_NAMES)
     if split == 'train' and index == BAD_TRAIN_RECORD:
       jpeg = image_files.encode(np.full(IMAGE_SHAPE, 50, np.uint8), 'JPEG')
-      image = jpeg[:len(jpeg) // 2]
+      image = jpeg[: len(jpeg) // 2]
     else:
       image = image_files.encode(np.full(IMAGE_SHAPE, example_value(split, index), np.uint8), 'PNG')
     yield index, {'image': image, 'label': label, 'file_name': f'{CLASS_NAMES[label]}_{split}_{index}.png'}
@@ -46,16 +46,23 @@ def _builder_class():
 
   class TinyClasses(tfds.core.GeneratorBasedBuilder):
     """Three classes of solid images; see the module doc."""
+
     VERSION = tfds.core.Version('1.0.0')
     # tfds derives this from the module's package, and for a namespace package (tests/ has no __init__.py)
     # it needs importlib_resources, which it does not install.
     code_path = epath.Path(__file__)
 
     def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-          'image': tfds.features.Image(shape=(None, None, 3)),
-          'label': tfds.features.ClassLabel(names=list(CLASS_NAMES)),
-          'file_name': tfds.features.Text()}))
+      return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict(
+          {
+            'image': tfds.features.Image(shape=(None, None, 3)),
+            'label': tfds.features.ClassLabel(names=list(CLASS_NAMES)),
+            'file_name': tfds.features.Text(),
+          }
+        ),
+      )
 
     def _split_generators(self, dl_manager):
       return {split: examples(split) for split in SPLIT_SIZES}
@@ -78,6 +85,7 @@ def tfrecord(data: bytes) -> bytes:
 @contextlib.contextmanager
 def _tfrecord_framing_without_tensorflow():
   from tensorflow_datasets.core import file_adapters  # pylint: disable=import-outside-toplevel
+
   adapter = file_adapters.TfRecordFileAdapter
   original = adapter.__dict__['write_examples']
 
@@ -97,6 +105,7 @@ def prepare(data_dir, file_format: str = 'array_record'):
   """Prepares the dataset into `data_dir` (tfds layout: data_dir/tiny_classes/1.0.0/...)."""
   global _BUILDER
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
   tfds.disable_progress_bar()
   if _BUILDER is None:
     _BUILDER = _builder_class()

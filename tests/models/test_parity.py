@@ -25,9 +25,11 @@ def _run(name, parent_window=None, train=True):
     def eval_outputs(module, images):
       stem_map, stages = module.encode(images)
       return stem_map, stages, module.classify(stages[-1])
+
     stem_map, stages, logits = model.apply(variables, images, method=eval_outputs)
     train_logits = model.apply(variables, images, train=True, mutable=['batch_stats'])[0] if train else None
     return stem_map, stages, logits, train_logits
+
   return outputs, forward(variables, images)
 
 
@@ -35,7 +37,9 @@ def _run(name, parent_window=None, train=True):
 def test_matches_reference(name):
   outputs, (stem_map, stages, logits, train_logits) = _run(name)
   if 'eval/stem' in outputs:  # NCHW in the fixture
-    np.testing.assert_allclose(np.asarray(stem_map).transpose(0, 3, 1, 2), outputs['eval/stem'], atol=TOLERANCE)
+    np.testing.assert_allclose(
+      np.asarray(stem_map).transpose(0, 3, 1, 2), outputs['eval/stem'], atol=TOLERANCE
+    )
   expected_keys = {key for key in outputs if key.startswith('eval/stage')}
   got_keys = set()
   for stage, scales in enumerate(stages):
@@ -48,10 +52,14 @@ def test_matches_reference(name):
   np.testing.assert_allclose(np.asarray(train_logits), outputs['train/logits'], atol=TOLERANCE)
 
 
-@pytest.mark.parametrize('name, other_rule', [('atlas_tiny_2048_raster', 'spatial'),
-                                              ('atlas_tiny_2048_spatial', 'raster')])
+@pytest.mark.parametrize(
+  'name, other_rule', [('atlas_tiny_2048_raster', 'spatial'), ('atlas_tiny_2048_spatial', 'raster')]
+)
 def test_2048_fails_under_the_other_parent_window_rule(name, other_rule):
   outputs, (_, stages, _, _) = _run(name, other_rule, train=False)
-  differences = [np.abs(np.asarray(tokens) - outputs[f'eval/stage{stage}_scale{scale}']).max()
-                 for stage, scales in enumerate(stages) for scale, tokens in enumerate(scales)]
+  differences = [
+    np.abs(np.asarray(tokens) - outputs[f'eval/stage{stage}_scale{scale}']).max()
+    for stage, scales in enumerate(stages)
+    for scale, tokens in enumerate(scales)
+  ]
   assert max(differences) > 1e-3

@@ -25,8 +25,13 @@ from tests.tools.torch_writer import write_torch_checkpoint
 
 ROOT = pathlib.Path(__file__).parents[2]
 # The fixture's model through the command line: configs/atlas_t_512.py with the tiny dims.
-TINY_OVERRIDES = ['--config.model.dim=32', '--config.model.num_heads=2', '--config.model.stem_width=8',
-                  '--config.model.depths=(1,1)', '--config.model.num_classes=10']
+TINY_OVERRIDES = [
+  '--config.model.dim=32',
+  '--config.model.num_heads=2',
+  '--config.model.stem_width=8',
+  '--config.model.depths=(1,1)',
+  '--config.model.num_classes=10',
+]
 
 
 @pytest.fixture(scope='module')
@@ -65,10 +70,13 @@ def test_untrusted_checkpoint_is_refused_without_calling_anything(tiny, tmp_path
   assert not (tmp_path / 'workdir').exists()
 
 
-@pytest.mark.parametrize('tamper, message', [
+@pytest.mark.parametrize(
+  'tamper, message',
+  [
     (lambda sd: sd.update({'fc.bais': sd.pop('fc.bias')}), r'missing: fc\.bias; unexpected: fc\.bais'),
     (lambda sd: sd.update({'fc.weight': sd['fc.weight'][:, :16]}), r'wrong shape: fc\.weight \(10, 16\)'),
-])
+  ],
+)
 def test_tampered_checkpoint_is_refused_by_name_and_nothing_is_written(tiny, tmp_path, tamper, message):
   state_dict = dict(load_state_dict(FIXTURES / 'atlas_tiny_512_trainer.ckpt'))
   tamper(state_dict)
@@ -92,14 +100,25 @@ def test_converting_into_a_workdir_with_checkpoints_is_refused(tiny, tmp_path):
 
 
 def _run(*args):
-  return subprocess.run([sys.executable, '-m', *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                        env=dict(os.environ, PYTHONPATH=str(ROOT)))
+  return subprocess.run(
+    [sys.executable, '-m', *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=dict(os.environ, PYTHONPATH=str(ROOT)),
+  )
 
 
 def test_convert_then_predict_through_the_command_lines(tiny, tmp_path):
   workdir = tmp_path / 'workdir'
-  converted = _run('atlas_jax.tools.convert_torch', f'--checkpoint={FIXTURES / "atlas_tiny_512_trainer.ckpt"}',
-                   '--config=configs/atlas_t_512.py', *TINY_OVERRIDES, f'--output={workdir}')
+  converted = _run(
+    'atlas_jax.tools.convert_torch',
+    f'--checkpoint={FIXTURES / "atlas_tiny_512_trainer.ckpt"}',
+    '--config=configs/atlas_t_512.py',
+    *TINY_OVERRIDES,
+    f'--output={workdir}',
+  )
   assert converted.returncode == 0, converted.stderr
   assert 'parent_window: raster' in converted.stdout and 'checkpoints/0' in converted.stdout
 
@@ -142,6 +161,7 @@ def test_predict_with_no_readable_image_exits_nonzero(tiny, tmp_path):
 
 def test_class_names(tmp_path):
   from atlas_jax.inference import class_names
+
   config = common.base_config('T', 512)
   names = class_names(config)
   assert len(names) == 100 and names == sorted(names) and names[0].startswith('n')

@@ -16,10 +16,23 @@ ROOT = pathlib.Path(__file__).parents[2]
 
 
 def run_benchmark(*flags):
-  command = [sys.executable, '-m', 'atlas_jax.tools.input_benchmark', '--config=configs/quickstart.py',
-             '--batch_size=8', '--batches=2', *flags]
-  return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120,
-                        env={**os.environ, 'PYTHONPATH': str(ROOT)})
+  command = [
+    sys.executable,
+    '-m',
+    'atlas_jax.tools.input_benchmark',
+    '--config=configs/quickstart.py',
+    '--batch_size=8',
+    '--batches=2',
+    *flags,
+  ]
+  return subprocess.run(
+    command,
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env={**os.environ, 'PYTHONPATH': str(ROOT)},
+  )
 
 
 def test_generated_images_are_imagenet_sized_jpegs(tmp_path):
@@ -30,7 +43,7 @@ def test_generated_images_are_imagenet_sized_jpegs(tmp_path):
       assert image.format == 'JPEG' and image.mode == 'RGB'
       assert image.size in input_benchmark.IMAGENET_LIKE_SIZES
       pixels = np.asarray(image, np.float32)
-    assert pixels.std() > 10                          # not a flat image
+    assert pixels.std() > 10  # not a flat image
   again = input_benchmark.generate_images(tmp_path / 'again', 6, seed=1)
   assert [path.read_bytes() for path in again] == [path.read_bytes() for path in paths]
 
@@ -53,8 +66,9 @@ def test_command_line_reads_a_given_folder_and_upsamples_on_the_accelerator_abov
   for index, (height, width) in enumerate([(30, 40), (50, 20), (64, 64), (25, 90)] * 3):
     image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
     image.save(tmp_path / f'{index}.{"png" if index % 2 else "jpg"}')
-  result = run_benchmark(f'--images={tmp_path}', '--config.image_size=96',
-                         '--config.data.augment.host_max_side=32', '--workers=1')
+  result = run_benchmark(
+    f'--images={tmp_path}', '--config.image_size=96', '--config.data.augment.host_max_side=32', '--workers=1'
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   line = json.loads(result.stdout.strip().splitlines()[-1])
   assert line['source'] == 'files' and line['source_images'] == 12

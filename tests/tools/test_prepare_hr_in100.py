@@ -17,7 +17,7 @@ from tests.data import image_files, tiny_tfds
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 HR_IN100 = sources.read_class_list(sources.HR_IN100_CLASSES)
-PICKED = HR_IN100[:3]                                # three HR-IN100 classes in the fake ImageNet
+PICKED = HR_IN100[:3]  # three HR-IN100 classes in the fake ImageNet
 COUNTS = {'train': 3, 'val': 2}
 MAX_PIXELS = 10_000_000
 
@@ -25,8 +25,13 @@ MAX_PIXELS = 10_000_000
 def run_prepare(*args):
   python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get('PYTHONPATH')]))
   env = {**os.environ, 'PYTHONPATH': python_path}
-  return subprocess.run([sys.executable, '-m', 'atlas_jax.tools.prepare_hr_in100', *map(str, args)],
-                        capture_output=True, text=True, env=env, timeout=120)
+  return subprocess.run(
+    [sys.executable, '-m', 'atlas_jax.tools.prepare_hr_in100', *map(str, args)],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=120,
+  )
 
 
 @pytest.fixture
@@ -42,7 +47,8 @@ def imagenet(tmp_path):
         Image.fromarray(np.full((24, 32, 3), value, np.uint8)).save(directory / f'{name}_{file_index}.JPEG')
   # ImageNet holds a PNG named .JPEG: copied as it is, the loader decodes it by content.
   (root / 'train' / PICKED[0] / f'{PICKED[0]}_png.JPEG').write_bytes(
-      image_files.encode(np.full((8, 8, 3), 9, np.uint8), 'PNG'))
+    image_files.encode(np.full((8, 8, 3), 9, np.uint8), 'PNG')
+  )
   return root
 
 
@@ -66,7 +72,7 @@ def test_a_folder_source_becomes_a_readable_folder_and_a_rerun_completes_it(imag
   assert summary['written'] == 3 * (COUNTS['train'] + COUNTS['val']) + 1 and summary['kept'] == 0
   assert not (output / 'train' / 'n00000001').exists()
   linked = output / 'train' / PICKED[1] / f'{PICKED[1]}_0.JPEG'
-  assert linked.stat().st_ino == (imagenet / 'train' / PICKED[1] / linked.name).stat().st_ino   # hard link
+  assert linked.stat().st_ino == (imagenet / 'train' / PICKED[1] / linked.name).stat().st_ino  # hard link
 
   for split, folder_split in (('train', 'train'), ('validation', 'val')):
     source = sources.ImageFolder(output, split, max_pixels=MAX_PIXELS)
@@ -89,7 +95,7 @@ def test_a_folder_source_becomes_a_readable_folder_and_a_rerun_completes_it(imag
   assert summary['kept'] == 3 * (COUNTS['train'] + COUNTS['val']) + 1 - 2
   assert cut.read_bytes() == (imagenet / 'train' / PICKED[0] / cut.name).read_bytes()
   assert not leftover.exists()
-  assert cut.stat().st_ino != (imagenet / 'train' / PICKED[0] / cut.name).stat().st_ino       # --copy
+  assert cut.stat().st_ino != (imagenet / 'train' / PICKED[0] / cut.name).stat().st_ino  # --copy
 
 
 def test_a_tfds_source_becomes_a_folder_of_the_stored_bytes(tmp_path):
@@ -97,8 +103,12 @@ def test_a_tfds_source_becomes_a_folder_of_the_stored_bytes(tmp_path):
   class_list = tmp_path / 'classes.txt'
   class_list.write_text('n01440764\nn02102040\n')
   output = tmp_path / 'hr'
-  result = run_prepare(f'--source={tmp_path / "tfds"}', f'--output={output}', f'--classes={class_list}',
-                       f'--tfds_name={tiny_tfds.NAME}')
+  result = run_prepare(
+    f'--source={tmp_path / "tfds"}',
+    f'--output={output}',
+    f'--classes={class_list}',
+    f'--tfds_name={tiny_tfds.NAME}',
+  )
   assert result.returncode == 0, result.stderr
   expected = {}
   for split, folder_split in (('train', 'train'), ('validation', 'val')):

@@ -38,20 +38,33 @@ from atlas_jax.data.sources.folder import ImageFolder
 from atlas_jax.data.sources.synthetic import LongRangeExample, SyntheticLongRange
 from atlas_jax.data.sources.tfds import TfdsSource
 
-__all__ = ['HR_IN100_CLASSES', 'SOURCE_BUILDERS', 'SPLITS', 'DataSourceError', 'ImageFolder',
-           'LongRangeExample', 'SyntheticLongRange', 'TfdsSource', 'abbreviated', 'image_size_pair',
-           'labelled_example', 'make_source', 'read_class_list']
+__all__ = [
+  'HR_IN100_CLASSES',
+  'SOURCE_BUILDERS',
+  'SPLITS',
+  'DataSourceError',
+  'ImageFolder',
+  'LongRangeExample',
+  'SyntheticLongRange',
+  'TfdsSource',
+  'abbreviated',
+  'image_size_pair',
+  'labelled_example',
+  'make_source',
+  'read_class_list',
+]
 
 # data.source -> builder(data_config, image_size, split, seed); a new source is one more entry here.
 SOURCE_BUILDERS: dict[str, Callable[..., Any]] = {
-    'synthetic': synthetic.from_config,
-    'tfds': tfds.from_config,
-    'folder': folder.from_config,
+  'synthetic': synthetic.from_config,
+  'tfds': tfds.from_config,
+  'folder': folder.from_config,
 }
 
 
-def make_source(data_config, image_size: int | Sequence[int], split: str, seed: int,
-                num_classes: int | None = None):
+def make_source(
+  data_config, image_size: int | Sequence[int], split: str, seed: int, num_classes: int | None = None
+):
   """The source named by `data_config.source` for `split` ('train' or 'validation'), images of `image_size`.
 
   `data_config` is a resolved `config.data` (a ConfigDict or any object with its attributes): every field
@@ -67,7 +80,9 @@ def make_source(data_config, image_size: int | Sequence[int], split: str, seed: 
     raise DataSourceError(f'unknown data.source={name!r}; known: {", ".join(SOURCE_BUILDERS)}')
   source = builder(data_config, image_size_pair(image_size), split, seed)
   if num_classes is not None and source.num_classes > num_classes:  # labels past the head: silently lost
-    raise DataSourceError(f'data.source={name!r} has {source.num_classes} classes but model.num_classes is '
-                          f'{num_classes}: set --config.model.num_classes={source.num_classes}, or filter '
-                          'the classes with --config.data.classes=FILE')
+    raise DataSourceError(
+      f'data.source={name!r} has {source.num_classes} classes but model.num_classes is '
+      f'{num_classes}: set --config.model.num_classes={source.num_classes}, or filter '
+      'the classes with --config.data.classes=FILE'
+    )
   return source

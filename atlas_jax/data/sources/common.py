@@ -37,16 +37,19 @@ def read_class_list(path) -> list[str]:
   """A class-list file (one name a line; blank lines and text after '#' ignored) -> the names, sorted."""
   path = pathlib.Path(path)
   if not path.is_file():
-    raise DataSourceError(f'data.classes={str(path)!r} is not a file: point it at a file of class names, one '
-                          f'a line (HR-IN100: {HR_IN100_CLASSES})')
+    raise DataSourceError(
+      f'data.classes={str(path)!r} is not a file: point it at a file of class names, one '
+      f'a line (HR-IN100: {HR_IN100_CLASSES})'
+    )
   names = [line.split('#', 1)[0].strip() for line in path.read_text().splitlines()]
   names = [name for name in names if name]
   if not names:
     raise DataSourceError(f'data.classes={str(path)!r} lists no class names: write one name a line')
   duplicates = sorted(name for name, count in collections.Counter(names).items() if count > 1)
   if duplicates:
-    raise DataSourceError(f'data.classes={str(path)!r} lists {abbreviated(duplicates)} more than once: '
-                          'each class once, please')
+    raise DataSourceError(
+      f'data.classes={str(path)!r} lists {abbreviated(duplicates)} more than once: each class once, please'
+    )
   return sorted(names)
 
 

@@ -40,46 +40,61 @@ class ImageFolder:
     self.root = pathlib.Path(data_dir).expanduser()
     self.split = split
     self.max_pixels = int(max_pixels)
-    layout = ('an image folder holds train/<class>/<image> and val/<class>/<image>; set '
-              '--config.data.data_dir to the folder that holds train/ and val/')
+    layout = (
+      'an image folder holds train/<class>/<image> and val/<class>/<image>; set '
+      '--config.data.data_dir to the folder that holds train/ and val/'
+    )
     if not self.root.is_dir():
       raise DataSourceError(f'data.data_dir={str(self.root)!r} is not a directory: {layout}')
     split_dir = self.root / self.SPLIT_DIRS[split]
     if not split_dir.is_dir():
-      raise DataSourceError(f'{self.root} has no {self.SPLIT_DIRS[split]}/ folder for split {split!r}: '
-                            f'{layout}')
+      raise DataSourceError(
+        f'{self.root} has no {self.SPLIT_DIRS[split]}/ folder for split {split!r}: {layout}'
+      )
     train_classes = _subfolders(self.root / 'train') if (self.root / 'train').is_dir() else None
     if classes_file:
       self.classes = read_class_list(classes_file)
       missing = sorted(set(self.classes) - set(train_classes)) if train_classes is not None else []
       if missing:
-        raise DataSourceError(f'{self.root / "train"} has no folder for {abbreviated(missing)} of '
-                              f'data.classes={str(classes_file)!r}: prepare the data with those classes or '
-                              'fix the list')
+        raise DataSourceError(
+          f'{self.root / "train"} has no folder for {abbreviated(missing)} of '
+          f'data.classes={str(classes_file)!r}: prepare the data with those classes or '
+          'fix the list'
+        )
       kept = set(self.classes)
       split_classes = [name for name in _subfolders(split_dir) if name in kept]
     else:
       if train_classes is None:
-        raise DataSourceError(f'{self.root} has no train/ folder to name the classes: add it, or set '
-                              '--config.data.classes to a class-list file')
+        raise DataSourceError(
+          f'{self.root} has no train/ folder to name the classes: add it, or set '
+          '--config.data.classes to a class-list file'
+        )
       self.classes = train_classes
       split_classes = _subfolders(split_dir)
       strays = sorted(set(split_classes) - set(train_classes))
       if strays:
-        raise DataSourceError(f'{split_dir} has class folders that train/ lacks ({abbreviated(strays)}): the '
-                              'labels would not match; remove them or add them to train/')
+        raise DataSourceError(
+          f'{split_dir} has class folders that train/ lacks ({abbreviated(strays)}): the '
+          'labels would not match; remove them or add them to train/'
+        )
     label_of = {name: label for label, name in enumerate(self.classes)}
     extensions = {suffix.lower() for suffix in Image.registered_extensions()}
     relative_paths, labels = [], []
     for name in split_classes:
-      files = sorted(entry.name for entry in os.scandir(split_dir / name)
-                     if entry.is_file() and not entry.name.startswith('.')
-                     and os.path.splitext(entry.name)[1].lower() in extensions)
+      files = sorted(
+        entry.name
+        for entry in os.scandir(split_dir / name)
+        if entry.is_file()
+        and not entry.name.startswith('.')
+        and os.path.splitext(entry.name)[1].lower() in extensions
+      )
       relative_paths.extend(os.fsencode(os.path.join(name, file)) for file in files)
       labels.extend([label_of[name]] * len(files))
     if not relative_paths:
-      raise DataSourceError(f'{split_dir} holds no image files in its class folders (<class>/<image>, any '
-                            f'format PIL reads): {layout}')
+      raise DataSourceError(
+        f'{split_dir} holds no image files in its class folders (<class>/<image>, any '
+        f'format PIL reads): {layout}'
+      )
     self.split_dir = split_dir
     # Fixed-width bytes: a million paths cost tens of MB instead of a Python string each.
     self._relative_paths = np.array(relative_paths, dtype=np.bytes_)
@@ -102,8 +117,9 @@ class ImageFolder:
 
 
 def _subfolders(directory: pathlib.Path) -> list[str]:
-  return sorted(entry.name for entry in os.scandir(directory)
-                if entry.is_dir() and not entry.name.startswith('.'))
+  return sorted(
+    entry.name for entry in os.scandir(directory) if entry.is_dir() and not entry.name.startswith('.')
+  )
 
 
 def from_config(data_config, image_size, split: str, seed: int) -> ImageFolder:
@@ -111,7 +127,8 @@ def from_config(data_config, image_size, split: str, seed: int) -> ImageFolder:
   data_dir = data_config.data_dir
   if data_dir is None:
     raise DataSourceError(
-        "data.source='folder' needs data.data_dir, the image folder with one subfolder per class (got "
-        'data_dir=None: no directory to look in); set --config.data.data_dir=/path/to/images, '
-        'or use --config.data.source=synthetic')
+      "data.source='folder' needs data.data_dir, the image folder with one subfolder per class (got "
+      'data_dir=None: no directory to look in); set --config.data.data_dir=/path/to/images, '
+      'or use --config.data.source=synthetic'
+    )
   return ImageFolder(data_dir, split, classes_file=data_config.classes, max_pixels=data_config.max_pixels)

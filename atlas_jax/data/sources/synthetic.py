@@ -18,16 +18,17 @@ from atlas_jax.data.sources.common import SPLITS, DataSourceError, image_size_pa
 @dataclasses.dataclass(frozen=True)
 class LongRangeExample:
   """The generation parameters of one SyntheticLongRange example (pixel boxes are [top, top + side))."""
-  colour_a: int          # palette index of marker A (left part of the image): 0 red, 1 blue
-  colour_b: int          # palette index of marker B (right part of the image)
-  region_a: int          # 1 when marker A lies in the top half of the image, 0 in the bottom half
-  region_b: int          # the same for marker B
+
+  colour_a: int  # palette index of marker A (left part of the image): 0 red, 1 blue
+  colour_b: int  # palette index of marker B (right part of the image)
+  region_a: int  # 1 when marker A lies in the top half of the image, 0 in the bottom half
+  region_b: int  # the same for marker B
   top_a: int
   left_a: int
   top_b: int
   left_b: int
-  side: int              # both markers are side x side squares
-  label: int             # (colour_a ^ colour_b) + 2 * (region_a ^ region_b)
+  side: int  # both markers are side x side squares
+  label: int  # (colour_a ^ colour_b) + 2 * (region_a ^ region_b)
 
 
 class SyntheticLongRange:
@@ -47,9 +48,13 @@ class SyntheticLongRange:
   """
 
   num_classes = 4
-  PALETTE = np.array([[220, 40, 40],      # red
-                      [50, 80, 230]],     # blue
-                     dtype=np.int16)
+  PALETTE = np.array(
+    [
+      [220, 40, 40],  # red
+      [50, 80, 230],
+    ],  # blue
+    dtype=np.int16,
+  )
   PALETTE_NAMES = ('red', 'blue')
   BACKGROUND = 128
   NOISE = 8
@@ -61,8 +66,10 @@ class SyntheticLongRange:
   def __init__(self, image_size: int | Sequence[int], size: int, seed: int = 0, split: str = 'train'):
     height, width = image_size_pair(image_size)
     if min(height, width) < self.MIN_SIDE:
-      raise DataSourceError(f'SyntheticLongRange needs images of at least {self.MIN_SIDE}x{self.MIN_SIDE} '
-                            f'pixels, got {height}x{width}')
+      raise DataSourceError(
+        f'SyntheticLongRange needs images of at least {self.MIN_SIDE}x{self.MIN_SIDE} '
+        f'pixels, got {height}x{width}'
+      )
     if split not in SPLITS:
       raise DataSourceError(f'split must be one of {SPLITS}, got {split!r}')
     if size < 1:
@@ -113,19 +120,27 @@ class SyntheticLongRange:
     example = self._draw_parameters(rng)
     height, width, _ = self.image_shape
     tile_height, tile_width = self.NOISE_TILE
-    tile = rng.integers(self.BACKGROUND - self.NOISE, self.BACKGROUND + self.NOISE + 1,
-                        size=(tile_height, tile_width, 3), dtype=np.uint8)
+    tile = rng.integers(
+      self.BACKGROUND - self.NOISE,
+      self.BACKGROUND + self.NOISE + 1,
+      size=(tile_height, tile_width, 3),
+      dtype=np.uint8,
+    )
     phase_row, phase_col = (int(p) for p in rng.integers(0, [tile_height, tile_width]))
     repeats = (math.ceil((height + phase_row) / tile_height), math.ceil((width + phase_col) / tile_width), 1)
     image = np.ascontiguousarray(
-        np.tile(tile, repeats)[phase_row:phase_row + height, phase_col:phase_col + width])  # (H, W, 3)
+      np.tile(tile, repeats)[phase_row : phase_row + height, phase_col : phase_col + width]
+    )  # (H, W, 3)
     side = example.side
-    for colour, top, left in ((example.colour_a, example.top_a, example.left_a),
-                              (example.colour_b, example.top_b, example.left_b)):
-      patch = image[top:top + side, left:left + side].astype(np.int16)
+    for colour, top, left in (
+      (example.colour_a, example.top_a, example.left_a),
+      (example.colour_b, example.top_b, example.left_b),
+    ):
+      patch = image[top : top + side, left : left + side].astype(np.int16)
       # The marker keeps the background's noise around its colour: solid to the eye, not a constant patch.
-      image[top:top + side, left:left + side] = np.clip(
-          patch - self.BACKGROUND + self.PALETTE[colour], 0, 255).astype(np.uint8)
+      image[top : top + side, left : left + side] = np.clip(
+        patch - self.BACKGROUND + self.PALETTE[colour], 0, 255
+      ).astype(np.uint8)
     return {'image': image, 'label': np.int32(example.label)}
 
 

@@ -53,20 +53,25 @@ class _TFRecordShards:
         while position < size:
           header = stream.read(12)
           if len(header) < 12:
-            raise DataSourceError(f'{path} ends inside a record header at byte {position}: the file is cut '
-                                  'short; prepare the dataset again')
+            raise DataSourceError(
+              f'{path} ends inside a record header at byte {position}: the file is cut '
+              'short; prepare the dataset again'
+            )
           length, length_crc = struct.unpack('<QI', header)
           if masked_crc32c(header[:8]) != length_crc:
-            raise DataSourceError(f'{path} has a bad record header at byte {position}: not a TFRecord file '
-                                  'or corrupt; prepare the dataset again')
+            raise DataSourceError(
+              f'{path} has a bad record header at byte {position}: not a TFRecord file '
+              'or corrupt; prepare the dataset again'
+            )
           offsets.append(position + 12)
           lengths.append(length)
           files.append(file_number)
           position += 12 + length + 4
           stream.seek(position)
       if position != size:
-        raise DataSourceError(f'{path} ends inside its last record: the file is cut short; prepare the '
-                              'dataset again')
+        raise DataSourceError(
+          f'{path} ends inside its last record: the file is cut short; prepare the dataset again'
+        )
     self._offsets = np.asarray(offsets, np.int64)
     self._lengths = np.asarray(lengths, np.int64)
     self._files = np.asarray(files, np.int32)
@@ -86,8 +91,10 @@ def _import_tfds():
   try:
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   except ImportError as error:
-    raise DataSourceError(f"data.source='tfds' needs tensorflow-datasets and array-record ({error}): "
-                          'pip install -r requirements.txt') from error
+    raise DataSourceError(
+      f"data.source='tfds' needs tensorflow-datasets and array-record ({error}): "
+      'pip install -r requirements.txt'
+    ) from error
   return tfds
 
 
@@ -95,8 +102,10 @@ def _prepared_dir(data_dir: pathlib.Path, name: str) -> pathlib.Path:
   """`data_dir/<name>[/<config>]/<version>`: the version given as `name:1.2.3`, else the newest prepared."""
   name, _, version = name.partition(':')
   dataset_dir = data_dir / name
-  how = (f'prepare it there first (tfds build {name} --data_dir={data_dir} --file_format=array_record), or '
-         'fix --config.data.name / --config.data.data_dir')
+  how = (
+    f'prepare it there first (tfds build {name} --data_dir={data_dir} --file_format=array_record), or '
+    'fix --config.data.name / --config.data.data_dir'
+  )
   if version:
     candidates = [dataset_dir / version]
   elif dataset_dir.is_dir():
@@ -107,8 +116,10 @@ def _prepared_dir(data_dir: pathlib.Path, name: str) -> pathlib.Path:
   for candidate in candidates:
     if (candidate / 'dataset_info.json').is_file():
       return candidate
-  raise DataSourceError(f'no prepared tfds dataset {name}{":" + version if version else ""} in '
-                        f'{data_dir} (looked for {dataset_dir}/<version>/dataset_info.json): {how}')
+  raise DataSourceError(
+    f'no prepared tfds dataset {name}{":" + version if version else ""} in '
+    f'{data_dir} (looked for {dataset_dir}/<version>/dataset_info.json): {how}'
+  )
 
 
 def _is_version(text: str) -> bool:
@@ -132,14 +143,25 @@ class TfdsSource:
 
   SPLIT_NAMES = {'train': ('train',), 'validation': ('validation', 'val', 'test')}
 
-  def __init__(self, name: str, data_dir, split: str, classes_file=None, *, max_pixels: int,
-               image_key: str = 'image', label_key: str = 'label'):
+  def __init__(
+    self,
+    name: str,
+    data_dir,
+    split: str,
+    classes_file=None,
+    *,
+    max_pixels: int,
+    image_key: str = 'image',
+    label_key: str = 'label',
+  ):
     if split not in self.SPLIT_NAMES:
       raise DataSourceError(f'split must be one of {SPLITS}, got {split!r}')
     data_dir = pathlib.Path(data_dir).expanduser()
     if not data_dir.is_dir():
-      raise DataSourceError(f'data.data_dir={str(data_dir)!r} is not a directory: set --config.data.data_dir '
-                            'to the tensorflow_datasets folder the dataset was prepared in')
+      raise DataSourceError(
+        f'data.data_dir={str(data_dir)!r} is not a directory: set --config.data.data_dir '
+        'to the tensorflow_datasets folder the dataset was prepared in'
+      )
     prepared = _prepared_dir(data_dir, name)
     tfds = _import_tfds()
     builder = tfds.builder_from_directory(os.fspath(prepared))
@@ -149,23 +171,31 @@ class TfdsSource:
     self.image_key = image_key
     split_name = next((candidate for candidate in self.SPLIT_NAMES[split] if candidate in info.splits), None)
     if split_name is None:
-      raise DataSourceError(f'tfds dataset {self.name} has no {split!r} split (its splits: '
-                            f'{", ".join(info.splits)}): prepare one or use another dataset')
+      raise DataSourceError(
+        f'tfds dataset {self.name} has no {split!r} split (its splits: '
+        f'{", ".join(info.splits)}): prepare one or use another dataset'
+      )
     self.split = split_name
     features = info.features
     if image_key not in features or label_key not in features:
-      raise DataSourceError(f'tfds dataset {self.name} lacks the features {image_key!r} and {label_key!r} '
-                            f'(it has {", ".join(features)}): an image classification dataset is needed')
+      raise DataSourceError(
+        f'tfds dataset {self.name} lacks the features {image_key!r} and {label_key!r} '
+        f'(it has {", ".join(features)}): an image classification dataset is needed'
+      )
     dataset_names = list(getattr(features[label_key], 'names', None) or [])
     if not dataset_names:
-      raise DataSourceError(f'the {label_key!r} feature of tfds dataset {self.name} has no class names (not '
-                            'a ClassLabel): labels cannot be matched by name')
+      raise DataSourceError(
+        f'the {label_key!r} feature of tfds dataset {self.name} has no class names (not '
+        'a ClassLabel): labels cannot be matched by name'
+      )
     if classes_file:
       self.classes = read_class_list(classes_file)
       missing = sorted(set(self.classes) - set(dataset_names))
       if missing:
-        raise DataSourceError(f'tfds dataset {self.name} has no class {abbreviated(missing)} of data.classes='
-                              f'{str(classes_file)!r}: fix the list or use another dataset')
+        raise DataSourceError(
+          f'tfds dataset {self.name} has no class {abbreviated(missing)} of data.classes='
+          f'{str(classes_file)!r}: fix the list or use another dataset'
+        )
     else:
       self.classes = sorted(dataset_names)
     label_of = {class_name: label for label, class_name in enumerate(self.classes)}
@@ -184,12 +214,15 @@ class TfdsSource:
       self._read = lambda index: parse(shards[index])
       self._read_many = lambda indices: [self._read(index) for index in indices]
     else:
-      raise DataSourceError(f'tfds dataset {self.name} is stored as {file_format}; atlas_jax reads '
-                            'array_record and tfrecord: prepare it again with --file_format=array_record')
+      raise DataSourceError(
+        f'tfds dataset {self.name} is stored as {file_format}; atlas_jax reads '
+        'array_record and tfrecord: prepare it again with --file_format=array_record'
+      )
     self.num_records = int(info.splits[split_name].num_examples)
     if self.num_records < 1:
-      raise DataSourceError(f'the {split_name!r} split of tfds dataset {self.name} is empty: prepare it '
-                            'again')
+      raise DataSourceError(
+        f'the {split_name!r} split of tfds dataset {self.name} is empty: prepare it again'
+      )
     self._label_key = label_key
     # With a class filter, the records of the kept classes and their labels (from one pass over the split).
     self._records = self.scanned_labels = None
@@ -198,8 +231,10 @@ class TfdsSource:
       self._records = np.flatnonzero(labels >= 0)
       self.scanned_labels = labels[self._records]
       if not len(self._records):
-        raise DataSourceError(f'the {split_name!r} split of tfds dataset {self.name} has no example of the '
-                              f'classes in data.classes={str(classes_file)!r}')
+        raise DataSourceError(
+          f'the {split_name!r} split of tfds dataset {self.name} has no example of the '
+          f'classes in data.classes={str(classes_file)!r}'
+        )
 
   def _scan_labels(self, chunk: int = 1024) -> np.ndarray:
     """The dataset label of every record of the split, (num_records,) int64: one read of the whole split."""
@@ -207,7 +242,7 @@ class TfdsSource:
     for start in range(0, self.num_records, chunk):
       indices = list(range(start, min(start + chunk, self.num_records)))
       examples = self._read_many(indices)
-      labels[start:start + len(indices)] = [int(example[self._label_key]) for example in examples]
+      labels[start : start + len(indices)] = [int(example[self._label_key]) for example in examples]
     return labels
 
   @property
@@ -227,14 +262,19 @@ class TfdsSource:
     file_name = example.get('file_name')
     if isinstance(file_name, bytes):
       file_name = file_name.decode('utf-8', 'replace')
-    return {'image': example[self.image_key], 'label': int(self._relabel[int(example[self._label_key])]),
-            'record': record, 'name': f'tfds {self.name} {self.split}[{record}]',
-            'file_name': None if file_name is None else str(file_name)}
+    return {
+      'image': example[self.image_key],
+      'label': int(self._relabel[int(example[self._label_key])]),
+      'record': record,
+      'name': f'tfds {self.name} {self.split}[{record}]',
+      'file_name': None if file_name is None else str(file_name),
+    }
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     example = self.encoded(index)
-    return labelled_example(decode.decode_image(example['image'], self.max_pixels, name=example['name']),
-                            example['label'])
+    return labelled_example(
+      decode.decode_image(example['image'], self.max_pixels, name=example['name']), example['label']
+    )
 
 
 def from_config(data_config, image_size, split: str, seed: int) -> TfdsSource:
@@ -244,8 +284,10 @@ def from_config(data_config, image_size, split: str, seed: int) -> TfdsSource:
   data_dir = data_config.data_dir
   if name is None or data_dir is None:
     raise DataSourceError(
-        f"data.source='tfds' needs data.name and data.data_dir (got name={name!r}, data_dir={data_dir!r}: "
-        'no directory to look for prepared data in); set --config.data.name=NAME '
-        '--config.data.data_dir=/path/to/tensorflow_datasets, or use --config.data.source=synthetic')
-  return TfdsSource(name, data_dir, split, classes_file=data_config.classes,
-                    max_pixels=data_config.max_pixels)
+      f"data.source='tfds' needs data.name and data.data_dir (got name={name!r}, data_dir={data_dir!r}: "
+      'no directory to look for prepared data in); set --config.data.name=NAME '
+      '--config.data.data_dir=/path/to/tensorflow_datasets, or use --config.data.source=synthetic'
+    )
+  return TfdsSource(
+    name, data_dir, split, classes_file=data_config.classes, max_pixels=data_config.max_pixels
+  )
