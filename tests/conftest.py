@@ -23,7 +23,7 @@ if 'xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
 _SESSION = os.environ.setdefault('ATLAS_JAX_TEST_SESSION', uuid.uuid4().hex)
 CACHE_DIR = os.path.join(tempfile.gettempdir(), f'atlas_jax_test_xla_cache_{_SESSION}')
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', CACHE_DIR)
-os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -1,8 +1,8 @@
 """Checkpoints: items present only when non-empty, restore for inference, version check."""
 
+import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from atlas_jax import checkpointing
@@ -32,8 +32,7 @@ def test_model_without_batchnorm_saves_and_restores(tmp_path):
     tmp_path, jax.eval_shape(model.init, jax.random.key(0), images)
   )
   assert step == 3 and set(restored) == {'params'}
-  for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(variables)):
-    np.testing.assert_array_equal(got, want)
+  chex.assert_trees_all_equal(restored, variables)
 
 
 def test_missing_checkpoint_and_missing_step_are_clear(tmp_path):

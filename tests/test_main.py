@@ -8,8 +8,8 @@ import subprocess
 import sys
 import time
 
+import chex
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
@@ -38,9 +38,10 @@ NO_TENSORFLOW = "import sys; sys.modules['tensorflow'] = None\n"
 def environment(tmp_path_factory):
   site = tmp_path_factory.mktemp('site')
   (site / 'sitecustomize.py').write_text(NO_TENSORFLOW)
-  cache = tmp_path_factory.mktemp('xla_cache')  # shared: restarted runs reuse the compiled steps
   env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(site), str(ROOT)]), 'PYTHONUNBUFFERED': '1'}
-  return env, [f'--config.compilation_cache_dir={cache}']
+  # No cache flag: the runs use the test session's compilation cache (conftest.py), so restarted runs and the
+  # other command-line tests reuse each other's compiled programs.
+  return env, ['--config.compilation_cache_dir=']
 
 
 def _command(workdir, extra):
@@ -117,10 +118,8 @@ def _assert_same_run(workdir, reference):
   assert sorted(_train_losses(workdir)) == list(range(1, STEPS + 1))
   got, want = _final_items(workdir), _final_items(reference)
   for name in want:
-    got_leaves, want_leaves = jax.tree.leaves(got[name]), jax.tree.leaves(want[name])
-    assert len(got_leaves) == len(want_leaves) > 0, name
-    for got_leaf, want_leaf in zip(got_leaves, want_leaves):
-      np.testing.assert_array_equal(np.asarray(got_leaf), np.asarray(want_leaf), err_msg=name)
+    assert jax.tree.leaves(want[name]), name
+    chex.assert_trees_all_equal(got[name], want[name], custom_message=name)  # same tree, bitwise
 
 
 def test_sigkill_between_checkpoints_then_restart_is_bitwise_the_uninterrupted_run(

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,8 +50,7 @@ def test_accumulation_of_micro_batches_equals_one_batch():
     results.append((jax.device_get(state.params), float(metrics['loss']), float(metrics['grad_norm'])))
   (params_1, loss_1, norm_1), (params_4, loss_4, norm_4) = results
   assert loss_4 == pytest.approx(loss_1, rel=1e-5) and norm_4 == pytest.approx(norm_1, rel=1e-4)
-  for got, want in zip(jax.tree.leaves(params_4), jax.tree.leaves(params_1)):
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(params_4, params_1, rtol=1e-5, atol=1e-6)
 
 
 def test_bfloat16_loss_tracks_float32():
