@@ -66,8 +66,8 @@ def train(checkout: pathlib.Path, flags: list[str], workdir: pathlib.Path) -> li
     '-m',
     'atlas_jax.main',
     f'--workdir={workdir}',
+    *flags,  # --config=... first: its overrides follow it
     '--config.compilation_cache_dir=',
-    *flags,
   ]
   result = subprocess.run(command, cwd=checkout, env=env, capture_output=True, text=True, timeout=1800)
   if result.returncode:
