@@ -37,10 +37,6 @@ class ScaleLayout:
     rows, cols = self.grid
     return rows * cols
 
-  @property
-  def window_tokens(self) -> int:
-    return self.window_height * self.window_width
-
 
 def _window_side(side: int, window: int) -> int | None:
   """Window side along one axis, or None when `side` cannot be windowed."""

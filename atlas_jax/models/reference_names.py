@@ -9,7 +9,6 @@ import re
 from typing import Mapping
 
 import flax
-import jax
 import numpy as np
 
 from atlas_jax.errors import AtlasError
@@ -102,14 +101,6 @@ def _reference_shape(shape: tuple[int, ...], path: tuple[str, ...]) -> tuple[int
   return shape
 
 
-def _to_reference_layout(array: np.ndarray, path: tuple[str, ...]) -> np.ndarray:
-  if path[-1] == 'kernel' and array.ndim == 2:
-    return array.T
-  if path[-1] == 'kernel' and array.ndim == 4:
-    return array.transpose(3, 2, 0, 1)
-  return array
-
-
 def is_unused_reference_key(name: str) -> bool:
   return any(pattern.match(name) for pattern in UNUSED_REFERENCE_KEYS)
 
@@ -144,9 +135,3 @@ def variables_from_reference(state_dict: Mapping[str, np.ndarray], abstract_vari
   if problems:
     raise ReferenceMismatchError('the state dict does not fit the model; ' + '; '.join(problems))
   return flax.traverse_util.unflatten_dict(converted)
-
-
-def reference_from_variables(variables) -> dict[str, np.ndarray]:
-  """The inverse mapping: this package's variables as a reference-named state dict (for export and tests)."""
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(jax.device_get(variables)))
-  return {reference_name(path): _to_reference_layout(np.asarray(value), path) for path, value in flat.items()}
