@@ -24,12 +24,12 @@ import json
 import os
 import pathlib
 import shutil
-import sys
 
 from absl import app, flags, logging
 from PIL import Image
 
 from atlas_jax.data import sources
+from atlas_jax.errors import AtlasError, one_line_errors
 
 SPLIT_DIRS = {'train': 'train', 'val': 'validation'}  # output folder -> the source split it comes from
 TMP_MARK = '.tmp-'
@@ -50,7 +50,7 @@ def define_flags():
   _WORKERS = flags.DEFINE_integer('workers', 8, 'Threads writing files.')
 
 
-class PrepareError(ValueError):
+class PrepareError(AtlasError, ValueError):
   """A source that does not hold the classes asked for, or an output that cannot be written."""
 
 
@@ -224,6 +224,7 @@ def prepare(
   return summary
 
 
+@one_line_errors
 def main(argv):
   logging.set_verbosity(logging.WARNING)
   if len(argv) > 1:
@@ -240,9 +241,8 @@ def main(argv):
       _COPY.value,
       _WORKERS.value,
     )
-  except (PrepareError, OSError) as error:
-    print(f'prepare_hr_in100: {error}', file=sys.stderr)
-    sys.exit(1)
+  except OSError as error:  # the output cannot be written: a full disk, no permission, ...
+    raise PrepareError(f'cannot write {_OUTPUT.value}: {error}') from None
   counts = ', '.join(f'{count} {split}' for split, count in summary['counts'].items())
   print(
     f'{_OUTPUT.value}: {len(summary["classes"])} classes, {counts} images ({summary["written"]} written, '
