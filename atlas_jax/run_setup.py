@@ -82,9 +82,13 @@ class TrainSetup:
   abstract_state: TrainState  # jax.ShapeDtypeStruct leaves
   state_sharding: Any  # NamedSharding leaves, the same tree
 
+  @functools.cached_property
+  def _jitted_init(self):
+    return jax.jit(self.init, out_shardings=self.state_sharding)
+
   def init_state(self, rng: jax.Array | None = None) -> TrainState:
     """A fresh train state from `rng` (default: the config's seed), placed as `state_sharding` says."""
-    return jax.jit(self.init, out_shardings=self.state_sharding)(self.rng if rng is None else rng)
+    return self._jitted_init(self.rng if rng is None else rng)
 
 
 def train_setup(config, mesh: jax.sharding.Mesh | None = None) -> TrainSetup:

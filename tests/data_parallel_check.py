@@ -16,10 +16,24 @@ from atlas_jax import config as config_lib
 from atlas_jax.data import pipeline, sources
 from tests.train_configs import FULL_RECIPE, tiny_config
 
+# (device count, fsdp) -> (setup, jitted step): the restore checks run on meshes the one-step checks built,
+# so they reuse those setups instead of tracing and compiling the same programs again.
+_SETUPS = {}
+
+
+def setup_on(config, devices, fsdp: int):
+  """The train setup and jitted step of `config` on `devices` as (data, fsdp) = (len / fsdp, fsdp)."""
+  key = (len(devices), fsdp)
+  if key not in _SETUPS:
+    run_config = config.copy_and_resolve_references()
+    run_config.mesh.update(data=len(devices) // fsdp, fsdp=fsdp)
+    run = run_setup.train_setup(run_config, sharding.make_mesh(run_config, devices))
+    _SETUPS[key] = run, train.jit_train_step(run)
+  return _SETUPS[key]
+
 
 def one_step(config, devices, fsdp: int = 1):
-  config.mesh.update(data=len(devices) // fsdp, fsdp=fsdp)
-  setup = run_setup.train_setup(config, sharding.make_mesh(config, devices))
+  setup, step = setup_on(config, devices, fsdp)
   source = sources.make_source(config.data, config.image_size, 'train', 0)
   with pipeline.TrainLoader(
     source, config.batch_size, seed=0, max_bad_fraction=config.data.max_bad_fraction
@@ -28,7 +42,6 @@ def one_step(config, devices, fsdp: int = 1):
   mesh = setup.mesh
   with jax.set_mesh(mesh):
     state = setup.init_state(jax.random.PRNGKey(0))
-    step = train.jit_train_step(setup)
     state, metrics = step(state, sharding.global_batch(local_batch, mesh))
   # Bytes of parameters whose arrays really are split over the fsdp axis, after the step.
   split_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state.params) if 'fsdp' in leaf.sharding.spec)
@@ -49,16 +62,10 @@ def restore_on_fewer_devices(config, local_batches) -> dict:
   """A step on 8 devices (2 data x 4 FSDP) saved, restored on 4 (2 x 2) and on 1, then one more step each:
   each continues as the 8-device run does."""
 
-  def setup(devices, fsdp):
-    run_config = config.copy_and_resolve_references()
-    run_config.mesh.update(data=len(devices) // fsdp, fsdp=fsdp)
-    run = run_setup.train_setup(run_config, sharding.make_mesh(run_config, devices))
-    return run, train.jit_train_step(run)
-
   devices = jax.devices()
   loader_state = {'batches_consumed': np.asarray(1, np.int64)}
   with tempfile.TemporaryDirectory() as workdir:
-    run, step = setup(devices[:8], 4)
+    run, step = setup_on(config, devices[:8], 4)
     mesh = run.mesh
     checkpoints = checkpointing.Checkpoints(workdir)
     with jax.set_mesh(mesh):
@@ -70,7 +77,7 @@ def restore_on_fewer_devices(config, local_batches) -> dict:
       reference = jax.device_get((state.params, state.ema_params))
     differences = {}
     for count, fsdp in ((4, 2), (1, 1)):
-      run, step = setup(devices[:count], fsdp)
+      run, step = setup_on(config, devices[:count], fsdp)
       mesh = run.mesh
       with jax.set_mesh(mesh):
         state, _ = train.restore_state(checkpoints, 1, run.abstract_state, run.state_sharding, loader_state)
