@@ -7,8 +7,6 @@ One workdir of the tests' tiny quickstart (32 px, two scales), trained for 2 ste
 import io
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import ml_collections
@@ -23,24 +21,13 @@ from atlas_jax.errors import AtlasError
 from atlas_jax.models import build_model
 from atlas_jax.models.msa import windows_from_map
 from configs import common
-from tests.train_configs import ROOT, command_line_overrides, tiny_config
-
-
-def _run(*args, env=None):
-  return subprocess.run(
-    [sys.executable, '-m', *args],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=300,
-    env={**os.environ, 'PYTHONPATH': str(ROOT), **(env or {})},
-  )
+from tests.train_configs import ROOT, command_line_overrides, run_module, tiny_config
 
 
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('quickstart') / 'workdir'
-  trained = _run(
+  trained = run_module(
     'atlas_jax.main',
     '--config=configs/quickstart.py:steps=2',
     f'--workdir={workdir}',
@@ -79,7 +66,7 @@ def test_predict_a_folder_on_two_devices_through_the_command_line(workdir, atlas
   output = tmp_path / 'predictions.jsonl'
   # Two CPU devices: each batch of 4 is split 2 + 2; 7 files make 2 batches (progress bar on).
   two_devices = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=2'
-  predicted = _run(
+  predicted = run_module(
     'atlas_jax.predict',
     f'--checkpoint={workdir}',
     f'--output={output}',

@@ -1,6 +1,9 @@
 """Small trainer configs shared by the trainer tests: the quickstart shrunk to a few milliseconds a step."""
 
+import os
 import pathlib
+import subprocess
+import sys
 
 from configs import quickstart
 
@@ -51,3 +54,15 @@ def command_line_overrides(**overrides) -> list[str]:
       value = '(' + ','.join(str(item) for item in value) + (',)' if len(value) == 1 else ')')
     flags.append(f'--config.{name}={value}')
   return flags
+
+
+def run_module(*args, env=None) -> subprocess.CompletedProcess:
+  """`python -m ARGS` from the repository root, with the repository importable and `env` added."""
+  return subprocess.run(
+    [sys.executable, '-m', *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env={**os.environ, 'PYTHONPATH': str(ROOT), **(env or {})},
+  )

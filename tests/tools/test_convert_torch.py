@@ -3,8 +3,6 @@
 import json
 import os
 import pathlib
-import subprocess
-import sys
 
 import flax
 import jax
@@ -22,6 +20,7 @@ from atlas_jax.tools.torch_checkpoint import UnsafeCheckpointError, load_state_d
 from configs import common
 from tests.reference_fixtures import FIXTURES, fixture_config, load_fixture
 from tests.tools.torch_writer import write_torch_checkpoint
+from tests.train_configs import run_module
 
 ROOT = pathlib.Path(__file__).parents[2]
 # The fixture's model through the command line: configs/atlas_t_512.py with the tiny dims.
@@ -99,20 +98,9 @@ def test_converting_into_a_workdir_with_checkpoints_is_refused(tiny, tmp_path):
     convert(FIXTURES / 'atlas_tiny_512_state_dict.pt', tiny[0], tmp_path / 'workdir')
 
 
-def _run(*args):
-  return subprocess.run(
-    [sys.executable, '-m', *args],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=300,
-    env=dict(os.environ, PYTHONPATH=str(ROOT)),
-  )
-
-
 def test_convert_then_predict_through_the_command_lines(tiny, tmp_path):
   workdir = tmp_path / 'workdir'
-  converted = _run(
+  converted = run_module(
     'atlas_jax.tools.convert_torch',
     f'--checkpoint={FIXTURES / "atlas_tiny_512_trainer.ckpt"}',
     '--config=configs/atlas_t_512.py',
@@ -130,7 +118,7 @@ def test_convert_then_predict_through_the_command_lines(tiny, tmp_path):
   (images / 'broken.png').write_bytes(b'\x89PNG\r\n\x1a\nnot really')
   output = tmp_path / 'predictions.jsonl'
   paths = [str(images / f'{index}.png') for index in range(3)] + [str(images / 'broken.png')]
-  predicted = _run('atlas_jax.predict', f'--checkpoint={workdir}', f'--output={output}', *paths)
+  predicted = run_module('atlas_jax.predict', f'--checkpoint={workdir}', f'--output={output}', *paths)
   assert predicted.returncode == 0, predicted.stderr
   assert 'broken.png' in predicted.stderr and '1 unreadable' in predicted.stderr
   lines = [json.loads(line) for line in output.read_text().splitlines()]
@@ -154,7 +142,9 @@ def test_convert_then_predict_through_the_command_lines(tiny, tmp_path):
 def test_predict_with_no_readable_image_exits_nonzero(tiny, tmp_path):
   convert(FIXTURES / 'atlas_tiny_512_state_dict.pt', tiny[0], tmp_path / 'workdir')
   (tmp_path / 'empty.jpg').write_bytes(b'')
-  predicted = _run('atlas_jax.predict', f'--checkpoint={tmp_path / "workdir"}', str(tmp_path / 'empty.jpg'))
+  predicted = run_module(
+    'atlas_jax.predict', f'--checkpoint={tmp_path / "workdir"}', str(tmp_path / 'empty.jpg')
+  )
   assert predicted.returncode == 1
   assert 'empty.jpg' in predicted.stderr and '0 images' in predicted.stderr
 
