@@ -2,7 +2,8 @@
 
 Items (DESIGN.md): params, batch_stats (only when the model has BatchNorm: orbax refuses an empty item),
 opt_state, ema_params, train_state, data. Each step records the atlas_jax version and the parameter-tree
-version, so a checkpoint from an incompatible tree is refused with a message instead of mis-loaded.
+version (atlas_jax.models.param_tree): a step of version 1 (one subtree per block) is read and stacked into
+today's tree; any other version is refused with a message instead of mis-loaded.
 """
 
 import pathlib
@@ -14,11 +15,14 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy
 
 from atlas_jax import workdir as workdir_lib
 from atlas_jax.errors import AtlasError
+from atlas_jax.models import param_tree
 
 __version__ = '0.1.0'
-# Bumped whenever parameter names or layouts change; checkpoints of another version need migrating.
-PARAM_TREE_VERSION = 1
+# Bumped whenever parameter names or layouts change; older versions listed in READABLE_VERSIONS are converted.
+PARAM_TREE_VERSION = param_tree.VERSION
+READABLE_VERSIONS = (1, PARAM_TREE_VERSION)
 ITEMS = ('params', 'batch_stats', 'opt_state', 'ema_params', 'train_state', 'data')
+PARAMETER_ITEMS = ('params', 'batch_stats', 'opt_state', 'ema_params')  # the items that hold the tree
 
 
 class CheckpointError(AtlasError, ValueError):
@@ -98,28 +102,50 @@ class Checkpoints:
     step_dir = self.directory / str(step)
     return {name for name in ITEMS if (step_dir / name).is_dir()}
 
-  def _check_version(self, step: int) -> None:
+  def tree_version(self, step: int) -> int:
+    """The parameter-tree version step `step` was written with; CheckpointError if this code cannot read it."""
     metadata = self.manager.metadata(step)
     custom = getattr(metadata, 'custom_metadata', None) or {}
     version = custom.get('param_tree_version')
-    if version != PARAM_TREE_VERSION:
+    if version not in READABLE_VERSIONS:
       raise CheckpointError(
-        f'{self.directory / str(step)} has parameter-tree version {version}, this atlas_jax reads version '
-        f'{PARAM_TREE_VERSION}: convert it again or use the atlas_jax version that wrote it '
-        f'({custom.get("atlas_jax_version", "unknown")})'
+        f'{self.directory / str(step)} has parameter-tree version {version}, this atlas_jax reads versions '
+        f'{", ".join(map(str, READABLE_VERSIONS))}: convert it again or use the atlas_jax version that '
+        f'wrote it ({custom.get("atlas_jax_version", "unknown")})'
       )
+    return version
 
   def restore(self, step: int, abstract_items: Mapping[str, Any]) -> dict[str, Any]:
-    """Restores the items of `abstract_items` (trees of jax.ShapeDtypeStruct) that the step holds."""
-    self._check_version(step)
+    """Restores the items of `abstract_items` (trees of jax.ShapeDtypeStruct, today's tree) that the step
+    holds; a version-1 step is read in its own tree and stacked, placed as the abstract leaves say."""
+    version = self.tree_version(step)
     present = self.items_at(step)
     wanted = {
-      name: ocp.args.StandardRestore(tree)
+      name: tree
       for name, tree in abstract_items.items()
       if name in present and tree is not None and jax.tree.leaves(tree)
     }
-    restored = self.manager.restore(step, args=ocp.args.Composite(**wanted))
-    return {name: restored[name] for name in wanted}
+    stored = {
+      name: param_tree.unstack_blocks(tree) if version == 1 and name in PARAMETER_ITEMS else tree
+      for name, tree in wanted.items()
+    }
+    restored = self.manager.restore(
+      step, args=ocp.args.Composite(**{name: ocp.args.StandardRestore(tree) for name, tree in stored.items()})
+    )
+    restored = {name: restored[name] for name in wanted}
+    if version == 1:
+      for name in PARAMETER_ITEMS:
+        if name in restored:
+          restored[name] = _stacked_as(restored[name], wanted[name])
+    return restored
+
+
+def _stacked_as(tree, abstract):
+  """A version-1 tree stacked into version 2, each leaf placed with its abstract leaf's sharding if any."""
+  shardings = jax.tree.map(lambda leaf: getattr(leaf, 'sharding', None), abstract)
+  if any(sharding is None for sharding in jax.tree.leaves(shardings, is_leaf=lambda x: x is None)):
+    return param_tree.stack_blocks(tree)
+  return jax.jit(param_tree.stack_blocks, out_shardings=shardings)(tree)
 
 
 def restore_inference_variables(

@@ -165,6 +165,7 @@ def _is_checkpoint_policy(name) -> bool:
 
 def _resolve_training(config) -> None:
   _choice('mode', config.mode, MODES)
+  _at_least('device_memory_gib', config.device_memory_gib, 0)  # 0 = the backend's own figure
   for name in ('lr', 'min_lr', 'weight_decay'):
     _at_least(name, config[name], 0)
   _integer_at_least('total_steps', config.total_steps, 1)

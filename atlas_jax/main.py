@@ -2,7 +2,8 @@
 
 `--config.mode` picks the job: `train` (default; resumes by itself from the workdir's latest checkpoint),
 `eval` (the workdir's best or latest checkpoint, or `init_from`), or `compile` (compile the train step for
-the configured mesh and batch, and report the memory it needs per device).
+the configured mesh and batch, report the memory it needs per device and whether that fits
+`device_memory_gib`; exit code 1 when it does not; needs no `--workdir`).
 """
 
 import os
@@ -16,7 +17,9 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
   'config', None, 'A config file under configs/, optionally with `:ARG`.', lock_config=True
 )
-flags.DEFINE_string('workdir', None, 'Where config.json, checkpoints/, tb/ and metrics.jsonl live.')
+flags.DEFINE_string(
+  'workdir', None, 'Where config.json, checkpoints/, tb/ and metrics.jsonl live; mode=compile needs none.'
+)
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for multi-host runs.')
 flags.DEFINE_integer('num_processes', None, 'Number of processes of a multi-host run.')
 flags.DEFINE_integer('process_id', None, 'This process of a multi-host run, 0 to num_processes - 1.')
@@ -26,7 +29,7 @@ flags.DEFINE_bool(
   'Initialize jax.distributed from the cluster environment (SLURM, Cloud '
   'TPU, Open MPI) instead of --coordinator_address/--num_processes/--process_id.',
 )
-flags.mark_flags_as_required(['config', 'workdir'])
+flags.mark_flags_as_required(['config'])  # --workdir too, except for mode=compile: checked in main
 
 
 @one_line_errors  # an AtlasError is one line a user can act on, exit code 1; any other error is a bug
@@ -41,6 +44,11 @@ def main(argv):
   from atlas_jax import config as config_lib
 
   config = config_lib.resolve(FLAGS.config)  # every field checked before anything starts or compiles
+  if config.mode != 'compile' and not FLAGS.workdir:
+    raise AtlasError(
+      f'--workdir is required for mode={config.mode}; pass --workdir=DIR, '
+      'where the run keeps its checkpoints and metrics'
+    )
   _start_distributed(jax)
   if config.compilation_cache_dir:
     jax.config.update('jax_compilation_cache_dir', os.path.expanduser(config.compilation_cache_dir))
@@ -58,7 +66,7 @@ def main(argv):
   if config.mode == 'eval':
     evaluate.run(config, FLAGS.workdir)
   elif config.mode == 'compile':
-    train.compile_only(config)
+    return 0 if train.compile_only(config)['fits'] else 1  # absl exits with it: 1 = does not fit
   else:
     train.run(config, FLAGS.workdir)
 

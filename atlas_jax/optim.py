@@ -11,7 +11,7 @@ optimizer.{b1, b2, eps, clip_grad_norm (0 = off)}, ema.decay (0 = off).
 
 Inside a jitted train step (sketch):
   micro_batches = split_micro_batches(batch, config.grad_accum_steps)
-  (batch_stats, rng), loss, aux, grads = accumulated_grads(grad_fn, micro_batches, (batch_stats, rng))
+  (batch_stats, rng), loss, aux, grads = accumulated_grads(grad_fn, micro_batches, (batch_stats, rng), params)
   updates, opt_state = tx.update(grads, opt_state, params)  # tx = make_optimizer(config)
   params = optax.apply_updates(params, updates)
   ema_params = ema_update(ema_params, params, config.ema.decay)  # when ema_enabled(config)
@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from atlas_jax.models import param_tree
 
 PyTree = Any
 
@@ -56,14 +58,17 @@ def learning_rate_schedule(config) -> optax.Schedule:
 
 
 def weight_decay_mask(params: PyTree) -> PyTree:
-  """True for leaves that get weight decay: exactly those with ndim > 1 (kernels), same tree as params.
+  """True for leaves that get weight decay: exactly those whose per-block shape has ndim > 1 (kernels).
 
   timm's `param_groups_weight_decay` exempts a parameter when `ndim <= 1` or its name ends in
   '.bias' (or it is in the model's no_weight_decay list, which the reference leaves empty). Every
   bias, LayerNorm/BatchNorm scale and bias, and the position-MLP's bias is 1-D there and here, and
-  every Linear weight and Conv kernel is >= 2-D, so the shape rule alone reproduces its groups.
+  every Linear weight and Conv kernel is >= 2-D, so the shape rule alone reproduces its groups. The
+  blocks of a stage are stacked on a leading axis (param_tree), which the rule does not count.
   """
-  return jax.tree.map(lambda leaf: len(_shape(leaf)) > 1, params)
+  return jax.tree_util.tree_map_with_path(
+    lambda path, leaf: len(_shape(leaf)) - param_tree.stacked_axes(path) > 1, params
+  )
 
 
 def _shape(leaf) -> tuple[int, ...]:
@@ -119,8 +124,8 @@ def split_micro_batches(batch: PyTree, k: int) -> PyTree:
   return jax.tree.map(split, batch)
 
 
-def accumulated_grads(grad_fn: Callable, micro_batches: PyTree, carry: PyTree):
-  """Averages loss and gradients over micro-batches with one `lax.scan`.
+def accumulated_grads(grad_fn: Callable, micro_batches: PyTree, carry: PyTree, grads_like: PyTree):
+  """Averages loss and gradients over micro-batches with one `lax.scan` (a plain call when there is one).
 
   Args:
     grad_fn: (carry, micro_batch) -> (carry, (loss, aux), grads); loss a scalar mean over the
@@ -128,6 +133,8 @@ def accumulated_grads(grad_fn: Callable, micro_batches: PyTree, carry: PyTree):
       the RNG: grad_fn should split its key).
     micro_batches: pytree whose leaves are (k, micro_batch_size, ...), e.g. from split_micro_batches.
     carry: initial carry.
+    grads_like: a pytree with the gradients' structure and shapes (the parameters, or their abstract
+      values): the accumulators are made from it, so `grad_fn` is traced once, not a second time for shapes.
 
   Returns:
     (carry after k micro-batches, mean loss float32 (), aux stacked along a leading k axis,
@@ -137,9 +144,11 @@ def accumulated_grads(grad_fn: Callable, micro_batches: PyTree, carry: PyTree):
   if len(sizes) != 1:
     raise ValueError(f'micro_batches leaves must share one leading axis (k), got sizes {sorted(sizes)}')
   k = sizes.pop()
-  first = jax.tree.map(lambda leaf: leaf[0], micro_batches)
-  grads_shape = jax.eval_shape(grad_fn, carry, first)[2]
-  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), grads_shape)
+  if k == 1:  # no loop: the same numbers, and XLA sees one straight-line step
+    carry, (loss, aux), grads = grad_fn(carry, jax.tree.map(lambda leaf: leaf[0], micro_batches))
+    aux = jax.tree.map(lambda leaf: jnp.asarray(leaf)[None], aux)
+    return carry, jnp.asarray(loss, jnp.float32), aux, jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+  zeros = jax.tree.map(lambda leaf: jnp.zeros(jnp.shape(leaf), jnp.float32), grads_like)
 
   def step(state, micro_batch):
     carry, grad_sum = state

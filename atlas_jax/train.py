@@ -11,6 +11,8 @@ the benchmark) without the image and dataset libraries.
 """
 
 import json
+import math
+import os
 import pathlib
 import signal
 import time
@@ -88,7 +90,7 @@ def make_train_step(config, model, optimizer, mesh=None):
       micro_batches = jax.lax.with_sharding_constraint(micro_batches, micro_sharding)
     step_rng = jax.random.fold_in(state.rng, state.step)
     (batch_stats, _), loss, _, grads = optim.accumulated_grads(
-      micro_step, micro_batches, (state.batch_stats, step_rng)
+      micro_step, micro_batches, (state.batch_stats, step_rng), state.params
     )
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -130,36 +132,205 @@ def abstract_batch(config, batch_size: int):
   }
 
 
+def check_batch_sizes(config, mesh) -> None:
+  """The batch, its micro-batches and the eval batch each split evenly over the data-parallel devices."""
+  sharding.check_batch_size(config.batch_size, mesh)
+  sharding.check_batch_size(
+    config.batch_size // config.grad_accum_steps, mesh, 'config.batch_size / config.grad_accum_steps'
+  )
+  sharding.check_batch_size(config.eval.batch_size, mesh, 'config.eval.batch_size')
+
+
+GIB = 2.0**30
+# The note of a report whose analysis is XLA's CPU one while the plan is for another device's memory.
+CPU_ANALYSIS_NOTE = (
+  "memory_backend is cpu: XLA's CPU memory analysis overstates what a GPU needs, often by an order of "
+  'magnitude, because the CPU backend does not reuse buffers as the GPU scheduler does; run mode=compile '
+  'on the target accelerator for a figure to trust'
+)
+
+
+def device_memory(config) -> tuple[float, str]:
+  """(GiB per device to plan for, its source): `config` (device_memory_gib > 0), `device` (the device's own
+  bytes_limit) or `host` (CPU devices: the host's RAM shared by this process's devices)."""
+  if config.device_memory_gib > 0:
+    return float(config.device_memory_gib), 'config'
+  devices = jax.local_devices()
+  limit = (devices[0].memory_stats() or {}).get('bytes_limit')
+  if limit:
+    return limit / GIB, 'device'
+  if jax.default_backend() == 'cpu':
+    return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / len(devices) / GIB, 'host'
+  raise AtlasError(
+    f'the {jax.default_backend()} device reports no memory limit: pass --config.device_memory_gib=G, '
+    'the memory of one device in GiB'
+  )
+
+
 def compile_only(config) -> dict:
-  """`--config.mode=compile`: compiles the train step for the mesh and batch, no data; prints its memory."""
+  """`--config.mode=compile`: compiles the train step `run` jits, for the mesh and batch, without data; prints
+  one JSON line with its memory per device, whether it fits (`fits`) and what would (`suggestions`)."""
   config = config_lib.resolve(config)
   setup = run_setup.train_setup(config)
   mesh = setup.mesh
-  sharding.check_batch_size(config.batch_size, mesh)
+  check_batch_sizes(config, mesh)  # what run refuses, compile refuses
+  device_gib, device_source = device_memory(config)  # before compiling: a missing figure fails in seconds
   start = time.perf_counter()
   with jax.set_mesh(mesh):
     compiled = (
       jit_train_step(setup).lower(setup.abstract_state, abstract_batch(config, config.batch_size)).compile()
     )
   memory = compiled.memory_analysis()
-  gib = 2.0**30
   report = {
     'devices': mesh.size,
     'mesh': dict(mesh.shape),
     'batch_size': config.batch_size,
+    'grad_accum_steps': config.grad_accum_steps,
+    'micro_batch_per_device': _micro_batch(config, sharding.data_parallel_size(mesh)),
     'compile_s': round(time.perf_counter() - start, 2),
-    'argument_gib': memory.argument_size_in_bytes / gib,
-    'output_gib': memory.output_size_in_bytes / gib,
-    'temp_gib': memory.temp_size_in_bytes / gib,
-    'alias_gib': memory.alias_size_in_bytes / gib,
+    'argument_gib': memory.argument_size_in_bytes / GIB,
+    'batch_gib': _batch_bytes_per_device(config, mesh) / GIB,  # of argument_gib: the images, labels
+    'output_gib': memory.output_size_in_bytes / GIB,
+    'temp_gib': memory.temp_size_in_bytes / GIB,
+    'alias_gib': memory.alias_size_in_bytes / GIB,
   }
   # Donated state aliases its output, so it counts once.
   report['peak_gib_per_device'] = (
     report['argument_gib'] + report['output_gib'] - report['alias_gib'] + report['temp_gib']
   )
+  report['device_memory_gib'] = device_gib
+  report['device_memory_source'] = device_source
+  report['memory_backend'] = jax.default_backend()
+  report['fits'] = report['peak_gib_per_device'] <= device_gib
+  report['suggestions'] = [] if report['fits'] else memory_suggestions(setup, memory, device_gib)
+  if report['memory_backend'] == 'cpu' and device_source == 'config':
+    report['note'] = CPU_ANALYSIS_NOTE
   if jax.process_index() == 0:
     print(json.dumps(report), flush=True)
   return report
+
+
+def _micro_batch(config, data_parallel: int, grad_accum_steps: int | None = None) -> int:
+  """Examples of one micro-batch on one device."""
+  return config.batch_size // ((grad_accum_steps or config.grad_accum_steps) * data_parallel)
+
+
+def _bytes_per_device(tree, fsdp: int, min_size: int) -> int:
+  """Bytes one device holds of a state tree (ShapeDtypeStructs) split as sharding.state_shardings splits it
+  over an fsdp axis of size `fsdp`."""
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    split = 'fsdp' in sharding.leaf_spec(leaf.shape, fsdp, min_size)
+    total += math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize // (fsdp if split else 1)
+  return total
+
+
+def _batch_bytes_per_device(config, mesh) -> float:
+  """Bytes of one device's share of the global batch, an argument of the step: its images are float32."""
+  leaves = jax.tree.leaves(abstract_batch(config, config.batch_size))
+  total = sum(math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize for leaf in leaves)
+  return total / sharding.data_parallel_size(mesh)
+
+
+def _gib_text(gib: float) -> str:
+  return f'{gib:.1f}' if gib >= 10 else f'{gib:.3g}'
+
+
+def memory_suggestions(setup: run_setup.TrainSetup, memory, device_gib: float) -> list[str]:
+  """Flags that would make the step fit `device_gib` per device, each with its figure where one follows from
+  this compile's memory analysis.
+
+  The estimate splits the peak into the batch (the step's argument: global batch / data-parallel devices),
+  the state (the rest of the arguments, counted once: donated), the gradients (the float32 sum and one
+  micro-batch's, taken from the temporaries) and the other temporaries, which scale about linearly with the
+  micro-batch per device. The state and gradients shrink as their leaves split over more fsdp devices.
+  """
+  config, mesh = setup.config, setup.mesh
+  batch, accum, min_size = config.batch_size, config.grad_accum_steps, config.mesh.fsdp_min_size
+  devices, fsdp = mesh.size, mesh.shape['fsdp']
+  data_parallel = sharding.data_parallel_size(mesh)
+  micro = _micro_batch(config, data_parallel)
+  batch_bytes = _batch_bytes_per_device(config, mesh)
+  state = memory.argument_size_in_bytes - batch_bytes
+  other = memory.output_size_in_bytes - memory.alias_size_in_bytes  # the metrics: outputs not aliased
+  state_bytes = _bytes_per_device(setup.abstract_state, fsdp, min_size)
+  param_bytes = max(1, _bytes_per_device(setup.abstract_state.params, fsdp, min_size))
+  grads = min(memory.temp_size_in_bytes, 2 * param_bytes)  # no batch axis: they do not shrink with it
+  activations = memory.temp_size_in_bytes - grads
+
+  def estimate(new_micro: int, new_fsdp: int, new_data_parallel: int) -> float:
+    new_state = state + _bytes_per_device(setup.abstract_state, new_fsdp, min_size) - state_bytes
+    new_grads = grads * _bytes_per_device(setup.abstract_state.params, new_fsdp, min_size) / param_bytes
+    total = batch_bytes * data_parallel / new_data_parallel + new_state + other + new_grads
+    return (total + activations * new_micro / micro) / GIB
+
+  where = 'estimated from this compile'
+  suggestions = []
+  # More accumulation: the smallest that fits, else micro-batch 1.
+  accums = [k for k in range(accum + 1, batch // data_parallel + 1) if batch % (k * data_parallel) == 0]
+  accum_fits = False
+  if accums:
+    for k in accums:
+      gib = estimate(_micro_batch(config, data_parallel, k), fsdp, data_parallel)
+      if gib <= device_gib:
+        accum_fits = True
+        break
+    new_micro = _micro_batch(config, data_parallel, k)
+    suggestion = (
+      f'--config.grad_accum_steps={k} (micro-batch {micro} -> {new_micro} per device): '
+      f'about {_gib_text(gib)} GiB per device, {where}'
+    )
+    if not accum_fits:
+      suggestion += f'; still over {_gib_text(device_gib)} GiB at the smallest micro-batch'
+    suggestions.append(suggestion)
+  if config.model.remat == 'none':
+    suggestions.append(
+      '--config.model.remat=block: recomputes each block in the backward pass; compile again to see its figure'
+    )
+  # A larger fsdp split over these devices: the batch per device stays, the state and gradients shrink.
+  splits = [f for f in range(fsdp + 1, devices + 1) if devices % f == 0]
+  split_fits = False
+  for f in splits:
+    gib = estimate(micro, f, data_parallel)
+    if gib <= device_gib:
+      split_fits = True
+      break
+  if splits:
+    suggestion = (
+      f'--config.mesh.fsdp={f} --config.mesh.data={devices // f} (the state split over {f} devices): '
+      f'about {_gib_text(gib)} GiB per device, {where}'
+    )
+    if not split_fits:
+      suggestion += f'; still over {_gib_text(device_gib)} GiB'
+    suggestions.append(suggestion)
+  if not split_fits:
+    # More devices of this size, all in fsdp: the state, gradients, batch and micro-batch per device all
+    # shrink; each device needs a whole micro-batch example.
+    global_micro = batch // accum
+    counts = [n for n in range(devices + 1, global_micro + 1) if global_micro % n == 0]
+    for n in counts:
+      gib = estimate(global_micro // n, n, n)
+      if gib <= device_gib:
+        suggestions.append(
+          f'{n} devices of {_gib_text(device_gib)} GiB with --config.mesh.fsdp={n} --config.mesh.data=1 '
+          f'(micro-batch {micro} -> {global_micro // n} per device): about {_gib_text(gib)} GiB per '
+          f'device, {where}'
+        )
+        break
+    else:
+      if counts:
+        suggestions.append(
+          f'even {counts[-1]} devices with --config.mesh.fsdp={counts[-1]} --config.mesh.data=1 (micro-batch '
+          f'1 per device) need about {_gib_text(gib)} GiB per device, {where}: over '
+          f'{_gib_text(device_gib)} GiB'
+        )
+  if accums and not accum_fits and config.model.remat == 'none':
+    suggestions.append(
+      f'--config.grad_accum_steps={accums[-1]} --config.model.remat=block together (micro-batch {micro} -> '
+      f'{_micro_batch(config, data_parallel, accums[-1])} per device, each block recomputed): compile again '
+      'to see its figure'
+    )
+  return suggestions
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -282,11 +453,7 @@ def run(config, workdir) -> TrainState:
   is_main = jax.process_index() == 0
   setup = run_setup.train_setup(config)
   mesh = setup.mesh
-  sharding.check_batch_size(config.batch_size, mesh)
-  sharding.check_batch_size(
-    config.batch_size // config.grad_accum_steps, mesh, 'config.batch_size / config.grad_accum_steps'
-  )
-  sharding.check_batch_size(config.eval.batch_size, mesh, 'config.eval.batch_size')
+  check_batch_sizes(config, mesh)
   num_classes = config.model.num_classes
   train_source = sources.make_source(config.data, config.image_size, 'train', config.seed, num_classes)
   val_source = sources.make_source(config.data, config.image_size, 'validation', config.seed, num_classes)

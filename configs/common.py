@@ -128,5 +128,7 @@ def base_config(variant: str, image_size: int | tuple[int, int]) -> ml_collectio
   config.profile = ml_collections.ConfigDict({'start_step': -1, 'num_steps': 5})
   config.compilation_cache_dir = '~/.cache/atlas_jax/xla'  # '' turns the persistent cache off
   config.mode = 'train'  # train | eval | compile
+  # mode=compile plans for devices of this many GiB; 0 = the backend's own figure (CPU: host RAM / devices).
+  config.device_memory_gib = 0.0
   config.init_from = config_dict.placeholder(str)
   return config

@@ -33,7 +33,7 @@ class Planted:
       setattr(self.module, self.name, original)
 
 
-def _scale_block_without_second_mlp(self, tokens, keys, values, deterministic):
+def _scale_block_without_second_mlp(self, tokens, keys, values, deterministic, drop_path_rate=None):
   """ScaleBlock.__call__ that skips the MLP for the bottom-up queries (fewer queries than keys)."""
   rows, length, _ = tokens.shape
   query = self.q(self.norm_q(tokens)).reshape(rows, length, self.num_heads, self.dim // self.num_heads)

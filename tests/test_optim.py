@@ -185,7 +185,9 @@ def test_accumulated_grads_equal_full_batch(k):
     (loss, prediction), grads = jax.value_and_grad(mse, has_aux=True)(params, micro_batch)
     return carry + 1, (loss, prediction), grads
 
-  run = jax.jit(lambda batch: optim.accumulated_grads(grad_fn, optim.split_micro_batches(batch, k), 0))
+  run = jax.jit(
+    lambda batch: optim.accumulated_grads(grad_fn, optim.split_micro_batches(batch, k), 0, params)
+  )
   carry, loss, aux, grads = run(batch)
   assert int(carry) == k  # carry threaded once per micro-batch
   assert aux.shape == (k, 12 // k, 3)
@@ -201,7 +203,7 @@ def test_accumulated_grads_sum_low_precision_grads_in_float32():
   def grad_fn(carry, micro_batch):
     return carry, (micro_batch['x'].sum(), None), {'g': jnp.full((2,), 1 / 3, jnp.bfloat16)}
 
-  _, loss, _, grads = optim.accumulated_grads(grad_fn, micro_batches, ())
+  _, loss, _, grads = optim.accumulated_grads(grad_fn, micro_batches, (), {'g': jnp.zeros(2)})
   assert grads['g'].dtype == jnp.float32
   np.testing.assert_allclose(grads['g'], float(jnp.bfloat16(1 / 3)), rtol=1e-7)
   np.testing.assert_allclose(loss, 1.5)

@@ -140,11 +140,6 @@ def test_init_from_reinitializes_a_head_of_another_size(tmp_path):
     transfer.load(config, fresh)
 
 
-def test_compile_mode_reports_memory_per_device():
-  report = train.compile_only(tiny_config(mode='compile'))
-  assert report['peak_gib_per_device'] > 0 and report['temp_gib'] > 0 and report['devices'] == 1
-
-
 def test_data_parallel_and_fsdp_on_8_devices_match_1_device_and_restore_on_fewer():
   """One step with BatchNorm in train mode (conv stem), mixing, drop path and accumulation, in a subprocess
   that fakes 8 CPU devices."""

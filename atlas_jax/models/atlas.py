@@ -4,11 +4,10 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
-import numpy as np
 
 from atlas_jax.models import layout as layout_lib
-from atlas_jax.models.layers import LayerNorm, Linear, remat_policy
-from atlas_jax.models.msa import MSABlock, map_from_windows, max_pool, windows_from_map
+from atlas_jax.models.layers import LayerNorm, Linear
+from atlas_jax.models.msa import drop_path_rates, map_from_windows, max_pool, stage_blocks, windows_from_map
 from atlas_jax.models.stem import ConvStem, PatchifyStem
 
 REMAT_POLICIES = ('none', 'block')
@@ -39,13 +38,6 @@ class Readout(nn.Module):
     return Linear(self.num_classes, self.dim, dtype=self.dtype, name='head')(x).astype(jnp.float32)
 
 
-def block_class(remat: str):
-  """MSABlock, rematerialised per block when asked; explicit names keep the parameter tree unchanged."""
-  if remat == 'none':
-    return MSABlock
-  return nn.remat(MSABlock, static_argnums=(2,), policy=remat_policy(remat))
-
-
 class Atlas(nn.Module):
   """Atlas on images (batch, H, W, 3), NHWC, normalised; every field as DESIGN.md's model config."""
 
@@ -74,30 +66,25 @@ class Atlas(nn.Module):
     self.stem = make_stem(
       self.patch_size, self.dim, self.stem_width, self.stem_in_dim, self.dtype, self.remat
     )
-    block = block_class(self.remat)
-    blocks = []
-    for stage, (depth, scales) in enumerate(zip(self.depths, self.stage_scales)):
-      # Drop path restarts in every stage: linspace(0, rate, depth), as the reference.
-      rates = np.linspace(0.0, self.drop_path_rate, depth)
-      blocks.append(
-        [
-          block(
-            layouts=tuple(self.layouts[s] for s in scales),
-            dim=self.dim,
-            num_heads=self.num_heads,
-            mlp_ratio=self.mlp_ratio,
-            drop_path_rate=float(rate),
-            parent_window=self.parent_window,
-            communication=self.communication,
-            pool=self.pool,
-            attention=self.attention,
-            dtype=self.dtype,
-            name=f'stage{stage}_block{index}',
-          )
-          for index, rate in enumerate(rates)
-        ]
+    # One scanned module per stage, `stage{k}_blocks`, its parameters stacked (depth, ...).
+    self.stages = [
+      stage_blocks(
+        depth,
+        self.remat,
+        name=f'stage{stage}_blocks',
+        layouts=tuple(self.layouts[s] for s in scales),
+        dim=self.dim,
+        num_heads=self.num_heads,
+        mlp_ratio=self.mlp_ratio,
+        drop_path_rate=self.drop_path_rate,
+        parent_window=self.parent_window,
+        communication=self.communication,
+        pool=self.pool,
+        attention=self.attention,
+        dtype=self.dtype,
       )
-    self.blocks = blocks
+      for stage, (depth, scales) in enumerate(zip(self.depths, self.stage_scales))
+    ]
     self.readout = Readout(self.dim, self.num_classes, self.dtype, name='readout')
 
   def encode(self, images, train: bool = False):
@@ -114,10 +101,10 @@ class Atlas(nn.Module):
       for token_map, layout in zip(maps, self.layouts)
     ]
     stages = []
-    for scales, blocks in zip(self.stage_scales, self.blocks):
-      current = [tokens[s] for s in scales]
-      for block in blocks:
-        current = block(current, not train)
+    for scales, depth, stage in zip(self.stage_scales, self.depths, self.stages):
+      # Drop path restarts in every stage: linspace(0, rate, depth), as the reference.
+      rates = drop_path_rates(depth, self.drop_path_rate)
+      current, _ = stage([tokens[s] for s in scales], not train, rates)
       for s, updated in zip(scales, current):
         tokens[s] = updated
       stages.append(current)

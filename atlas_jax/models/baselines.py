@@ -14,12 +14,11 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
-import numpy as np
 
 from atlas_jax.models import layout as layout_lib
-from atlas_jax.models.atlas import Readout, block_class, make_stem
+from atlas_jax.models.atlas import Readout, make_stem
 from atlas_jax.models.layers import PositionMLP
-from atlas_jax.models.msa import map_from_windows, windows_from_map
+from atlas_jax.models.msa import drop_path_rates, map_from_windows, stage_blocks, windows_from_map
 
 
 class _SingleScale(nn.Module):
@@ -52,22 +51,19 @@ class _SingleScale(nn.Module):
     self.stem = make_stem(
       self.patch_size, self.dim, self.stem_width, self.stem_in_dim, self.dtype, self.remat
     )
-    depth = sum(self.depths)
-    block = block_class(self.remat)
-    self.blocks = [
-      block(
-        layouts=(self.layout,),
-        dim=self.dim,
-        num_heads=self.num_heads,
-        mlp_ratio=self.mlp_ratio,
-        drop_path_rate=float(rate),
-        pool=self.pool,
-        attention=self.attention,
-        dtype=self.dtype,
-        name=f'stage0_block{index}',
-      )
-      for index, rate in enumerate(np.linspace(0.0, self.drop_path_rate, depth))
-    ]
+    self.blocks = stage_blocks(
+      sum(self.depths),
+      self.remat,
+      name='stage0_blocks',
+      layouts=(self.layout,),
+      dim=self.dim,
+      num_heads=self.num_heads,
+      mlp_ratio=self.mlp_ratio,
+      drop_path_rate=self.drop_path_rate,
+      pool=self.pool,
+      attention=self.attention,
+      dtype=self.dtype,
+    )
     self.readout = Readout(self.dim, self.num_classes, self.dtype, name='readout')
 
   def encode(self, images, train: bool = False):
@@ -76,8 +72,8 @@ class _SingleScale(nn.Module):
     tokens = windows_from_map(
       self._add_global_position(stem_map), self.layout.window_height, self.layout.window_width
     )
-    for block in self.blocks:
-      tokens = block([tokens], not train)[0]
+    rates = drop_path_rates(sum(self.depths), self.drop_path_rate)
+    tokens = self.blocks([tokens], not train, rates)[0][0]
     return stem_map, [[tokens]]
 
   def __call__(self, images, train: bool = False):

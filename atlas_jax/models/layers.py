@@ -79,12 +79,15 @@ class DropPath(nn.Module):
   rate: float
 
   @nn.compact
-  def __call__(self, x, deterministic: bool):
+  def __call__(self, x, deterministic: bool, rate=None):
+    """`rate` (a scalar, possibly traced: a scanned stage's per-block rate) overrides the field's, which
+    then only says whether drop path exists (0: never)."""
     if deterministic or self.rate == 0.0:
       return x
-    keep_prob = 1.0 - self.rate
+    keep_prob = 1.0 - (self.rate if rate is None else rate)
     keep = jax.random.bernoulli(self.make_rng('dropout'), keep_prob, (x.shape[0],) + (1,) * (x.ndim - 1))
-    return jnp.where(keep, x / keep_prob, jnp.zeros_like(x))
+    # Rescaled in x's own dtype, as a Python-float rate would be: a float32 rate must not promote bf16 x.
+    return jnp.where(keep, x / jnp.asarray(keep_prob, x.dtype), jnp.zeros_like(x))
 
 
 class Mlp(nn.Module):

@@ -8,6 +8,9 @@ One MSA block holds, per scale, a position MLP and a `ScaleBlock` (norms, q/kv/p
   (d) bottom-up, fine to coarse: the coarse tokens above each fine window attend to that window's
       tokens, then go through their MLP a second time.
 `communication` switches (c)'s coarser K/V and step (d) off; (a) and (b) always run.
+
+The blocks of a stage share their layouts, so `stage_blocks` scans them: the compiler sees one block body
+per stage however deep it is, and the parameters of the stage's blocks are stacked on a leading axis.
 """
 
 from typing import Any, Sequence
@@ -18,7 +21,7 @@ import numpy as np
 
 from atlas_jax.models import layout as layout_lib
 from atlas_jax.models.attention import dot_product_attention
-from atlas_jax.models.layers import DropPath, LayerNorm, Linear, Mlp, PositionMLP
+from atlas_jax.models.layers import DropPath, LayerNorm, Linear, Mlp, PositionMLP, remat_policy
 
 COMMUNICATIONS = ('full', 'top_down', 'bottom_up', 'none')
 
@@ -74,15 +77,18 @@ class ScaleBlock(nn.Module):
     kv = self.kv(self.norm_kv(tokens)).reshape(rows, length, 2, self.num_heads, self.dim // self.num_heads)
     return kv[:, :, 0], kv[:, :, 1]
 
-  def __call__(self, tokens, keys, values, deterministic: bool):
-    """Attention of `tokens` to (keys, values), then the MLP; both residual with drop path per row."""
+  def __call__(self, tokens, keys, values, deterministic: bool, drop_path_rate=None):
+    """Attention of `tokens` to (keys, values), then the MLP; both residual with drop path per row.
+
+    `drop_path_rate` (a scalar, possibly traced) overrides the field's rate, as a scanned stage passes it."""
     rows, length, _ = tokens.shape
     query = self.q(self.norm_q(tokens)).reshape(rows, length, self.num_heads, self.dim // self.num_heads)
     attended = dot_product_attention(
       query, keys.astype(query.dtype), values.astype(query.dtype), self.attention
     )
-    tokens = tokens + self.drop_path(self.proj(attended.reshape(rows, length, self.dim)), deterministic)
-    return tokens + self.drop_path(self.mlp(self.norm_mlp(tokens)), deterministic)
+    attended = self.proj(attended.reshape(rows, length, self.dim))
+    tokens = tokens + self.drop_path(attended, deterministic, drop_path_rate)
+    return tokens + self.drop_path(self.mlp(self.norm_mlp(tokens)), deterministic, drop_path_rate)
 
 
 class MSABlock(nn.Module):
@@ -118,8 +124,10 @@ class MSABlock(nn.Module):
       for s in range(len(self.layouts))
     ]
 
-  def __call__(self, scales, deterministic: bool = True):
-    """scales[s]: (batch * windows_s, tokens_s, dim) -> the same shapes, updated."""
+  def __call__(self, scales, deterministic: bool = True, drop_path_rate=None):
+    """scales[s]: (batch * windows_s, tokens_s, dim) -> the same shapes, updated.
+
+    `drop_path_rate` overrides the field's rate (the field then only says whether drop path exists)."""
     layouts = self.layouts
     top_down = self.communication in ('full', 'top_down')
     bottom_up = self.communication in ('full', 'bottom_up')
@@ -150,7 +158,7 @@ class MSABlock(nn.Module):
           key_parts.append(_gather_windows(updated_kv[t][0], parents, batch))
           value_parts.append(_gather_windows(updated_kv[t][1], parents, batch))
         keys, values = jnp.concatenate(key_parts, axis=1), jnp.concatenate(value_parts, axis=1)
-      scales[s] = self.scales[s](scales[s], keys, values, deterministic)
+      scales[s] = self.scales[s](scales[s], keys, values, deterministic, drop_path_rate)
       if top_down and s > 0:
         updated_kv[s] = self.scales[s].keys_values(scales[s])
 
@@ -164,10 +172,43 @@ class MSABlock(nn.Module):
         )
         query_height, query_width = fine.window_height // self.pool, fine.window_width // self.pool
         queries = windows_from_map(coarse_map, query_height, query_width)  # (batch * fine windows, 16, dim)
-        queries = self.scales[s](queries, keys, values, deterministic)
+        queries = self.scales[s](queries, keys, values, deterministic, drop_path_rate)
         coarse_map = map_from_windows(queries, coarse.height, coarse.width, query_height, query_width)
         scales[s] = windows_from_map(coarse_map, coarse.window_height, coarse.window_width)
     return scales
+
+
+class StageBlock(MSABlock):
+  """One block of a scanned stage: the carry is the scales, the scanned input the block's drop path rate."""
+
+  def __call__(self, scales, deterministic: bool, drop_path_rate):
+    return MSABlock.__call__(self, scales, deterministic, drop_path_rate), None
+
+
+def stage_blocks(depth: int, remat: str = 'none', name=None, **block_fields):
+  """`depth` MSA blocks as one module, scanned: called (scales, deterministic, rates) -> (scales, None).
+
+  Every parameter gets a leading axis of `depth` (block i at index i). `rates` (depth,) are the blocks'
+  drop path rates; `block_fields['drop_path_rate']` is their maximum, 0 meaning no drop path at all. With
+  `remat` each block is rematerialised, so the backward pass keeps only the scales between blocks.
+  """
+  block = StageBlock
+  if remat != 'none':
+    # prevent_cse=False: inside a scan the loop already keeps XLA from merging the recomputation away.
+    block = nn.remat(StageBlock, static_argnums=(2,), policy=remat_policy(remat), prevent_cse=False)
+  scanned = nn.scan(
+    block,
+    variable_axes={'params': 0},
+    split_rngs={'params': True, 'dropout': True},
+    in_axes=(nn.broadcast, 0),
+    length=depth,
+  )
+  return scanned(name=name, **block_fields)
+
+
+def drop_path_rates(depth: int, rate: float):
+  """linspace(0, rate, depth) as float32, the reference's per-block rates within a stage."""
+  return jnp.asarray(np.linspace(0.0, rate, depth), jnp.float32)
 
 
 def _gather_windows(windows, parents: np.ndarray, batch: int):

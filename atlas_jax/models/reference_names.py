@@ -1,7 +1,8 @@
 """The reference PyTorch implementation's parameter names, mapped to and from this package's tree.
 
-One rule per module kind turns a Flax path into the reference's state-dict name; the importer and the
-parity tests both go through `variables_from_reference`. Layouts: a Linear weight is (out, in) where a
+One rule per module kind turns a Flax path of one block (the version-1 tree, `param_tree`) into the
+reference's state-dict name; the importer and the parity tests both go through `variables_from_reference`,
+which maps per block and stacks the blocks of each stage as the scanned model holds them. Layouts: a Linear weight is (out, in) where a
 Flax Dense kernel is (in, out); a Conv2d weight is (out, in, kh, kw) where a Flax kernel is (kh, kw, in, out).
 """
 
@@ -12,6 +13,7 @@ import flax
 import numpy as np
 
 from atlas_jax.errors import AtlasError
+from atlas_jax.models import param_tree
 
 # Reference buffers and modules the Atlas forward never reads: skipped by rule, never silently.
 UNUSED_REFERENCE_KEYS = (
@@ -110,7 +112,7 @@ def variables_from_reference(state_dict: Mapping[str, np.ndarray], abstract_vari
 
   Raises ReferenceMismatchError naming every missing, unexpected or mis-shaped tensor; nothing is partial.
   """
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(abstract_variables))
+  flat = flax.traverse_util.flatten_dict(param_tree.unstack_blocks(flax.core.unfreeze(abstract_variables)))
   converted, missing, misshaped, used = {}, [], [], set()
   for path, abstract in flat.items():
     name = reference_name(path)
@@ -134,4 +136,4 @@ def variables_from_reference(state_dict: Mapping[str, np.ndarray], abstract_vari
   ]
   if problems:
     raise ReferenceMismatchError('the state dict does not fit the model; ' + '; '.join(problems))
-  return flax.traverse_util.unflatten_dict(converted)
+  return param_tree.stack_blocks(flax.traverse_util.unflatten_dict(converted))

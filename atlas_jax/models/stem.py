@@ -16,8 +16,10 @@ import jax.numpy as jnp
 
 from atlas_jax.models.layers import Conv3x3, gelu, remat_policy, torch_bias_init, torch_weight_init
 
-# PyTorch BatchNorm momentum 0.1 is Flax momentum 0.9; exact variance rather than E[x^2] - E[x]^2.
-BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, use_fast_variance=False)
+# PyTorch BatchNorm momentum 0.1 is Flax momentum 0.9. Training statistics in one pass over the activation
+# (E[x^2] - E[x]^2 in float32, beside the mean) instead of two: about 7-10% fewer bytes in the stem's training
+# step by XLA's cost analysis, and train-mode logits as close to the reference (experiments/stem_folding).
+BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, use_fast_variance=True)
 
 
 class ConvResidual(nn.Module):

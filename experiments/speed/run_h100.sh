@@ -4,18 +4,7 @@
 # (On the lent GPU machine ml_collections is missing: install its wheel first, see docs/performance.md.)
 set -u
 out=${1:-/tmp/atlas_speed}
-scratch=${TMPDIR:-/tmp}/atlas_speed_scratch  # traces and the XLA cache: large, kept out of OUT_DIR
-mkdir -p "$out" "$scratch"
-export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 PYTHONUNBUFFERED=1
-cache="--config.compilation_cache_dir=$scratch/xla_cache"
-row() {  # row SECONDS NAME ARGS...
-  local limit=$1 name=$2; shift 2
-  echo "== $name" | tee -a "$out/log.txt"
-  local start=$SECONDS
-  timeout "$limit" python3 -m atlas_jax.benchmark --output="$out/results.jsonl" "$@" "$cache" 2>&1 \
-    | grep -v '^[WI][0-9]' | tee -a "$out/log.txt"
-  echo "== $name: rc ${PIPESTATUS[0]} after $((SECONDS - start)) s" | tee -a "$out/log.txt"
-}
+source "$(dirname "$0")/common.sh"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
 # 1024 px first, with a 3-step trace of each mode summarised by XLA op and by kernel.
 row 170 atlas_b_1024_bs32 --config=configs/atlas_b_1024.py --batch_size=32 --mode=train,infer \
