@@ -22,13 +22,15 @@ import math
 import ml_collections
 
 from atlas_jax.augment import ERASE_MODES
+from atlas_jax.data.transforms import RESIZE_MODES
 from atlas_jax.errors import AtlasError
 from atlas_jax.models import DTYPES, MODELS, VARIANTS, default_depths
 from atlas_jax.models import layout as layout_lib
 from atlas_jax.models.attention import IMPLEMENTATIONS
 from atlas_jax.models.msa import COMMUNICATIONS
 
-MODES = ('train', 'eval', 'compile')
+MODES = ('train', 'eval', 'compile', 'linear_eval')
+TRAINABLE = ('all', 'head')
 DATA_SOURCES = ('synthetic', 'tfds', 'folder')
 PATCH_SIZES = (4, 8, 16)
 PARENT_WINDOWS = ('spatial', 'raster')
@@ -179,6 +181,23 @@ def _resolve_training(config) -> None:
     raise ConfigError(
       f'config.optimizer.clip_grad_norm must be 0 (off) or > 0, got {config.optimizer.clip_grad_norm}'
     )
+  layer_decay = config.optimizer.layer_decay
+  if isinstance(layer_decay, bool) or not isinstance(layer_decay, (int, float)) or not 0 < layer_decay <= 1:
+    raise ConfigError(f'config.optimizer.layer_decay must be in (0, 1] (1 = off), got {layer_decay!r}')
+  _choice('optimizer.trainable', config.optimizer.trainable, TRAINABLE)
+  _probability('linear_eval.holdout_fraction', config.linear_eval.holdout_fraction)
+  if not 0 < config.linear_eval.holdout_fraction < 1:
+    raise ConfigError(
+      f'config.linear_eval.holdout_fraction must be in (0, 1), got {config.linear_eval.holdout_fraction}'
+    )
+  grid = config.linear_eval.l2_grid
+  if (
+    not isinstance(grid, (tuple, list))
+    or not grid
+    or any(isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 for value in grid)
+  ):
+    raise ConfigError(f'config.linear_eval.l2_grid must be a non-empty tuple of numbers > 0, got {grid!r}')
+  _integer_at_least('linear_eval.max_train_examples', config.linear_eval.max_train_examples, 0)
   if config.ema.decay is None:
     config.ema.decay = 0.0
   if not 0 <= config.ema.decay < 1:
@@ -223,6 +242,13 @@ def _check_data(data) -> None:
   _integer_at_least('data.workers', data.workers, 0)
   _probability('data.max_bad_fraction', data.max_bad_fraction)
   _integer_at_least('data.max_pixels', data.max_pixels, 1)
+  _choice('data.resize', data.resize, RESIZE_MODES)
+  if (
+    isinstance(data.crop_pct, bool)
+    or not isinstance(data.crop_pct, (int, float))
+    or not 0 < data.crop_pct <= 1
+  ):
+    raise ConfigError(f'config.data.crop_pct must be in (0, 1], got {data.crop_pct!r}')
   _integer_at_least('data.synthetic_train_size', data.synthetic_train_size, 1)
   _integer_at_least('data.synthetic_val_size', data.synthetic_val_size, 1)
   augment = data.augment

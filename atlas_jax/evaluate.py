@@ -1,11 +1,15 @@
 """Evaluation over a whole split: top-1, top-5 and cross-entropy, every example counted exactly once.
 
 The last global batch is padded to full size and its padding masked out, so one compiled step serves
-the whole split. Images get the eval transform (transforms.eval_transform: bicubic resize to the image
-size). An example that fails to decode is masked out like padding and counted as skipped
+the whole split. Images get the eval transform (transforms.eval_transform: `data.resize`, squash or crop,
+to the image size). An example that fails to decode is masked out like padding and counted as skipped
 (pipeline.EvalLoader): the counted and the skipped examples of all processes must add up to the split.
 `run` is `--config.mode=eval`: it evaluates the workdir's best (else latest) checkpoint, or `init_from`
 when the workdir has none, with raw weights and, when present, EMA weights.
+
+Each evaluation also counts a confusion matrix (true class x top-1 prediction) and the top-5 hits of each
+class; `evaluate_state` (given a workdir) and `run` write them as WORKDIR/eval/<step>[_ema]_per_class.csv
+and _confusion.png (eval_report.py). They stay out of metrics.jsonl and TensorBoard: scalars only there.
 """
 
 import json
@@ -17,15 +21,19 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
-from atlas_jax import checkpointing, run_setup, sharding, transfer
 from atlas_jax import config as config_lib
+from atlas_jax import eval_report, run_setup, sharding, transfer
 from atlas_jax import metrics as metrics_lib
-from atlas_jax import workdir as workdir_lib
 from atlas_jax.models import build_model
+
+# Per-class results of `evaluate`, beside its scalars: arrays, kept out of the metrics records.
+REPORT_KEYS = ('confusion', 'top5_hits')
 
 
 def make_eval_step(model, num_classes: int):
-  """(variables, batch {'image', 'label', 'mask'}) -> sums over the real examples of the batch."""
+  """(variables, batch {'image', 'label', 'mask'}) -> sums over the real examples of the batch: top1, top5,
+  loss, examples, and int32 confusion (num_classes x num_classes, [true, top-1 prediction]) and top5_hits
+  (num_classes: examples of each true class with it among the top 5)."""
   top_k = min(5, num_classes)
 
   def eval_step(variables, batch):
@@ -37,11 +45,16 @@ def make_eval_step(model, num_classes: int):
     correct_top5 = jnp.any(predicted == labels[:, None], axis=1).astype(jnp.float32)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     losses = -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
+    # One-hot products count exactly at any matmul precision (0/1 inputs); padding rows are all zero.
+    true = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32) * mask[:, None]
+    top1_predicted = jax.nn.one_hot(predicted[:, 0], num_classes, dtype=jnp.float32)
     return {
       'top1': jnp.sum(correct_top1 * mask),
       'top5': jnp.sum(correct_top5 * mask),
       'loss': jnp.sum(losses * mask),
       'examples': jnp.sum(mask),
+      'confusion': jnp.einsum('bt,bp->tp', true, top1_predicted).astype(jnp.int32),
+      'top5_hits': jnp.einsum('bt,b->t', true, correct_top5).astype(jnp.int32),
     }
 
   return eval_step
@@ -50,10 +63,12 @@ def make_eval_step(model, num_classes: int):
 def evaluate(
   eval_step, variables, source, batch_size: int, mesh, workers: int, transform, max_bad_fraction: float
 ) -> dict:
-  """{'top1', 'top5', 'loss', 'examples'} of `variables` over every example of `source` that decodes."""
+  """{'top1', 'top5', 'loss', 'examples'} of `variables` over every example of `source` that decodes, and
+  the int64 arrays 'confusion' (true class x top-1 prediction) and 'top5_hits' (per true class)."""
   from atlas_jax.data import pipeline  # the data libraries: kept out of module scope
 
   totals = {'top1': 0.0, 'top5': 0.0, 'loss': 0.0, 'examples': 0.0}
+  counts = {key: 0 for key in REPORT_KEYS}
   with pipeline.EvalLoader(
     source,
     batch_size,
@@ -64,7 +79,10 @@ def evaluate(
     max_bad_fraction=max_bad_fraction,
   ) as loader:
     for local_batch in loader:
-      sums = jax.device_get(eval_step(variables, sharding.global_batch(local_batch, mesh)))
+      sums = eval_step(variables, sharding.global_batch(local_batch, mesh))
+      for key in REPORT_KEYS:
+        counts[key] = counts[key] + _to_host(sums.pop(key)).astype(np.int64)
+      sums = jax.device_get(sums)
       for key in totals:
         totals[key] += float(sums[key])
     skipped = loader.skipped
@@ -78,7 +96,43 @@ def evaluate(
     )
   if skipped:
     logging.warning('evaluation skipped %d of %d examples that failed to decode', skipped, len(source))
-  return {**{key: value / examples for key, value in totals.items()}, 'examples': int(examples)}
+  return {**{key: value / examples for key, value in totals.items()}, 'examples': int(examples), **counts}
+
+
+def _to_host(value) -> np.ndarray:
+  """A global array of the step as numpy on every process, also when the compiler left it sharded (its
+  class axis may follow an FSDP-sharded head)."""
+  if isinstance(value, jax.Array) and not value.is_fully_addressable and not value.is_fully_replicated:
+    return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+  return np.asarray(jax.device_get(value))
+
+
+def scalars(result: dict) -> dict:
+  """`evaluate`'s result without the per-class arrays: what metrics.jsonl and TensorBoard get."""
+  return {key: value for key, value in result.items() if key not in REPORT_KEYS}
+
+
+def class_labels(config, source) -> list[str]:
+  """The name of each of the model's classes for the reports: the source's own class names (a folder's or
+  a tfds dataset's, as it numbers them; WordNet IDs made readable), the synthetic task's four, else the
+  index; classes past the source's are named by index."""
+  from atlas_jax import inference  # the model and data libraries: kept out of module scope
+
+  names = list(getattr(source, 'classes', None) or ())
+  if not names and config.data.source == 'synthetic':
+    names = list(inference.SYNTHETIC_CLASS_NAMES)
+  readable = inference.readable_names()
+  names = [readable.get(name, name) for name in names[: config.model.num_classes]]
+  return names + [str(index) for index in range(len(names), config.model.num_classes)]
+
+
+def write_reports(workdir, step: int, weights: str, result: dict, class_names) -> None:
+  """WORKDIR/eval/<step>[_<weights>]_per_class.csv and _confusion.png of a result, on process 0 only."""
+  if jax.process_index() != 0:
+    return
+  csv_path, png_path = eval_report.report_paths(workdir, step, weights)
+  eval_report.write_per_class_csv(csv_path, result['confusion'], result['top5_hits'], class_names)
+  eval_report.write_confusion_png(png_path, result['confusion'], class_names)
 
 
 def eval_options(config) -> dict:
@@ -92,22 +146,38 @@ def eval_options(config) -> dict:
   }
 
 
-def evaluate_state(config, eval_step, state, source, mesh) -> dict:
-  """{'raw': results} and, with EMA on, {'ema': results}, of a train state."""
+def evaluate_state(config, eval_step, state, source, mesh, workdir=None, step=None) -> dict:
+  """{'raw': results} and, with EMA on, {'ema': results}, of a train state: the scalars of `evaluate`.
+
+  With a `workdir`, also writes the per-class reports of each weight set there (`write_reports`), named by
+  `step` (default: the state's).
+  """
   weights = {'raw': state.params}
   if state.ema_params is not None:
     weights['ema'] = state.ema_params
+  if workdir is not None and step is None:
+    step = int(jax.device_get(state.step))
+  names = class_labels(config, source) if workdir is not None and jax.process_index() == 0 else None
   results = {}
   for name, params in weights.items():
     variables = run_setup.model_variables(params, state.batch_stats)
-    results[name] = evaluate(
-      eval_step, variables, source, config.eval.batch_size, mesh, **eval_options(config)
-    )
+    result = evaluate(eval_step, variables, source, config.eval.batch_size, mesh, **eval_options(config))
+    if workdir is not None:
+      write_reports(workdir, step, name, result, names)
+    results[name] = scalars(result)
   return results
 
 
+def each_replicated(weights: dict, mesh):
+  """(name, variables placed whole on every device of `mesh`) for each weight set, under the mesh."""
+  with jax.set_mesh(mesh):
+    for name, variables in weights.items():
+      yield name, jax.device_put(variables, sharding.replicated(mesh))
+
+
 def run(config, workdir) -> dict:
-  """`--config.mode=eval`: evaluates and appends the results to WORKDIR/metrics.jsonl."""
+  """`--config.mode=eval`: evaluates, appends the results to WORKDIR/metrics.jsonl and writes the per-class
+  reports to WORKDIR/eval/."""
   from atlas_jax.data import sources
 
   config = config_lib.resolve(config)
@@ -120,42 +190,20 @@ def run(config, workdir) -> dict:
   model = build_model(config, dtype=run_setup.compute_dtype(config))
   abstract = run_setup.abstract_variables(model, config.image_size)
 
-  checkpoints_dir = workdir_lib.checkpoints_dir(workdir)
-  has_checkpoints = checkpoints_dir.is_dir() and any(
-    path.name.isdigit() for path in checkpoints_dir.iterdir()
-  )
-  weights = {}
-  if has_checkpoints:
-    variables, step = checkpointing.restore_inference_variables(workdir, abstract)
-    weights['raw'] = variables
-    try:
-      weights['ema'], _ = checkpointing.restore_inference_variables(workdir, abstract, step, use_ema=True)
-    except checkpointing.CheckpointError:
-      pass  # no EMA in this run
-    source_name = f'step {step} of {workdir}'
-  elif config.init_from:
-    fresh = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), abstract)
-    weights['raw'], step = transfer.load(config, fresh)
-    source_name = f'step {step} of {config.init_from}'
-  else:
-    raise checkpointing.CheckpointError(
-      f'nothing to evaluate: {workdir} has no checkpoints and config.init_from is unset; '
-      'train first or pass --config.init_from=WORKDIR'
-    )
+  weights, step, source_name = transfer.weights_to_evaluate(config, workdir, abstract)
 
   eval_step = jax.jit(make_eval_step(model, config.model.num_classes))
+  names = class_labels(config, source) if jax.process_index() == 0 else None
   writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
   results = {}
   try:
-    with jax.set_mesh(mesh):
-      for name, variables in weights.items():
-        variables = jax.device_put(variables, sharding.replicated(mesh))
-        results[name] = evaluate(
-          eval_step, variables, source, config.eval.batch_size, mesh, **eval_options(config)
-        )
-        writer.write(step, 'eval', {**results[name], 'weights': name})
-        if jax.process_index() == 0:
-          print(json.dumps({'step': step, 'weights': name, **results[name]}), flush=True)
+    for name, variables in each_replicated(weights, mesh):
+      result = evaluate(eval_step, variables, source, config.eval.batch_size, mesh, **eval_options(config))
+      write_reports(workdir, step, name, result, names)
+      results[name] = scalars(result)
+      writer.write(step, 'eval', {**results[name], 'weights': name})
+      if jax.process_index() == 0:
+        print(json.dumps({'step': step, 'weights': name, **results[name]}), flush=True)
   finally:
     writer.close()
   logging.info('evaluated %s', source_name)

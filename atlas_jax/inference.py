@@ -8,8 +8,9 @@
 
 `images` is one image or a sequence of them: PIL images, or arrays (H, W, 3) / (H, W) of uint8, or of
 floats in [0, 1]; a 4-D uint8 array is a batch. Any size: each image goes through the reference's
-evaluation transform (RGB, bicubic resize to the config's size, ImageNet mean/std). Batches are split over
-all local devices (a one-axis `data` mesh; one CPU device works the same).
+evaluation transform (RGB; bicubic resize to the config's size, or with `data.resize = 'crop'` timm's
+resize of the shorter side to size / `data.crop_pct` then centre crop; ImageNet mean/std). Batches are split
+over all local devices (a one-axis `data` mesh; one CPU device works the same).
 
 Feature maps (`Atlas.features`): every scale of the pyramid as a spatial map, each taken at the end of the
 last macro-stage that processes it, before the readout's LayerNorm. For the model configs at batch 1:
@@ -40,7 +41,7 @@ from atlas_jax import workdir as workdir_lib
 from atlas_jax.data import sources
 from atlas_jax.data.decode import decode_image
 from atlas_jax.data.pipeline import normalize_image
-from atlas_jax.data.transforms import eval_resize
+from atlas_jax.data.transforms import eval_resize, eval_resize_options
 from atlas_jax.errors import AtlasError
 from atlas_jax.models import build_model
 
@@ -111,12 +112,15 @@ def class_labels(config) -> list[str]:
 # Images.
 
 
-def load_image(path, image_size, max_pixels: int) -> np.ndarray:
+def load_image(
+  path, image_size, max_pixels: int, resize: str = 'squash', crop_pct: float | None = None
+) -> np.ndarray:
   """The evaluation transform of a file: (H, W, 3) float32, normalised; BadImageError if unreadable.
 
-  Decoded as the data sources decode (data/decode.py: EXIF orientation, RGB, transparency on white).
+  Decoded as the data sources decode (data/decode.py: EXIF orientation, RGB, transparency on white), then
+  `transforms.eval_resize` with `resize` and `crop_pct` (the config's `data.resize` and `data.crop_pct`).
   """
-  return normalize_image(eval_resize(decode_image(path, max_pixels), image_size))
+  return normalize_image(eval_resize(decode_image(path, max_pixels), image_size, resize, crop_pct))
 
 
 def _rgb_uint8(image) -> np.ndarray | Image.Image:
@@ -141,9 +145,10 @@ def _rgb_uint8(image) -> np.ndarray | Image.Image:
   return np.ascontiguousarray(pixels)
 
 
-def prepare_image(image, image_size) -> np.ndarray:
-  """Any image `classify` takes -> (H, W, 3) float32 at `image_size`: bicubic resize, ImageNet mean/std."""
-  return normalize_image(eval_resize(_rgb_uint8(image), image_size))
+def prepare_image(image, image_size, resize: str = 'squash', crop_pct: float | None = None) -> np.ndarray:
+  """Any image `classify` takes -> (H, W, 3) float32 at `image_size`: `transforms.eval_resize` with `resize`
+  and `crop_pct` (the config's `data.resize` and `data.crop_pct`), ImageNet mean/std."""
+  return normalize_image(eval_resize(_rgb_uint8(image), image_size, resize, crop_pct))
 
 
 def as_image_list(images) -> list:
@@ -203,6 +208,7 @@ class Predictor:
     self.batch_size = _round_up(batch_size or IMAGES_PER_DEVICE * len(devices), len(devices))
     self.variables = jax.device_put(variables, NamedSharding(self.mesh, PartitionSpec()))
     self.class_names = class_names(config)
+    self.resize_options = eval_resize_options(config)  # data.resize and data.crop_pct, for eval_resize
     self.labels = class_labels(config)
     self._logits = jax.jit(lambda variables, images: model.apply(variables, images))
     self._features = jax.jit(lambda variables, images: model.apply(variables, images, method='features'))
@@ -245,7 +251,9 @@ class Predictor:
 
   def prepare(self, images) -> np.ndarray:
     """Images as `classify` takes them -> (n, H, W, 3) normalised float32 at the config's size."""
-    return np.stack([prepare_image(image, self.image_size) for image in as_image_list(images)])
+    return np.stack(
+      [prepare_image(image, self.image_size, **self.resize_options) for image in as_image_list(images)]
+    )
 
   def classify(self, images, top_k: int = 5) -> list[list[dict]]:
     """Per image, its `top_k` classes (at most all): {'index', 'label', 'prob'}, most probable first."""

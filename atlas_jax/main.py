@@ -1,7 +1,8 @@
 """Train or evaluate: `python -m atlas_jax.main --config=configs/NAME.py[:ARG] --workdir=DIR [--config.F=V]`.
 
 `--config.mode` picks the job: `train` (default; resumes by itself from the workdir's latest checkpoint),
-`eval` (the workdir's best or latest checkpoint, or `init_from`), or `compile` (compile the train step for
+`eval` (the workdir's best or latest checkpoint, or `init_from`), `linear_eval` (a closed-form linear
+classifier on that checkpoint's frozen features, top-1 on the validation split), or `compile` (compile the train step for
 the configured mesh and batch, report the memory it needs per device and whether that fits
 `device_memory_gib`; exit code 1 when it does not; needs no `--workdir`).
 """
@@ -65,6 +66,10 @@ def main(argv):
 
   if config.mode == 'eval':
     evaluate.run(config, FLAGS.workdir)
+  elif config.mode == 'linear_eval':
+    from atlas_jax import linear_eval
+
+    linear_eval.run(config, FLAGS.workdir)
   elif config.mode == 'compile':
     return 0 if train.compile_only(config)['fits'] else 1  # absl exits with it: 1 = does not fit
   else:

@@ -7,7 +7,8 @@ optional EMA of the weights. Everything here is a pure function of (config, arra
 
 Config fields read, from a resolved config (atlas_jax.config checks their ranges): lr, min_lr, warmup_steps,
 total_steps (optimizer steps, not micro-batches), weight_decay (on ndim > 1 leaves only),
-optimizer.{b1, b2, eps, clip_grad_norm (0 = off)}, ema.decay (0 = off).
+optimizer.{b1, b2, eps, clip_grad_norm (0 = off), layer_decay (1 = off), trainable ('all' | 'head')},
+ema.decay (0 = off). docs/finetuning.md: layer decay and head-only training.
 
 Inside a jitted train step (sketch):
   micro_batches = split_micro_batches(batch, config.grad_accum_steps)
@@ -19,6 +20,7 @@ Inside a jitted train step (sketch):
 
 from collections.abc import Mapping
 import math
+import re
 from typing import Any, Callable
 
 import jax
@@ -81,8 +83,87 @@ def cast_to_float32() -> optax.GradientTransformation:
   return optax.stateless(lambda updates, params=None: jax.tree.map(lambda u: u.astype(jnp.float32), updates))
 
 
+_STAGE_BLOCKS = re.compile(r'stage(\d+)_blocks')
+_FIRST_LAYER = ('stem', 'global_position')  # id 0: everything before the first block
+READOUT = 'readout'
+
+
+def layer_ids(params: PyTree) -> PyTree:
+  """The BEiT/timm layer id of every leaf (timm `param_groups_layer_decay`), the same tree.
+
+  With L blocks in all (the stages' depths summed): the stem (and window_vit's `global_position`) 0;
+  block j, counted from 1 across the stages in order, j; the readout L + 1. A stacked `stage{k}_blocks`
+  leaf gets an int array (depth,), one id per block; other leaves a python int. Works on abstract leaves.
+  """
+  return _layer_ids(params)[0]
+
+
+def _layer_ids(params: PyTree) -> tuple[PyTree, int]:
+  """(layer_ids(params), L)."""
+  depths = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    match = _STAGE_BLOCKS.fullmatch(_path_name(path[0]))
+    if match:
+      depths[int(match[1])] = _shape(leaf)[0]
+  first_ids, next_id = {}, 1
+  for stage in sorted(depths):  # stage order, not the tree's key order
+    first_ids[stage], next_id = next_id, next_id + depths[stage]
+  num_blocks = next_id - 1
+
+  def leaf_id(path, leaf):
+    name = _path_name(path[0])
+    if name in _FIRST_LAYER:
+      return 0
+    if name == READOUT:
+      return num_blocks + 1
+    match = _STAGE_BLOCKS.fullmatch(name)
+    if match:
+      first = first_ids[int(match[1])]
+      return np.arange(first, first + depths[int(match[1])])
+    raise ValueError(f'layer decay: no layer id for the parameters under {name!r}')
+
+  return jax.tree_util.tree_map_with_path(leaf_id, params), num_blocks
+
+
+def layer_decay_scales(params: PyTree, layer_decay: float) -> PyTree:
+  """layer_decay ** (L + 1 - id) per leaf: float32 scalars, or (depth, 1, ...) arrays for stacked leaves."""
+  ids, num_blocks = _layer_ids(params)
+
+  def scale(i, leaf):
+    values = np.float32(layer_decay) ** (num_blocks + 1 - np.asarray(i)).astype(np.float32)
+    return values.reshape(values.shape + (1,) * (len(_shape(leaf)) - values.ndim))
+
+  return jax.tree.map(scale, ids, params)
+
+
+def scale_by_layer_decay(layer_decay: float) -> optax.GradientTransformation:
+  """Multiplies each leaf's update by its layer's scale. Stateless: the scales follow from the updates' paths
+  and shapes (constants under jit). Placed after AdamW it scales the whole step, decoupled weight decay too,
+  as timm scales each group's learning rate."""
+
+  def update(updates, params=None):
+    del params
+    return jax.tree.map(lambda u, s: u * s, updates, layer_decay_scales(updates, layer_decay))
+
+  return optax.stateless(update)
+
+
+def trainable_labels(params: PyTree) -> PyTree:
+  """'train' for the readout's leaves, 'frozen' for the rest: optimizer.trainable='head'."""
+  return jax.tree_util.tree_map_with_path(
+    lambda path, _: 'train' if _path_name(path[0]) == READOUT else 'frozen', params
+  )
+
+
+def head_only(config) -> bool:
+  """Whether optimizer.trainable='head': the readout trains, the backbone is frozen."""
+  return config.optimizer.trainable == 'head'
+
+
 def make_optimizer(config) -> optax.GradientTransformation:
-  """float32 cast -> optional clip by global norm -> AdamW (decay masked to kernels), lr from the schedule."""
+  """float32 cast -> optional clip by global norm -> AdamW (decay masked to kernels), lr from the schedule
+  -> optional layer-wise lr decay. With optimizer.trainable='head' only the readout has this optimizer (and
+  state); the other leaves' updates are zero and keep no state."""
   transforms = [cast_to_float32()]
   if config.optimizer.clip_grad_norm:  # 0 = off
     transforms.append(optax.clip_by_global_norm(float(config.optimizer.clip_grad_norm)))
@@ -97,7 +178,13 @@ def make_optimizer(config) -> optax.GradientTransformation:
       mask=weight_decay_mask,
     )
   )
-  return optax.chain(*transforms)
+  layer_decay = float(config.optimizer.layer_decay)
+  if layer_decay != 1.0:  # off: nothing added, the state as without it
+    transforms.append(scale_by_layer_decay(layer_decay))
+  optimizer = optax.chain(*transforms)
+  if head_only(config):
+    optimizer = optax.multi_transform({'train': optimizer, 'frozen': optax.set_to_zero()}, trainable_labels)
+  return optimizer
 
 
 # ---------------------------------------------------------------------------------------------------

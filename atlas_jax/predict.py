@@ -4,8 +4,9 @@ python -m atlas_jax.predict --checkpoint=WORKDIR [--config=configs/NAME.py] [--o
     [--step=N] [--top_k=5] [--batch_size=N] [--dtype=float32|bfloat16] [--ema] IMAGE_OR_FOLDER...
 
 Folders are walked recursively for image files (sorted). Each image goes through the evaluation transform
-(data/decode.py's decoding: EXIF orientation applied, which the reference does not do; bicubic resize to
-the config's size; ImageNet mean/std), in batches split over all local devices, while worker threads decode
+(data/decode.py's decoding: EXIF orientation applied, which the reference does not do; the config's
+`data.resize`: a bicubic resize to its size, or timm's resize of the shorter side then centre crop with
+`data.crop_pct`; ImageNet mean/std), in batches split over all local devices, while worker threads decode
 the next batch. Computes in float32 on CPU and in the config's dtype on accelerators unless `--dtype` says.
 `--output` gets one JSON line per readable image: {"path", "top_k": [{"index", "label", "prob"}, ...],
 "logits"}; without it each image gets a line on stdout. A progress bar goes to stderr when there is more
@@ -26,6 +27,7 @@ import numpy as np
 import tqdm
 
 from atlas_jax import inference
+from atlas_jax.data import transforms
 from atlas_jax.data.decode import BadImageError
 from atlas_jax.errors import AtlasError, one_line_errors
 
@@ -77,24 +79,29 @@ def image_paths(inputs) -> list[pathlib.Path]:
   return paths
 
 
-def _load(path, image_size, max_pixels):
+def _load(path, image_size, max_pixels, resize_options):
   """(normalised image, None), or (None, why it is unreadable)."""
   try:
-    return inference.load_image(path, image_size, max_pixels), None
+    return inference.load_image(path, image_size, max_pixels, **resize_options), None
   except BadImageError as error:
     return None, error.reason
 
 
-def decoded_batches(paths, image_size, max_pixels: int, batch_size: int, workers: int):
+def decoded_batches(
+  paths, image_size, max_pixels: int, batch_size: int, workers: int, resize_options: dict | None = None
+):
   """Yields per batch of `paths`: [(path, normalised image or None, error or None)], in order.
+
+  `resize_options` are `inference.load_image`'s `resize` and `crop_pct` (default: its defaults, squash).
 
   The next batch is decoding in `workers` threads while the caller computes on the current one.
   """
+  resize_options = resize_options or {}
   chunks = [paths[start : start + batch_size] for start in range(0, len(paths), batch_size)]
   with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
 
     def submit(chunk):
-      return [pool.submit(_load, path, image_size, max_pixels) for path in chunk]
+      return [pool.submit(_load, path, image_size, max_pixels, resize_options) for path in chunk]
 
     pending = submit(chunks[0]) if chunks else []
     for index, chunk in enumerate(chunks):
@@ -129,9 +136,12 @@ def run(
   # A bar for more than one batch, unless the per-image lines go to the same terminal.
   show_progress = len(paths) > predictor.batch_size and (output is not None or not stdout.isatty())
   max_pixels = int(predictor.config.data.max_pixels)  # the resolved config has every field
+  resize_options = transforms.eval_resize_options(predictor.config)  # data.resize, data.crop_pct
   classified = unreadable = 0
   with progress_bar(len(paths), stderr, show_progress) as progress:
-    for batch in decoded_batches(paths, predictor.image_size, max_pixels, predictor.batch_size, workers):
+    for batch in decoded_batches(
+      paths, predictor.image_size, max_pixels, predictor.batch_size, workers, resize_options
+    ):
       readable = [(path, image) for path, image, _ in batch if image is not None]
       for path, _, error in batch:
         if error is not None:

@@ -34,7 +34,16 @@ from atlas_jax.run_setup import TrainState
 
 # Fields a resumed run must share with the run that wrote the workdir; the rest (total_steps,
 # intervals, workers, ...) may change between restarts.
-RESUME_FIELDS = ('image_size', 'model', 'batch_size', 'grad_accum_steps', 'seed', 'mixup', 'data.source')
+RESUME_FIELDS = (
+  'image_size',
+  'model',
+  'batch_size',
+  'grad_accum_steps',
+  'seed',
+  'mixup',
+  'data.source',
+  'optimizer.trainable',  # the optimizer state holds the trainable leaves only
+)
 
 
 class TrainingDiverged(AtlasError, FloatingPointError):
@@ -52,6 +61,8 @@ def make_train_step(config, model, optimizer, mesh=None):
   (augment.train_finish: upsampling to `image_size`, random erasing) before Mixup/CutMix.
   With `mesh`, each micro-batch is pinned to the batch sharding, so every device keeps its own examples
   through the accumulation loop whatever XLA's propagation would choose.
+  With optimizer.trainable='head' the backbone is frozen: applied as in evaluation (no drop path, BatchNorm
+  on its running averages, batch_stats kept as they are) and differentiated only in the readout.
   """
   accum_steps = config.grad_accum_steps
   num_classes = config.model.num_classes
@@ -59,8 +70,12 @@ def make_train_step(config, model, optimizer, mesh=None):
   schedule = optim.learning_rate_schedule(config)
   ema_decay = config.ema.decay
   finish = augment.train_finish(config)  # None for the synthetic task, which has no transform
+  head_only = optim.head_only(config)
 
   def train_step(state: TrainState, batch):
+    frozen = {name: value for name, value in state.params.items() if name != optim.READOUT}
+    trained = state.params[optim.READOUT] if head_only else state.params
+
     def micro_step(carry, micro_batch):
       batch_stats, rng = carry
       images = micro_batch['image']
@@ -81,7 +96,15 @@ def make_train_step(config, model, optimizer, mesh=None):
         )
         return losses.soft_target_cross_entropy(logits, targets), updates.get('batch_stats', {})
 
-      (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+      def head_loss_fn(head):
+        # Only the head is differentiated; the frozen backbone carries no tangents, so no backward pass.
+        params = {**jax.lax.stop_gradient(frozen), optim.READOUT: head}
+        logits = model.apply(run_setup.model_variables(params, batch_stats), images, train=False)
+        return losses.soft_target_cross_entropy(logits, targets), batch_stats
+
+      (loss, batch_stats), grads = jax.value_and_grad(head_loss_fn if head_only else loss_fn, has_aux=True)(
+        trained
+      )
       return (batch_stats, rng), (loss, ()), grads
 
     micro_batches = optim.split_micro_batches(batch, accum_steps)  # leaves (k, B / k, ...)
@@ -90,8 +113,10 @@ def make_train_step(config, model, optimizer, mesh=None):
       micro_batches = jax.lax.with_sharding_constraint(micro_batches, micro_sharding)
     step_rng = jax.random.fold_in(state.rng, state.step)
     (batch_stats, _), loss, _, grads = optim.accumulated_grads(
-      micro_step, micro_batches, (state.batch_stats, step_rng), state.params
+      micro_step, micro_batches, (state.batch_stats, step_rng), trained
     )
+    if head_only:  # zeros (constants) for the frozen leaves: the optimizer gives them zero updates, no state
+      grads = {**jax.tree.map(jnp.zeros_like, frozen), optim.READOUT: grads}
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema_params = None if state.ema_params is None else optim.ema_update(state.ema_params, params, ema_decay)
@@ -590,7 +615,9 @@ def _train_loop(
 
     if done % config.eval.every_steps == 0 or final:
       check_finite(*previous, last_saved, checkpoints.directory)
-      results = evaluate.evaluate_state(config, eval_step, state, val_source, mesh)
+      results = evaluate.evaluate_state(
+        config, eval_step, state, val_source, mesh, workdir=workdir, step=done
+      )
       for weights, result in results.items():
         writer.write(done, 'eval', {**result, 'weights': weights})
         if jax.process_index() == 0:

@@ -7,6 +7,7 @@ computes something else would train or evaluate silently wrong.
 """
 
 import jax
+import jax.numpy as jnp
 
 from atlas_jax import checkpointing, run_setup
 from atlas_jax import config as config_lib
@@ -81,3 +82,32 @@ def _check_same_tree(loaded, fresh, source) -> None:
         f'init_from={source}: parameter {path} is {loaded_leaves.get(path, "absent")} there and '
         f'{fresh_leaves.get(path, "absent")} here (another image_size gives another number of scales)'
       )
+
+
+def weights_to_evaluate(config, workdir, abstract_variables) -> tuple[dict, int, str]:
+  """({'raw': variables[, 'ema': variables]}, step, where from) for mode=eval and mode=linear_eval.
+
+  The workdir's best (else latest) checkpoint, with its EMA weights when it has them; a workdir without
+  checkpoints falls back to `init_from`; neither is one line saying what to do."""
+  checkpoints_dir = workdir_lib.checkpoints_dir(workdir)
+  has_checkpoints = checkpoints_dir.is_dir() and any(
+    path.name.isdigit() for path in checkpoints_dir.iterdir()
+  )
+  if has_checkpoints:
+    variables, step = checkpointing.restore_inference_variables(workdir, abstract_variables)
+    weights = {'raw': variables}
+    try:
+      weights['ema'], _ = checkpointing.restore_inference_variables(
+        workdir, abstract_variables, step, use_ema=True
+      )
+    except checkpointing.CheckpointError:
+      pass  # no EMA in this run
+    return weights, step, f'step {step} of {workdir}'
+  if config.init_from:
+    fresh = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), abstract_variables)
+    variables, step = load(config, fresh)
+    return {'raw': variables}, step, f'step {step} of {config.init_from}'
+  raise checkpointing.CheckpointError(
+    f'nothing to evaluate: {workdir} has no checkpoints and config.init_from is unset; '
+    'train first or pass --config.init_from=WORKDIR'
+  )

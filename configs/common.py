@@ -61,6 +61,10 @@ def data_config() -> ml_collections.ConfigDict:
   data.workers = 8
   data.max_bad_fraction = 0.01  # stop when more of the examples fail to decode
   data.max_pixels = 200_000_000  # larger: JPEGs decoded reduced, others skipped as bad
+  # The eval transform (and predict's default): squash (bicubic resize to image_size, the reference's) or
+  # crop (timm: the shorter side to image_size / crop_pct, bicubic, then the centre image_size).
+  data.resize = 'squash'
+  data.crop_pct = 0.875
   data.synthetic_train_size = 50_000  # examples of the built-in synthetic task
   data.synthetic_val_size = 2_000
   data.augment = augment_config()
@@ -106,9 +110,12 @@ def base_config(variant: str, image_size: int | tuple[int, int]) -> ml_collectio
   config.min_lr = 1e-6
   config.weight_decay = 0.24
   config.seed = 42
+  # clip_grad_norm 0 = no clipping (reference). layer_decay: each layer's learning rate times
+  # layer_decay^(layers above it), BEiT/timm's fine-tuning decay (1.0 = off; README: which layer is which).
+  # trainable: all, or head (the readout alone: a linear probe through the trainer, backbone frozen).
   config.optimizer = ml_collections.ConfigDict(
-    {'b1': 0.9, 'b2': 0.999, 'eps': 1e-8, 'clip_grad_norm': 0.0}
-  )  # 0 = no clipping (reference)
+    {'b1': 0.9, 'b2': 0.999, 'eps': 1e-8, 'clip_grad_norm': 0.0, 'layer_decay': 1.0, 'trainable': 'all'}
+  )
   config.ema = ml_collections.ConfigDict({'decay': 0.0})  # 0 = off; e.g. 0.9998 keeps an EMA of the weights
   # timm's Mixup in batch mode with its label smoothing; both alphas 0 turn mixing off.
   config.mixup = ml_collections.ConfigDict(
@@ -127,7 +134,12 @@ def base_config(variant: str, image_size: int | tuple[int, int]) -> ml_collectio
   # A jax.profiler trace of `num_steps` steps from `start_step` into WORKDIR/profile; -1 = off.
   config.profile = ml_collections.ConfigDict({'start_step': -1, 'num_steps': 5})
   config.compilation_cache_dir = '~/.cache/atlas_jax/xla'  # '' turns the persistent cache off
-  config.mode = 'train'  # train | eval | compile
+  config.mode = 'train'  # train | eval | compile | linear_eval
+  # mode=linear_eval: ridge regression on frozen pooled features; the penalty is picked from `l2_grid` on a
+  # held-out `holdout_fraction` of the train split, then refit on all of it.
+  config.linear_eval = ml_collections.ConfigDict(
+    {'holdout_fraction': 0.2, 'l2_grid': (1e-6, 1e-4, 1e-2, 1.0, 100.0), 'max_train_examples': 0}
+  )  # max_train_examples 0 = the whole train split
   # mode=compile plans for devices of this many GiB; 0 = the backend's own figure (CPU: host RAM / devices).
   config.device_memory_gib = 0.0
   config.init_from = config_dict.placeholder(str)

@@ -14,7 +14,7 @@ import numpy as np
 from atlas_jax import checkpointing, run_setup, sharding, train
 from atlas_jax import config as config_lib
 from atlas_jax.data import pipeline, sources
-from tests.train_configs import FULL_RECIPE, tiny_config
+from tests.train_configs import FULL_RECIPE, TINY_CONV_STEM, tiny_config
 
 # (device count, fsdp) -> (setup, jitted step): the restore checks run on meshes the one-step checks built,
 # so they reuse those setups instead of tracing and compiling the same programs again.
@@ -100,11 +100,7 @@ def main():
   config = config_lib.resolve(
     tiny_config(
       **overrides,
-      image_size=(64, 64),
-      model__patch_size=16,
-      model__stem_width=8,
-      model__stem_in_dim=8,
-      model__depths=(1,),
+      **TINY_CONV_STEM,
       batch_size=16,
       mesh__fsdp_min_size=256,
       warmup_steps=0,

@@ -21,7 +21,9 @@ def make_config(**overrides):
   config.total_steps = 110
   config.weight_decay = 0.24
   config.grad_accum_steps = 1
-  config.optimizer = ml_collections.ConfigDict(dict(b1=0.9, b2=0.999, eps=1e-8, clip_grad_norm=0.0))
+  config.optimizer = ml_collections.ConfigDict(
+    dict(b1=0.9, b2=0.999, eps=1e-8, clip_grad_norm=0.0, layer_decay=1.0, trainable='all')
+  )
   config.ema = ml_collections.ConfigDict(dict(decay=0.0))
   for name, value in overrides.items():
     target = config

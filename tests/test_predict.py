@@ -214,7 +214,7 @@ class _UniformPredictor:
   """What predict.run needs of a Predictor: equal logits for every image, batches of 2."""
 
   batch_size, image_size, labels = 2, (8, 8), ['cat', 'dog']
-  config = ml_collections.ConfigDict({'data': {'max_pixels': 10_000}})
+  config = ml_collections.ConfigDict({'data': {'max_pixels': 10_000, 'resize': 'squash', 'crop_pct': 0.875}})
 
   def logits(self, images, pad_to=None):
     return np.zeros((len(images), len(self.labels)), np.float32)

@@ -23,6 +23,11 @@ TINY = {
   'warmup_steps': 2,
   'compilation_cache_dir': '',
 }
+# tiny_config overrides for a tiny conv stem (patch 16, the reference's, with BatchNorm) at 64 px: 4 x 4
+# tokens, one scale.
+TINY_CONV_STEM = dict(
+  image_size=(64, 64), model__patch_size=16, model__stem_width=8, model__stem_in_dim=8, model__depths=(1,)
+)
 # Every part of the recipe on: drop path, Mixup/CutMix with label smoothing, accumulation, EMA.
 FULL_RECIPE = {
   'model.drop_path_rate': 0.1,

@@ -15,9 +15,11 @@ and augmented there, and the accelerator resizes the normalised batch to the ima
 the pixels; docs/data.md has the measurements that chose this. `host_max_side = 0` resizes to the full size
 here, in exactly the reference's order.
 
-Eval (`eval_transform`, `eval_resize`): bicubic resize to the image size without keeping the aspect ratio,
-as the reference; predict uses the same function. The synthetic task gets no transform (None): its images
-already have the size and must not be augmented.
+Eval (`eval_transform`, `eval_resize`), as `data.resize` says: 'squash' (default), a bicubic resize to the
+image size without keeping the aspect ratio, as the reference; or 'crop', timm's eval transform: bicubic
+resize, aspect kept, of the shorter side to floor(side / `data.crop_pct`), then the centre crop of the
+image size. Predict and the inference API use the same function. The synthetic task gets no transform
+(None): its images already have the size and must not be augmented.
 
 A transform is `transform(example, rng) -> example` (pipeline.Transform): `example['image']` is uint8
 (h, w, 3) of any size (or a PIL RGB image), the returned one uint8 (H, W, 3); every random choice comes
@@ -59,6 +61,7 @@ RAND_AUGMENT_OPS = (
 )
 MAGNITUDE_SCALE = 10.0  # magnitude m means strength m / 10 of each operation's range
 CROP_ATTEMPTS = 10
+RESIZE_MODES = ('squash', 'crop')  # data.resize
 
 
 class CropBox(NamedTuple):
@@ -293,13 +296,73 @@ class TrainTransform:
     return {**example, 'image': self.apply(image, draw)}
 
 
-def eval_resize(image: Any, image_size: int | Sequence[int]) -> np.ndarray:
-  """The evaluation (and predict) preprocessing: uint8 (h, w, 3) or a PIL image -> uint8 (H, W, 3), bicubic,
-  aspect ratio not kept (as the reference's Resize((H, W)))."""
+def eval_scale_size(image_size: int | Sequence[int], crop_pct: float) -> tuple[int, int]:
+  """timm's `scale_size` of the crop eval: floor(side / crop_pct) for each side of `image_size` (H, W)."""
   height, width = image_size_pair(image_size)
-  if isinstance(image, np.ndarray) and image.shape == (height, width, 3) and image.dtype == np.uint8:
-    return image
-  return np.asarray(_as_rgb_image(image).resize((width, height), BICUBIC))
+  return math.floor(height / crop_pct), math.floor(width / crop_pct)
+
+
+def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
+  """torchvision's Resize(size) (an int) with bicubic: the shorter side becomes `size` and the longer one
+  int(size * longer / shorter) (its `_compute_resized_output_size`); an image already that size is kept."""
+  width, height = image.size
+  short, long = (width, height) if width <= height else (height, width)
+  new_short, new_long = size, int(size * long / short)
+  new_size = (new_short, new_long) if width <= height else (new_long, new_short)  # (width, height)
+  return image if new_size == image.size else image.resize(new_size, BICUBIC)
+
+
+def resize_to_cover(image: Image.Image, size: Sequence[int]) -> Image.Image:
+  """timm's ResizeKeepRatio(size) (longest=0) with bicubic: scaled by one factor so that it covers `size`
+  (H, W), one side equal to it, each side round(side / min(height / H, width / W))."""
+  target_height, target_width = image_size_pair(size)
+  ratio = min(image.height / target_height, image.width / target_width)
+  new_size = (round(image.width / ratio), round(image.height / ratio))
+  return image if new_size == image.size else image.resize(new_size, BICUBIC)
+
+
+def center_crop(image: Image.Image, size: Sequence[int]) -> Image.Image:
+  """torchvision's CenterCrop(size (H, W)) of an image at least that large: top = int(round((h - H) / 2)),
+  left likewise (Python's round: halves to even)."""
+  height, width = image_size_pair(size)
+  if image.height < height or image.width < width:
+    raise ValueError(f'center_crop of a {image.height}x{image.width} image to {height}x{width}: too small')
+  top = int(round((image.height - height) / 2.0))
+  left = int(round((image.width - width) / 2.0))
+  return image.crop((left, top, left + width, top + height))
+
+
+def eval_resize(
+  image: Any, image_size: int | Sequence[int], resize: str = 'squash', crop_pct: float | None = None
+) -> np.ndarray:
+  """The evaluation (and predict) preprocessing: uint8 (h, w, 3) or a PIL image -> uint8 (H, W, 3), bicubic.
+
+  `resize` (`data.resize`): 'squash' resizes to `image_size` without keeping the aspect ratio (as the
+  reference's Resize((H, W))); 'crop' is timm's eval transform with `crop_pct` (`data.crop_pct`): the image
+  resized, aspect kept, to cover `eval_scale_size` (for a square image size: its shorter side to that
+  size, torchvision's Resize(int)), then the centre `image_size` (CenterCrop).
+  """
+  height, width = image_size_pair(image_size)
+  if resize == 'squash':
+    if isinstance(image, np.ndarray) and image.shape == (height, width, 3) and image.dtype == np.uint8:
+      return image
+    return np.asarray(_as_rgb_image(image).resize((width, height), BICUBIC))
+  if resize != 'crop':
+    raise ValueError(f'resize must be one of {", ".join(RESIZE_MODES)}; got {resize!r}')
+  if crop_pct is None or not 0 < crop_pct <= 1:
+    raise ValueError(f"resize='crop' takes a crop_pct in (0, 1] (data.crop_pct), got {crop_pct!r}")
+  scale_height, scale_width = eval_scale_size((height, width), crop_pct)
+  image = _as_rgb_image(image)
+  if scale_height == scale_width:
+    scaled = resize_shorter_side(image, scale_height)
+  else:
+    scaled = resize_to_cover(image, (scale_height, scale_width))
+  return np.asarray(center_crop(scaled, (height, width)))
+
+
+def eval_resize_options(config) -> dict[str, Any]:
+  """`eval_resize`'s `resize` and `crop_pct` from a resolved config's `data.resize` and `data.crop_pct`."""
+  return {'resize': str(config.data.resize), 'crop_pct': float(config.data.crop_pct)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,10 +370,13 @@ class EvalTransform:
   """`eval_resize` to `image_size` as a loader transform (it draws nothing from rng)."""
 
   image_size: tuple[int, int]
+  resize: str = 'squash'
+  crop_pct: float | None = None
 
   def __call__(self, example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     del rng
-    return {**example, 'image': eval_resize(example['image'], self.image_size)}
+    image = eval_resize(example['image'], self.image_size, self.resize, self.crop_pct)
+    return {**example, 'image': image}
 
 
 def train_transform(config) -> TrainTransform | None:
@@ -332,7 +398,8 @@ def train_transform(config) -> TrainTransform | None:
 
 
 def eval_transform(config) -> EvalTransform | None:
-  """The eval transform for `config`: bicubic resize to `image_size`; None for the synthetic task."""
+  """The eval transform for `config`: `eval_resize` to `image_size` as `data.resize` and `data.crop_pct`
+  say; None for the synthetic task."""
   if config.data.source == 'synthetic':
     return None
-  return EvalTransform(image_size_pair(config.image_size))
+  return EvalTransform(image_size_pair(config.image_size), **eval_resize_options(config))

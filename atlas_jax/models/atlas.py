@@ -31,10 +31,13 @@ class Readout(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, tokens):
-    """tokens: (batch, tokens, dim) -> logits (batch, num_classes), float32."""
+  def __call__(self, tokens, pre_logits: bool = False):
+    """tokens: (batch, tokens, dim) -> logits (batch, num_classes), float32; with `pre_logits` the pooled
+    vector the head reads instead, (batch, dim) float32 (timm's forward_head(pre_logits=True))."""
     x = LayerNorm(dtype=self.dtype, name='readout_norm')(tokens).mean(axis=1)
     x = LayerNorm(dtype=self.dtype, name='fc_norm')(x)
+    if pre_logits:
+      return x.astype(jnp.float32)
     return Linear(self.num_classes, self.dim, dtype=self.dtype, name='head')(x).astype(jnp.float32)
 
 
@@ -114,6 +117,10 @@ class Atlas(nn.Module):
     """images (batch, H, W, 3) -> logits (batch, num_classes), float32."""
     return self.classify(self.encode(images, train)[1][-1])
 
+  def pre_logits(self, images):
+    """images (batch, H, W, 3) -> the pooled vector the head reads, (batch, dim) float32 (inference)."""
+    return self.classify(self.encode(images)[1][-1], pre_logits=True)
+
   def features(self, images, train: bool = False):
     """Every scale as a map (batch, height, width, dim), finest first, for detection or segmentation heads."""
     return self.scale_maps(self.encode(images, train)[1])
@@ -132,8 +139,8 @@ class Atlas(nn.Module):
       for scale, layout in enumerate(self.layouts)
     ]
 
-  def classify(self, last_stage_scales):
+  def classify(self, last_stage_scales, pre_logits: bool = False):
     """Readout over the tokens of every scale present at the end (each (batch * windows, tokens, dim))."""
     batch = last_stage_scales[-1].shape[0] // self.layouts[-1].num_windows
     per_image = [scale.reshape(batch, -1, scale.shape[-1]) for scale in last_stage_scales]
-    return self.readout(jnp.concatenate(per_image, axis=1))
+    return self.readout(jnp.concatenate(per_image, axis=1), pre_logits)

@@ -76,10 +76,14 @@ class _SingleScale(nn.Module):
     tokens = self.blocks([tokens], not train, rates)[0][0]
     return stem_map, [[tokens]]
 
-  def __call__(self, images, train: bool = False):
+  def __call__(self, images, train: bool = False, pre_logits: bool = False):
     tokens = self.encode(images, train)[1][-1][0]
     batch = tokens.shape[0] // self.layout.num_windows
-    return self.readout(tokens.reshape(batch, -1, self.dim))
+    return self.readout(tokens.reshape(batch, -1, self.dim), pre_logits)
+
+  def pre_logits(self, images):
+    """images (batch, H, W, 3) -> the pooled vector the head reads, (batch, dim) float32 (inference)."""
+    return self(images, pre_logits=True)
 
   def features(self, images, train: bool = False):
     """The one scale as a map: [(batch, height, width, dim)], the same contract as Atlas.features."""

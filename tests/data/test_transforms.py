@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 from PIL import Image
+import pytest
 
 from atlas_jax.data import transforms
 from atlas_jax.data.transforms import CropBox, RandAugmentOp
@@ -227,3 +228,81 @@ def test_eval_resize_is_pil_bicubic():
   np.testing.assert_array_equal(
     transform({'image': image, 'label': 1}, np.random.default_rng(0))['image'], expected
   )
+
+
+# ---------------------------------------------------------------------------------------------------
+# data.resize = 'crop': timm's resize-then-centre-crop eval, against references written from the definitions.
+
+
+def _reference_square_crop(image: np.ndarray, size: int, crop_pct: float) -> np.ndarray:
+  """timm's eval at a square size: Resize(floor(size / crop_pct)) (torchvision: the shorter side to it, the
+  longer int(scale * longer / shorter)), PIL bicubic, then CenterCrop(size): top int(round((h - size) / 2))."""
+  scale = math.floor(size / crop_pct)
+  height, width = image.shape[:2]
+  if width <= height:
+    new_width, new_height = scale, int(scale * height / width)
+  else:
+    new_width, new_height = int(scale * width / height), scale
+  resized = np.asarray(Image.fromarray(image).resize((new_width, new_height), Image.Resampling.BICUBIC))
+  top, left = int(round((new_height - size) / 2.0)), int(round((new_width - size) / 2.0))
+  return resized[top : top + size, left : left + size]
+
+
+def _assert_within_one_level(actual: np.ndarray, expected: np.ndarray) -> None:
+  assert actual.shape == expected.shape and actual.dtype == np.uint8
+  assert np.abs(actual.astype(np.int16) - expected.astype(np.int16)).max() <= 1
+
+
+def test_crop_eval_is_resize_shorter_side_then_centre_crop():
+  # Landscape, portrait, square, smaller than the crop (upsampled), already the scale size; two crop_pct.
+  for (height, width), crop_pct in [
+    ((75, 100), 0.875),
+    ((120, 50), 0.875),
+    ((90, 90), 0.875),
+    ((20, 30), 0.875),
+    ((73, 81), 0.875),
+    ((61, 99), 0.9),
+    ((64, 64), 1.0),
+  ]:
+    image = photo(height, width, seed=height)
+    expected = _reference_square_crop(image, 64, crop_pct)
+    _assert_within_one_level(transforms.eval_resize(image, 64, 'crop', crop_pct), expected)
+    _assert_within_one_level(
+      transforms.eval_resize(Image.fromarray(image), (64, 64), 'crop', crop_pct), expected
+    )
+  assert transforms.eval_scale_size(224, 0.875) == (256, 256)
+  assert transforms.eval_scale_size((1024, 1024), 0.875) == (1170, 1170)
+  # crop_pct 1 on an image of the size is the identity; squash leaves it alone too.
+  image = photo(64, 64)
+  np.testing.assert_array_equal(transforms.eval_resize(image, 64, 'crop', 1.0), image)
+
+
+def test_crop_eval_at_a_non_square_size_covers_the_scale_size_keeping_aspect():
+  # timm's ResizeKeepRatio(scale_size): one factor, ratio = min(h / scale_h, w / scale_w), sides rounded.
+  image = photo(75, 100)
+  scale_height, scale_width = math.floor(48 / 0.875), math.floor(64 / 0.875)  # 54, 73
+  ratio = min(75 / scale_height, 100 / scale_width)
+  new_height, new_width = round(75 / ratio), round(100 / ratio)
+  resized = np.asarray(Image.fromarray(image).resize((new_width, new_height), Image.Resampling.BICUBIC))
+  top, left = int(round((new_height - 48) / 2.0)), int(round((new_width - 64) / 2.0))
+  expected = resized[top : top + 48, left : left + 64]
+  _assert_within_one_level(transforms.eval_resize(image, (48, 64), 'crop', 0.875), expected)
+
+
+def test_eval_transform_follows_data_resize_and_squash_is_unchanged():
+  image = photo(75, 100)
+  squash = np.asarray(Image.fromarray(image).resize((64, 64), Image.Resampling.BICUBIC))  # the old eval
+  config = folder_config((64, 64))
+  assert config.data.resize == 'squash'
+  np.testing.assert_array_equal(transforms.eval_transform(config)({'image': image}, None)['image'], squash)
+  np.testing.assert_array_equal(transforms.eval_resize(image, 64), squash)
+  config.data.resize, config.data.crop_pct = 'crop', 0.8
+  transform = transforms.eval_transform(config)
+  assert (transform.resize, transform.crop_pct) == ('crop', 0.8)
+  _assert_within_one_level(
+    transform({'image': image, 'label': 2}, np.random.default_rng(0))['image'],
+    _reference_square_crop(image, 64, 0.8),
+  )
+  for bad in [{'resize': 'pad'}, {'resize': 'crop', 'crop_pct': 0.0}]:
+    with pytest.raises(ValueError):
+      transforms.eval_resize(image, 64, **bad)
