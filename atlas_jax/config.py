@@ -8,8 +8,10 @@
   unless set (an explicit value wins);
 - `eval.batch_size` 0 becomes the training micro-batch; `ema.decay` and `optimizer.clip_grad_norm` None
   become 0 (off);
-- every range and choice is checked, the augmentation's included, and a bad one raises `ConfigError` (or the
-  model geometry's `LayoutError`) naming the field, in one line.
+- every field has the type of its default (a hand-edited config.json included; an int does for a float, a
+  list for a tuple), every number its range and is finite (no nan or inf), every choice is one of its
+  choices, the augmentation's included, and a bad one raises `ConfigError` (or the model geometry's
+  `LayoutError`) naming the field, in one line.
 Every other module reads the resolved config and keeps no fallback values of its own. Resolving twice gives
 the same config. The devices are not known here: the mesh and the batch's divisibility by it are checked
 where the mesh is made (sharding.py).
@@ -17,12 +19,17 @@ where the mesh is made (sharding.py).
 
 from collections.abc import Sequence
 import copy
+import difflib
+import glob
+import importlib.util
 import math
+import numbers
+import os
+import re
 
 import ml_collections
 
 from atlas_jax.augment import ERASE_MODES
-from atlas_jax.data.transforms import RESIZE_MODES
 from atlas_jax.errors import AtlasError
 from atlas_jax.models import DTYPES, MODELS, VARIANTS, default_depths
 from atlas_jax.models import layout as layout_lib
@@ -30,6 +37,7 @@ from atlas_jax.models.attention import IMPLEMENTATIONS
 from atlas_jax.models.msa import COMMUNICATIONS
 
 MODES = ('train', 'eval', 'compile', 'linear_eval')
+RESIZE_MODES = ('squash', 'crop')  # data.resize; transforms.eval_resize implements them
 TRAINABLE = ('all', 'head')
 DATA_SOURCES = ('synthetic', 'tfds', 'folder')
 PATCH_SIZES = (4, 8, 16)
@@ -76,7 +84,9 @@ def resolve(config: ml_collections.ConfigDict, model: bool = True) -> ml_collect
   """
   config = copy.deepcopy(config)  # keeps placeholders typed, so config.json can store them
   with config.unlocked():
-    _add_missing(config, defaults())
+    reference = defaults()
+    _add_missing(config, reference)
+    _check_types(config, reference)
     config.image_size = image_size(config.image_size)
     if model:
       _resolve_model(config)
@@ -103,18 +113,87 @@ def _choice(name: str, value, choices) -> None:
     raise ConfigError(f'config.{name} must be one of {", ".join(map(str, choices))}; got {value!r}')
 
 
+# Fields that may be None besides the placeholders: resolve turns the first two into 0 (off); checkpoint.keep
+# None keeps every checkpoint.
+NONE_ALLOWED = ('ema.decay', 'optimizer.clip_grad_norm', 'checkpoint.keep')
+# Checked by their own functions: image_size takes one number or (H, W).
+OWN_TYPE_CHECK = ('image_size',)
+
+
+def _type_name(kind) -> str:
+  return {bool: 'true or false', int: 'an integer', float: 'a number', str: 'a string', tuple: 'a tuple'}.get(
+    kind, kind.__name__
+  )
+
+
+def _has_type(value, kind) -> bool:
+  if kind is bool:
+    return isinstance(value, bool)
+  if kind is int:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+  if kind is float:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+  if kind is tuple:
+    return isinstance(value, (tuple, list))
+  return isinstance(value, kind)
+
+
+def _check_types(config, reference, prefix: str = '') -> None:
+  """Every field of `reference` (the defaults) has its type in `config`: a config.json edited by hand is
+  refused by field name here, not by a TypeError deep in the model or the loader."""
+  for key in reference.keys():
+    name = prefix + key
+    expected = reference[key]
+    value = config[key]
+    if isinstance(expected, ml_collections.ConfigDict):
+      if not isinstance(value, ml_collections.ConfigDict):
+        raise ConfigError(f'config.{name} must be a group of fields like {expected.to_dict()}, got {value!r}')
+      _check_types(value, expected, name + '.')
+      continue
+    if name in OWN_TYPE_CHECK:
+      continue
+    kind = reference.get_type(key)
+    is_placeholder = isinstance(reference._fields[key], ml_collections.FieldReference)
+    if value is None and (is_placeholder or name in NONE_ALLOWED):
+      continue
+    if kind is not type(None) and not _has_type(value, kind):
+      raise ConfigError(f'config.{name} must be {_type_name(kind)}, got {value!r}')
+
+
+def _is_number(value) -> bool:
+  """A finite real number, not a bool: nan and inf are refused everywhere."""
+  return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _in_range(name: str, value, low=None, high=None, low_open=False, high_open=False, note='') -> None:
+  """`value` a finite number within [low, high] (an open end with `low_open` / `high_open`; None: no end)."""
+  ok = _is_number(value)
+  if ok and low is not None:
+    ok = value > low if low_open else value >= low
+  if ok and high is not None:
+    ok = value < high if high_open else value <= high
+  if not ok:
+    if low is not None and high is not None:
+      where = f'in {"(" if low_open else "["}{low}, {high}{")" if high_open else "]"}'
+    elif low is not None:
+      where = f'{">" if low_open else ">="} {low}'
+    else:
+      where = f'{"<" if high_open else "<="} {high}'
+    raise ConfigError(f'config.{name} must be a finite number {where}{note}, got {value!r}')
+
+
 def _at_least(name: str, value, low) -> None:
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low:
-    raise ConfigError(f'config.{name} must be a number >= {low}, got {value!r}')
+  if not _is_number(value) or not value >= low:
+    raise ConfigError(f'config.{name} must be a finite number >= {low}, got {value!r}')
 
 
 def _integer_at_least(name: str, value, low: int) -> None:
-  if isinstance(value, bool) or not isinstance(value, int) or value < low:
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
     raise ConfigError(f'config.{name} must be an integer >= {low}, got {value!r}')
 
 
 def _probability(name: str, value) -> None:
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+  if not _is_number(value) or not 0.0 <= value <= 1.0:
     raise ConfigError(f'config.{name} must be a probability in [0, 1], got {value!r}')
 
 
@@ -130,11 +209,10 @@ def _resolve_model(config) -> None:
     _integer_at_least(f'model.{name}', model[name], 1)
   if model.dim % model.num_heads:
     raise ConfigError(f'model.dim {model.dim} is not divisible by model.num_heads {model.num_heads}')
-  _at_least('model.mlp_ratio', model.mlp_ratio, 0)
-  if model.mlp_ratio <= 0 or model.dim * model.mlp_ratio < 1:
-    raise ConfigError(
-      f'config.model.mlp_ratio must be > 0 (hidden width dim x ratio >= 1), got {model.mlp_ratio}'
-    )
+  # The MLP's hidden width is mlp_ratio x dim, an integer number of features.
+  _integer_at_least('model.mlp_ratio', model.mlp_ratio, 1)
+  _integer_at_least('model.window', model.window, 1)  # tokens per window side
+  _integer_at_least('model.pool', model.pool, 2)  # tokens pooled per side into one coarser token
   _choice('model.dtype', model.dtype, sorted(DTYPES))
   _choice('model.patch_size', model.patch_size, PATCH_SIZES)
   _choice('model.parent_window', model.parent_window, PARENT_WINDOWS)
@@ -145,8 +223,9 @@ def _resolve_model(config) -> None:
     raise ConfigError(
       f"config.model.remat must be 'none', 'block' or a jax.checkpoint_policies name, got {model.remat!r}"
     )
-  if not 0.0 <= model.drop_path_rate < 1.0:
-    raise ConfigError(f'config.model.drop_path_rate must be in [0, 1), got {model.drop_path_rate}')
+  _in_range(
+    'model.drop_path_rate', model.drop_path_rate, 0.0, 1.0, high_open=True
+  )  # 1 would drop every block
   layouts = layout_lib.check_image_size(config.image_size, model.patch_size, model.window, model.pool)
   if model.depths is None:
     model.depths = default_depths(len(layouts))
@@ -171,19 +250,24 @@ def _resolve_training(config) -> None:
   for name in ('lr', 'min_lr', 'weight_decay'):
     _at_least(name, config[name], 0)
   _integer_at_least('total_steps', config.total_steps, 1)
+  _integer_at_least('warmup_steps', config.warmup_steps, 0)
   if not 0 <= config.warmup_steps <= config.total_steps:
     raise ConfigError(
       f'config.warmup_steps must be in [0, total_steps={config.total_steps}], got {config.warmup_steps}'
     )
   if config.optimizer.clip_grad_norm is None:
     config.optimizer.clip_grad_norm = 0.0
-  if config.optimizer.clip_grad_norm < 0:
+  if not _is_number(config.optimizer.clip_grad_norm) or config.optimizer.clip_grad_norm < 0:
     raise ConfigError(
-      f'config.optimizer.clip_grad_norm must be 0 (off) or > 0, got {config.optimizer.clip_grad_norm}'
+      f'config.optimizer.clip_grad_norm must be 0 (off) or > 0, got {config.optimizer.clip_grad_norm!r}'
     )
   layer_decay = config.optimizer.layer_decay
-  if isinstance(layer_decay, bool) or not isinstance(layer_decay, (int, float)) or not 0 < layer_decay <= 1:
+  if not _is_number(layer_decay) or not 0 < layer_decay <= 1:
     raise ConfigError(f'config.optimizer.layer_decay must be in (0, 1] (1 = off), got {layer_decay!r}')
+  # AdamW's moment decays: 1 would never forget (and divide by zero in the bias correction).
+  for name in ('b1', 'b2'):
+    _in_range(f'optimizer.{name}', config.optimizer[name], 0.0, 1.0, high_open=True)
+  _in_range('optimizer.eps', config.optimizer.eps, 0.0, low_open=True)  # added to sqrt(v): 0 can divide by 0
   _choice('optimizer.trainable', config.optimizer.trainable, TRAINABLE)
   _probability('linear_eval.holdout_fraction', config.linear_eval.holdout_fraction)
   if not 0 < config.linear_eval.holdout_fraction < 1:
@@ -194,14 +278,16 @@ def _resolve_training(config) -> None:
   if (
     not isinstance(grid, (tuple, list))
     or not grid
-    or any(isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 for value in grid)
+    or any(not _is_number(value) or not value > 0 for value in grid)
   ):
-    raise ConfigError(f'config.linear_eval.l2_grid must be a non-empty tuple of numbers > 0, got {grid!r}')
+    raise ConfigError(
+      f'config.linear_eval.l2_grid must be a non-empty tuple of finite numbers > 0, got {grid!r}'
+    )
   _integer_at_least('linear_eval.max_train_examples', config.linear_eval.max_train_examples, 0)
   if config.ema.decay is None:
     config.ema.decay = 0.0
-  if not 0 <= config.ema.decay < 1:
-    raise ConfigError(f'config.ema.decay must be in [0, 1) (0 = off), got {config.ema.decay}')
+  if not _is_number(config.ema.decay) or not 0 <= config.ema.decay < 1:
+    raise ConfigError(f'config.ema.decay must be in [0, 1) (0 = off), got {config.ema.decay!r}')
   _integer_at_least('grad_accum_steps', config.grad_accum_steps, 1)
   for name in (
     'batch_size',
@@ -226,11 +312,26 @@ def _resolve_training(config) -> None:
   _probability('mixup.switch_prob', mixup.switch_prob)
   _probability('mixup.label_smoothing', mixup.label_smoothing)
   _integer_at_least('mesh.fsdp_min_size', config.mesh.fsdp_min_size, 1)
+  for axis in ('data', 'fsdp'):  # devices along the axis; -1 = those the other axis leaves
+    size = config.mesh[axis]
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or not (size == -1 or size >= 1):
+      raise ConfigError(f'config.mesh.{axis} must be -1 (the devices left) or an integer >= 1, got {size!r}')
+  if config.checkpoint.keep is not None:  # None keeps them all
+    _integer_at_least('checkpoint.keep', config.checkpoint.keep, 1)
+  _integer_at_least('profile.start_step', config.profile.start_step, -1)  # -1 = off
+  _integer_at_least('profile.num_steps', config.profile.num_steps, 1)
+
+
+def _pair(name: str, bounds) -> tuple:
+  """`bounds` as (low, high), two finite numbers."""
+  if not isinstance(bounds, (tuple, list)) or len(bounds) != 2 or not all(map(_is_number, bounds)):
+    raise ConfigError(f'config.data.augment.{name} must be (low, high), two finite numbers, got {bounds!r}')
+  return tuple(bounds)
 
 
 def _range(name: str, bounds, low: float, high: float | None = None) -> None:
-  bounds = tuple(bounds)
-  if len(bounds) != 2 or not low <= bounds[0] <= bounds[1] or (high is not None and bounds[1] > high):
+  bounds = _pair(name, bounds)
+  if not low <= bounds[0] <= bounds[1] or (high is not None and bounds[1] > high):
     upper = '' if high is None else f' <= {high}'
     raise ConfigError(
       f'config.data.augment.{name} must be (low, high) with {low} <= low <= high{upper}, got {bounds}'
@@ -242,12 +343,9 @@ def _check_data(data) -> None:
   _integer_at_least('data.workers', data.workers, 0)
   _probability('data.max_bad_fraction', data.max_bad_fraction)
   _integer_at_least('data.max_pixels', data.max_pixels, 1)
+  _integer_at_least('data.max_decode_bytes', data.max_decode_bytes, 1)
   _choice('data.resize', data.resize, RESIZE_MODES)
-  if (
-    isinstance(data.crop_pct, bool)
-    or not isinstance(data.crop_pct, (int, float))
-    or not 0 < data.crop_pct <= 1
-  ):
+  if not _is_number(data.crop_pct) or not 0 < data.crop_pct <= 1:
     raise ConfigError(f'config.data.crop_pct must be in (0, 1], got {data.crop_pct!r}')
   _integer_at_least('data.synthetic_train_size', data.synthetic_train_size, 1)
   _integer_at_least('data.synthetic_val_size', data.synthetic_val_size, 1)
@@ -261,16 +359,111 @@ def _check_data(data) -> None:
   _integer_at_least('data.augment.randaug_num_ops', augment.randaug_num_ops, 0)
   for name in ('randaug_magnitude_std', 'randaug_magnitude_max'):
     _at_least(f'data.augment.{name}', augment[name], 0)
+  # timm's magnitude scale: 0 = no change, randaug_magnitude_max = the strongest (timm clips to it).
+  _in_range(
+    'data.augment.randaug_magnitude',
+    augment.randaug_magnitude,
+    0.0,
+    augment.randaug_magnitude_max,
+    note=' (data.augment.randaug_magnitude_max)',
+  )
   _integer_at_least('data.augment.host_max_side', augment.host_max_side, 0)
   _choice('data.augment.erase_mode', augment.erase_mode, ERASE_MODES)
-  low, high = tuple(augment.erase_area)
+  low, high = _pair('erase_area', augment.erase_area)
   if not 0.0 < low <= high <= 1.0:
     raise ConfigError(
       f'config.data.augment.erase_area must be (low, high) with 0 < low <= high <= 1, got {(low, high)}'
     )
-  low, high = tuple(augment.erase_ratio)
-  if not 0.0 < low <= high or not math.isfinite(high):
+  low, high = _pair('erase_ratio', augment.erase_ratio)
+  if not 0.0 < low <= high:
     raise ConfigError(
       f'config.data.augment.erase_ratio must be (low, high) with 0 < low <= high, got {(low, high)}'
     )
   _integer_at_least('data.augment.erase_count', augment.erase_count, 1)
+
+
+def field_names(config: ml_collections.ConfigDict, prefix: str = '') -> list[str]:
+  """Every field and group of `config` as a dotted name, e.g. 'model', 'model.dim'."""
+  names = []
+  for key in config.keys():
+    names.append(prefix + key)
+    if isinstance(config[key], ml_collections.ConfigDict):
+      names += field_names(config[key], f'{prefix}{key}.')
+  return names
+
+
+def nearest_field(name: str, names: list[str]) -> str | None:
+  """The known field nearest to a misspelt `name`: one with the same last part, else the closest spelling."""
+  same_leaf = [known for known in names if known.rsplit('.', 1)[-1] == name.rsplit('.', 1)[-1]]
+  if len(same_leaf) == 1:
+    return same_leaf[0]
+  close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+  return close[0] if close else None
+
+
+def load_config_file(spec: str, name: str) -> ml_collections.ConfigDict:
+  """`get_config(ARG)` of the config file `spec` = 'FILE.py[:ARG]', or a ConfigError line."""
+  path, colon, arg = spec.partition(':')
+  if not os.path.isfile(path):
+    others = glob.glob(os.path.join(os.path.dirname(path) or '.', '*.py'))
+    close = difflib.get_close_matches(
+      path, [other for other in others if not other.endswith('__init__.py')], n=1
+    )
+    hint = f'; did you mean --{name}={close[0]}{colon}{arg}?' if close else '; pass --config=configs/NAME.py'
+    raise ConfigError(f'config file {path} (--{name}={spec}) does not exist{hint}')
+  module_spec = importlib.util.spec_from_file_location(f'_{name}_checked', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, 'get_config'):
+    raise ConfigError(
+      f'config file {path} has no get_config(): is it a config file like those under configs/?'
+    )
+  try:
+    return module.get_config(arg) if colon else module.get_config()
+  except ValueError as error:  # common.parse_arg: an unknown key or a value of the wrong type
+    raise ConfigError(f'bad config argument in --{name}={spec}: {error}') from None
+
+
+def check_command_line(args: list[str], name: str = 'config') -> None:
+  """Refuses, as one ConfigError line, what ml_collections' config_flags would meet with a traceback or take
+  silently.
+
+  `args`: the command line's arguments (no program name, flagfiles expanded), before absl parses them: a
+  `--NAME=FILE.py[:ARG]` whose file does not exist or whose ARG `get_config` refuses, a `--NAME.FIELD`
+  override the config has no field for (the nearest known field named) or one given twice (config_flags
+  would join a tuple field's values), an override before `--NAME`. No `--NAME` is left to absl.
+  """
+  spec, spec_index, overrides = None, None, []
+  for index, arg in enumerate(args):
+    match = re.fullmatch(rf'--?{name}(?:=(.*))?', arg, re.DOTALL)
+    if match:
+      spec_index = index
+      spec = (
+        match.group(1) if match.group(1) is not None else (args[index + 1] if index + 1 < len(args) else None)
+      )
+      continue
+    match = re.match(rf'--?(?:no)?{name}\.([^=]+)', arg)
+    if match:
+      overrides.append((index, match.group(1)))
+  if spec is None:
+    return
+  config = load_config_file(spec, name)
+  if not isinstance(config, ml_collections.ConfigDict):
+    return
+  names = field_names(config)
+  seen = set()
+  for index, field in overrides:
+    if field not in names:
+      nearest = nearest_field(field, names)
+      hint = f'did you mean --{name}.{nearest}?' if nearest else 'configs/common.py lists every field'
+      raise ConfigError(f'--{name}.{field}: {spec} has no field {field}; {hint}')
+    if field in seen:
+      raise ConfigError(
+        f'--{name}.{field} is given twice; give each field once (a tuple as one value: '
+        f"--{name}.{field}='(a,b)')"
+      )
+    seen.add(field)
+    if index < spec_index:
+      raise ConfigError(
+        f'--{name}.{field} comes before --{name}=...; put the overrides after the config file'
+      )

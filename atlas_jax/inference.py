@@ -113,14 +113,21 @@ def class_labels(config) -> list[str]:
 
 
 def load_image(
-  path, image_size, max_pixels: int, resize: str = 'squash', crop_pct: float | None = None
+  path,
+  image_size,
+  max_pixels: int,
+  max_decode_bytes: int,
+  resize: str = 'squash',
+  crop_pct: float | None = None,
 ) -> np.ndarray:
   """The evaluation transform of a file: (H, W, 3) float32, normalised; BadImageError if unreadable.
 
   Decoded as the data sources decode (data/decode.py: EXIF orientation, RGB, transparency on white), then
   `transforms.eval_resize` with `resize` and `crop_pct` (the config's `data.resize` and `data.crop_pct`).
+  A file whose decode would allocate more than `max_decode_bytes` (data.max_decode_bytes) is a BadImageError.
   """
-  return normalize_image(eval_resize(decode_image(path, max_pixels), image_size, resize, crop_pct))
+  image = decode_image(path, max_pixels, max_decode_bytes=max_decode_bytes)
+  return normalize_image(eval_resize(image, image_size, resize, crop_pct))
 
 
 def _rgb_uint8(image) -> np.ndarray | Image.Image:
@@ -294,7 +301,19 @@ def load(
   model = build_model(config, dtype=run_setup.compute_dtype(config, dtype))
   abstract = run_setup.abstract_variables(model, config.image_size)
   variables, step = checkpointing.restore_inference_variables(workdir, abstract, step, use_ema)
+  check_finite_weights(variables, workdir, step)
   return Predictor(model, variables, config, step, batch_size)
+
+
+def check_finite_weights(variables, workdir, step: int) -> None:
+  """InferenceError naming the first parameter or statistic holding NaN or Inf: its predictions would be
+  NaN probabilities, not an answer."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(variables):
+    if not np.all(np.isfinite(np.asarray(leaf))):
+      raise InferenceError(
+        f'step {step} of {workdir} holds non-finite values in {jax.tree_util.keystr(path)}: the run '
+        'diverged before it was saved; predict from an earlier step (--step=N) or retrain'
+      )
 
 
 def checkpoint_origin(workdir) -> str:

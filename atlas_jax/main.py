@@ -5,6 +5,11 @@
 classifier on that checkpoint's frozen features, top-1 on the validation split), or `compile` (compile the train step for
 the configured mesh and batch, report the memory it needs per device and whether that fits
 `device_memory_gib`; exit code 1 when it does not; needs no `--workdir`).
+
+A config mistake on the command line (a config file that does not exist, a bad `:ARG`, a misspelt
+`--config.FIELD`, with the nearest field named, or one given twice) is one `error:` line and exit code 1,
+before absl parses the flags (`atlas_jax.config.check_command_line`); a bad field value is one line from
+`atlas_jax.config.resolve`.
 """
 
 import os
@@ -95,5 +100,23 @@ def _start_distributed(jax) -> None:
     ) from None
 
 
+@one_line_errors
+def _parse_flags(argv: list[str]) -> list[str]:
+  """app.run's flag parser: the command line's config mistakes as one line (config.check_command_line),
+  then absl's own parsing."""
+  args = list(argv[1:])
+  if '--' in args:
+    args = args[: args.index('--')]
+  try:
+    args = FLAGS.read_flags_from_files(args, force_gnu=False)
+  except flags.Error:
+    args = None  # a flagfile absl cannot read: absl says so below
+  if args is not None:
+    from atlas_jax import config as config_lib
+
+    config_lib.check_command_line(args)
+  return app.parse_flags_with_usage(argv)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -88,15 +88,22 @@ def _load(path, image_size, max_pixels, resize_options):
 
 
 def decoded_batches(
-  paths, image_size, max_pixels: int, batch_size: int, workers: int, resize_options: dict | None = None
+  paths,
+  image_size,
+  max_pixels: int,
+  batch_size: int,
+  workers: int,
+  resize_options: dict,
+  max_decode_bytes: int,
 ):
   """Yields per batch of `paths`: [(path, normalised image or None, error or None)], in order.
 
-  `resize_options` are `inference.load_image`'s `resize` and `crop_pct` (default: its defaults, squash).
+  `resize_options` are `inference.load_image`'s `resize` and `crop_pct`; `max_decode_bytes` its decode
+  budget (data.max_decode_bytes).
 
   The next batch is decoding in `workers` threads while the caller computes on the current one.
   """
-  resize_options = resize_options or {}
+  resize_options = {'max_decode_bytes': max_decode_bytes, **resize_options}
   chunks = [paths[start : start + batch_size] for start in range(0, len(paths), batch_size)]
   with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
 
@@ -136,11 +143,12 @@ def run(
   # A bar for more than one batch, unless the per-image lines go to the same terminal.
   show_progress = len(paths) > predictor.batch_size and (output is not None or not stdout.isatty())
   max_pixels = int(predictor.config.data.max_pixels)  # the resolved config has every field
+  max_decode_bytes = int(predictor.config.data.max_decode_bytes)
   resize_options = transforms.eval_resize_options(predictor.config)  # data.resize, data.crop_pct
   classified = unreadable = 0
   with progress_bar(len(paths), stderr, show_progress) as progress:
     for batch in decoded_batches(
-      paths, predictor.image_size, max_pixels, predictor.batch_size, workers, resize_options
+      paths, predictor.image_size, max_pixels, predictor.batch_size, workers, resize_options, max_decode_bytes
     ):
       readable = [(path, image) for path, image, _ in batch if image is not None]
       for path, _, error in batch:

@@ -406,7 +406,8 @@ def check_resumable(workdir, config) -> None:
   """Refuses to resume a workdir written with another model, batch or seed, naming the field."""
   if not workdir_lib.config_path(workdir).exists():
     return
-  stored = workdir_lib.read_config(workdir)
+  # Resolved: a config.json written before a field existed holds its default, as the run had.
+  stored = config_lib.resolve(workdir_lib.read_config(workdir))
   for name in RESUME_FIELDS:
     ours, theirs = config_lib.get(config, name), config_lib.get(stored, name)
     if hasattr(ours, 'to_dict'):

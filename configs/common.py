@@ -61,6 +61,9 @@ def data_config() -> ml_collections.ConfigDict:
   data.workers = 8
   data.max_bad_fraction = 0.01  # stop when more of the examples fail to decode
   data.max_pixels = 200_000_000  # larger: JPEGs decoded reduced, others skipped as bad
+  # Memory one decode may allocate, estimated from the header (data/decode.py): larger files are skipped as
+  # bad (a baseline JPEG is decoded reduced). 1 GiB each keeps the 8 default workers within 8 GiB in all.
+  data.max_decode_bytes = 1 << 30
   # The eval transform (and predict's default): squash (bicubic resize to image_size, the reference's) or
   # crop (timm: the shorter side to image_size / crop_pct, bicubic, then the centre image_size).
   data.resize = 'squash'

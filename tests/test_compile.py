@@ -110,7 +110,7 @@ def test_training_still_requires_a_workdir():
 
 
 def test_device_memory_gib_is_checked_and_defaults_in_old_configs():
-  with pytest.raises(config_lib.ConfigError, match='device_memory_gib must be a number >= 0'):
+  with pytest.raises(config_lib.ConfigError, match='device_memory_gib must be a finite number >= 0'):
     config_lib.resolve(tiny_config(device_memory_gib=-1.0))
   old = tiny_config()
   del old['device_memory_gib']  # a config.json written before the field existed

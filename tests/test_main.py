@@ -39,9 +39,10 @@ def environment(tmp_path_factory):
   site = tmp_path_factory.mktemp('site')
   (site / 'sitecustomize.py').write_text(NO_TENSORFLOW)
   env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(site), str(ROOT)]), 'PYTHONUNBUFFERED': '1'}
-  # No cache flag: the runs use the test session's compilation cache (conftest.py), so restarted runs and the
-  # other command-line tests reuse each other's compiled programs.
-  return env, ['--config.compilation_cache_dir=']
+  # RUN_FLAGS turn the run's own cache off (compilation_cache_dir ''), so the runs use the test session's
+  # compilation cache (conftest.py): restarted runs and the other command-line tests reuse each other's
+  # compiled programs.
+  return env, []
 
 
 def _command(workdir, extra):

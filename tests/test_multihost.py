@@ -55,8 +55,8 @@ def _start(workdir, cache, devices: int, process_id: int | None = None, port: in
     'atlas_jax.main',
     *RUN_FLAGS,
     f'--workdir={workdir}',
-    f'--config.compilation_cache_dir={cache}',
   ]
+  assert f'--config.compilation_cache_dir={cache}' in RUN_FLAGS  # given once: a field given twice is refused
   if process_id is not None:
     command += [f'--coordinator_address=localhost:{port}', '--num_processes=2', f'--process_id={process_id}']
   env = {

@@ -93,7 +93,11 @@ def test_predict_a_folder_on_two_devices_through_the_command_line(workdir, atlas
     )
   # The same logits as the Python API on one device, from the same files (one at a time: one compiled shape).
   logits = [
-    atlas.logits(inference.load_image(line['path'], atlas.image_size, atlas.config.data.max_pixels)[None])[0]
+    atlas.logits(
+      inference.load_image(
+        line['path'], atlas.image_size, atlas.config.data.max_pixels, atlas.config.data.max_decode_bytes
+      )[None]
+    )[0]
     for line in lines
   ]
   np.testing.assert_allclose([line['logits'] for line in lines], logits, rtol=1e-5, atol=1e-5)
@@ -214,7 +218,9 @@ class _UniformPredictor:
   """What predict.run needs of a Predictor: equal logits for every image, batches of 2."""
 
   batch_size, image_size, labels = 2, (8, 8), ['cat', 'dog']
-  config = ml_collections.ConfigDict({'data': {'max_pixels': 10_000, 'resize': 'squash', 'crop_pct': 0.875}})
+  config = ml_collections.ConfigDict(
+    {'data': {'max_pixels': 10_000, 'max_decode_bytes': 1 << 30, 'resize': 'squash', 'crop_pct': 0.875}}
+  )
 
   def logits(self, images, pad_to=None):
     return np.zeros((len(images), len(self.labels)), np.float32)

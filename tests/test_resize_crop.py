@@ -43,7 +43,8 @@ def test_the_api_and_predict_prepare_images_as_the_config_says(tmp_path):
   path = tmp_path / 'a.png'
   Image.fromarray(images[0]).save(path)
   np.testing.assert_array_equal(
-    inference.load_image(path, (32, 32), config.data.max_pixels, 'crop', 0.8), expected[0]
+    inference.load_image(path, (32, 32), config.data.max_pixels, config.data.max_decode_bytes, 'crop', 0.8),
+    expected[0],
   )
   output = io.StringIO()
   assert predict.run(predictor, [path], output, top_k=2) == (1, 0)

@@ -13,10 +13,11 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 import pytest
-from train_configs import tiny_config
+from train_configs import run_module, tiny_config
 
-from atlas_jax import checkpointing, inference, train, transfer
+from atlas_jax import checkpointing, inference, run_setup, train, transfer
 from atlas_jax import config as config_lib
 from atlas_jax import workdir as workdir_lib
 from atlas_jax.models import build_model, param_tree
@@ -79,3 +80,23 @@ def test_stacking_and_unstacking_are_inverse_and_keep_every_leaf():
   kernel = stacked['params']['stage0_blocks']['scale0']['q']['kernel']
   assert kernel.shape == (3, 3, 2) and np.array_equal(kernel[:, 0, 0], [0, 1, 2])
   chex.assert_trees_all_equal(param_tree.unstack_blocks(stacked), tree)
+
+
+def test_predict_refuses_non_finite_weights_in_one_line(tmp_path):
+  """A checkpoint whose weights hold a NaN gives NaN probabilities: predict says so instead, exit 1."""
+  workdir = tmp_path / 'run'
+  shutil.copytree(FIXTURE, workdir)
+  config = config_lib.resolve(workdir_lib.read_config(workdir))
+  abstract = run_setup.abstract_variables(build_model(config), config.image_size)
+  variables, _ = checkpointing.restore_inference_variables(workdir, abstract)
+  params = jax.tree.map(np.asarray, variables['params'])
+  params['readout']['head']['bias'] = np.full_like(params['readout']['head']['bias'], np.nan)
+  checkpoints = checkpointing.Checkpoints(workdir)
+  checkpoints.save(4, {'params': params})
+  checkpoints.close()
+  image = tmp_path / 'image.png'
+  Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
+  result = run_module('atlas_jax.predict', f'--checkpoint={workdir}', '--step=4', str(image))
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1].startswith('error: step 4 of')
+  assert "non-finite values in ['params']['readout']['head']['bias']" in result.stderr

@@ -17,6 +17,14 @@ What `decode_image` does with what it meets:
   - A file whose header claims more than MAX_PIXELS_PER_BYTE pixels per byte of file is refused before any
     pixel is decoded: no real image compresses that well, and a lying header would otherwise cost a huge
     allocation before the data runs out.
+  - A file whose decode would allocate more than `max_decode_bytes` (data.max_decode_bytes) is refused
+    before any pixel is decoded. The estimate is made from the header alone (`decode_bytes`): PIL's
+    in-memory image (1 byte a pixel for '1', 'L', 'P', 2 for 16-bit gray, 4 for RGB, RGBA, LA, CMYK, 32-bit),
+    the decoder's own buffers (a progressive or multi-scan JPEG keeps every DCT coefficient of the full-size
+    image, 2 bytes a sample, whatever the draft scale; WebP decodes to a full RGBA buffer; TIFF may read a
+    whole strip) and the conversion to RGB (the EXIF transpose frees the stored image, so costs no more).
+    Nothing in the estimate reads past the header (PIL's PNG getexif() would decode the whole image). A baseline JPEG over the budget is decoded
+    reduced when a draft scale fits, as above `max_pixels`.
   - Empty, truncated (PIL's LOAD_TRUNCATED_IMAGES stays False) and unidentifiable files are refused.
 Tiny (1x1) and very wide or tall images are decoded as they are; resizing is the transform's job.
 
@@ -57,6 +65,16 @@ _ORIENTATION_TRANSPOSE = {
 _SIXTEEN_BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N')
 _ALPHA_MODES = ('RGBA', 'RGBa', 'LA', 'La', 'PA')
 _JPEG_SCALES = (1, 2, 4, 8)
+# The default of data.max_decode_bytes (configs/common.py): 1 GiB per decode, 8 GiB for the 8 default workers.
+DEFAULT_MAX_DECODE_BYTES = 1 << 30
+# PIL's in-memory bytes per pixel by mode (libImaging: '1' is stored a byte a pixel, 'RGB' and 'LA' in 4).
+_STORED_BYTES = {'1': 1, 'L': 1, 'P': 1, 'I;16': 2, 'I;16L': 2, 'I;16B': 2, 'I;16N': 2}  # any other: 4
+# Peak bytes per pixel `_to_rgb` allocates beyond the decoded image, by what it does (measured peak RSS at
+# 4000x4000 with Pillow 13): RGB -> the array (tobytes joins its chunks: 2 x 3); alpha -> RGBA copy 4 +
+# array 4 + output 3 (composited in blocks of rows); 16-bit -> array 2 + gray 1 + output 3 (+ slack);
+# 32-bit/float -> array 2 x 4 + float64 passes 3 x 8 + output 3 + gray 1; else convert('RGB') 4 + array 2 x 3.
+_CONVERSION_BYTES = {'RGB': 6, 'alpha': 12, 'sixteen': 7, 'wide': 36, 'other': 10}
+_COMPOSITE_BLOCK_PIXELS = 1 << 20  # pixels composited at a time: bounds the uint32 temporaries (~64 MB)
 
 
 class BadImageError(AtlasError, ValueError):
@@ -71,8 +89,11 @@ class BadImageError(AtlasError, ValueError):
     return type(self), (self.path, self.reason)
 
 
-def decode_image(path_or_bytes, max_pixels: int, name: str | None = None) -> np.ndarray:
-  """A file path or its encoded bytes -> uint8 (H, W, 3) RGB, at most `max_pixels` pixels; see the module doc.
+def decode_image(
+  path_or_bytes, max_pixels: int, name: str | None = None, max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES
+) -> np.ndarray:
+  """A file path or its encoded bytes -> uint8 (H, W, 3) RGB, at most `max_pixels` pixels, decoded within
+  about `max_decode_bytes` of memory; see the module doc.
 
   `name` labels the image in errors when given bytes (a record of a dataset); a path names itself.
   Raises BadImageError for anything that cannot be decoded.
@@ -92,7 +113,7 @@ def decode_image(path_or_bytes, max_pixels: int, name: str | None = None) -> np.
     raise BadImageError(name, 'empty file')
   try:
     with opener() as stream, Image.open(stream) as image:
-      return _decode_opened(image, num_bytes, max_pixels, name)
+      return _decode_opened(image, stream, num_bytes, max_pixels, max_decode_bytes, name)
   except BadImageError:
     raise
   except Image.UnidentifiedImageError as error:
@@ -101,7 +122,9 @@ def decode_image(path_or_bytes, max_pixels: int, name: str | None = None) -> np.
     raise BadImageError(name, f'cannot decode: {type(error).__name__}: {error}') from error
 
 
-def _decode_opened(image: Image.Image, num_bytes: int, max_pixels: int, name: str) -> np.ndarray:
+def _decode_opened(
+  image: Image.Image, stream, num_bytes: int, max_pixels: int, max_decode_bytes: int, name: str
+) -> np.ndarray:
   width, height = image.size
   pixels = width * height
   if pixels > max(_MIN_JUDGED_PIXELS, MAX_PIXELS_PER_BYTE * num_bytes):
@@ -110,37 +133,120 @@ def _decode_opened(image: Image.Image, num_bytes: int, max_pixels: int, name: st
       f'the header claims {width}x{height} pixels, more than {num_bytes} bytes can '
       'hold: a corrupt or forged header',
     )
-  if pixels > max_pixels:
-    _reduce_on_decode(image, max_pixels, name)
+  budget = _Budget(image, stream, max_decode_bytes)
+  if pixels > max_pixels or budget.needed(width, height) > max_decode_bytes:
+    _reduce_on_decode(image, max_pixels, budget, name)
   image.load()  # raises on a truncated file (PIL's LOAD_TRUNCATED_IMAGES is False unless set)
-  image = _upright(image)
-  return _to_rgb(image, name)
+  upright = _upright(image)
+  if upright is not image:  # free the stored pixels: a transpose then never outweighs the RGB conversion
+    image.close()
+  return _to_rgb(upright, name)
 
 
-def _reduce_on_decode(image: Image.Image, max_pixels: int, name: str) -> None:
-  """Asks the JPEG decoder for the largest 1/s scale within `max_pixels`; refuses anything else that large."""
+def _reduce_on_decode(image: Image.Image, max_pixels: int, budget: '_Budget', name: str) -> None:
+  """Asks the JPEG decoder for the largest 1/s scale within `max_pixels` and the decode budget; refuses
+  anything else that large."""
   width, height = image.size
-  too_large = (
-    f'{width}x{height} = {width * height} pixels exceeds data.max_pixels={max_pixels}; raise data.max_pixels'
-  )
+  if width * height > max_pixels:
+    too_large = (
+      f'{width}x{height} = {width * height} pixels exceeds data.max_pixels={max_pixels}; '
+      'raise data.max_pixels'
+    )
+  else:
+    too_large = budget.refusal(width, height)
   if image.format != 'JPEG':
     raise BadImageError(name, f'{too_large} (only JPEGs are decoded reduced)')
   for scale in _JPEG_SCALES:
-    if -(-width // scale) * -(-height // scale) <= max_pixels:
+    reduced = (-(-width // scale), -(-height // scale))
+    if reduced[0] * reduced[1] <= max_pixels and budget.needed(*reduced) <= budget.limit:
       break
   else:
+    if -(-width // 8) * -(-height // 8) <= max_pixels:
+      too_large = budget.refusal(-(-width // 8), -(-height // 8))
     raise BadImageError(name, f'{too_large} (even 1/8 scale is larger)')
   image.draft(None, (max(1, width // scale), max(1, height // scale)))
-  if image.size[0] * image.size[1] > max_pixels:
+  if image.size[0] * image.size[1] > max_pixels or budget.needed(*image.size) > budget.limit:
     raise BadImageError(name, f'{too_large} (this JPEG cannot be decoded reduced)')
 
 
-def _upright(image: Image.Image) -> Image.Image:
+class _Budget:
+  """The bytes decoding `image` (opened, not loaded) will allocate, from its header alone (module doc)."""
+
+  def __init__(self, image: Image.Image, stream, limit: int):
+    self.limit = int(limit)
+    self.format, self.mode, self.full_size = image.format, image.mode, image.size
+    self.transparent = 'transparency' in image.info
+    # Decoder-held bytes that draft mode does not reduce: a JPEG decoded in several scans (progressive,
+    # or baseline with non-interleaved components) keeps its full-size coefficients.
+    self.fixed = 0
+    if self.format in ('JPEG', 'MPO') and (
+      image.info.get('progressive') or image.info.get('progression') or _scans(stream) > 1
+    ):
+      self.fixed = _coefficient_bytes(image)
+
+  def needed(self, width: int, height: int) -> int:
+    """Bytes of a decode to width x height pixels (the full size, or a JPEG draft scale)."""
+    pixels = width * height
+    stored = _STORED_BYTES.get(self.mode, 4)
+    per_pixel = stored + _CONVERSION_BYTES[self._conversion()]
+    if self.format == 'WEBP':  # libwebp's own decoded buffer, then PIL's copy (measured)
+      per_pixel += 8
+    elif self.format == 'TIFF':
+      per_pixel += stored
+    return self.fixed + pixels * per_pixel
+
+  def refusal(self, width: int, height: int) -> str:
+    return (
+      f'decoding {self.full_size[0]}x{self.full_size[1]} ({self.format} {self.mode}) would allocate about '
+      f'{self.needed(width, height)} bytes, more than data.max_decode_bytes={self.limit}; '
+      'raise data.max_decode_bytes'
+    )
+
+  def _conversion(self) -> str:
+    if self.mode in _ALPHA_MODES or (self.mode in ('P', 'L', 'RGB') and self.transparent):
+      return 'alpha'
+    if self.mode == 'RGB':
+      return 'RGB'
+    if self.mode in _SIXTEEN_BIT_MODES:
+      return 'sixteen'
+    if self.mode in ('I', 'F'):
+      return 'wide'
+    return 'other'
+
+
+def _orientation(image: Image.Image) -> int:
   try:
-    orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
-  except Exception:  # broken EXIF: keep the image as stored rather than lose it
-    return image
-  transpose = _ORIENTATION_TRANSPOSE.get(orientation)
+    return image.getexif().get(_EXIF_ORIENTATION, 1)
+  except Exception:  # broken EXIF: the image stays as stored
+    return 1
+
+
+def _scans(stream) -> int:
+  """The SOS markers of a JPEG file (entropy-coded data stuffs every 0xFF byte, so none hides there)."""
+  position = stream.tell()
+  try:
+    stream.seek(0)
+    return stream.read().count(b'\xff\xda')
+  finally:
+    stream.seek(position)
+
+
+def _coefficient_bytes(image: Image.Image) -> int:
+  """libjpeg's full-image coefficient buffers: 2 bytes per DCT coefficient, each component's blocks padded to
+  whole MCUs at its sampling factors."""
+  width, height = image.size
+  layers = getattr(image, 'layer', None) or []
+  try:
+    # PIL's layer: (id, horizontal, vertical sampling factor, qtable), the SOF's high and low nibbles.
+    h_max, v_max = max(layer[1] for layer in layers), max(layer[2] for layer in layers)
+    mcu_columns, mcu_rows = -(-width // (8 * h_max)), -(-height // (8 * v_max))
+    return sum(2 * 64 * mcu_columns * layer[1] * mcu_rows * layer[2] for layer in layers)
+  except (ValueError, TypeError, IndexError):  # no sampling factors: every component at full size
+    return 2 * (-(-width // 8) * 8) * (-(-height // 8) * 8) * max(1, getattr(image, 'layers', 3) or 3)
+
+
+def _upright(image: Image.Image) -> Image.Image:
+  transpose = _ORIENTATION_TRANSPOSE.get(_orientation(image))
   return image if transpose is None else image.transpose(transpose)
 
 
@@ -152,17 +258,36 @@ def _to_rgb(image: Image.Image, name: str) -> np.ndarray:
   if mode == 'RGB':
     return np.ascontiguousarray(np.asarray(image, np.uint8))
   if mode in _ALPHA_MODES:
-    rgba = np.asarray(image.convert('RGBA'), np.uint32)  # (H, W, 4)
-    alpha = rgba[..., 3:]
-    # Integer "over white": rgb * a + 255 * (255 - a), divided by 255 with rounding.
-    return ((rgba[..., :3] * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
-  if mode in _SIXTEEN_BIT_MODES or mode in ('I', 'F'):
+    return _over_white(np.asarray(image.convert('RGBA'), np.uint8))
+  if mode in _SIXTEEN_BIT_MODES:
+    values = np.asarray(image)  # (H, W), in blocks of rows: the uint32 temporaries stay small
+    gray = np.empty(values.shape, np.uint8)
+    for rows in _row_blocks(values.shape):
+      gray[rows] = ((values[rows].astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=-1)
+  if mode in ('I', 'F'):
     gray = _scale_to_8_bits(np.asarray(image), mode)  # (H, W)
     return np.repeat(gray[..., None], 3, axis=-1)
   try:
     return np.ascontiguousarray(np.asarray(image.convert('RGB'), np.uint8))
   except (ValueError, OSError) as error:
     raise BadImageError(name, f'cannot convert PIL mode {mode} to RGB ({error})') from error
+
+
+def _row_blocks(shape) -> list[slice]:
+  rows = max(1, _COMPOSITE_BLOCK_PIXELS // max(1, shape[1]))
+  return [slice(start, start + rows) for start in range(0, shape[0], rows)]
+
+
+def _over_white(rgba: np.ndarray) -> np.ndarray:
+  """uint8 (H, W, 4) -> uint8 (H, W, 3) composited on white, in blocks of rows (bounded temporaries)."""
+  rgb = np.empty(rgba.shape[:2] + (3,), np.uint8)
+  for rows in _row_blocks(rgba.shape):
+    block = rgba[rows].astype(np.uint32)
+    alpha = block[..., 3:]
+    # Integer "over white": rgb * a + 255 * (255 - a), divided by 255 with rounding.
+    rgb[rows] = ((block[..., :3] * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
+  return rgb
 
 
 def _scale_to_8_bits(values: np.ndarray, mode: str) -> np.ndarray:

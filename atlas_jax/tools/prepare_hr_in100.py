@@ -92,12 +92,17 @@ def _tfds_plan(source: pathlib.Path, tfds_name: str, classes_file: str, splits: 
   from configs import common  # pylint: disable=import-outside-toplevel
 
   # The plan copies stored bytes and never decodes, so data.max_pixels only has to be a valid value.
-  max_pixels = common.data_config().max_pixels
+  data_defaults = common.data_config()
   plan = []
   for split in splits:
     try:
       records = sources.TfdsSource(
-        tfds_name, source, SPLIT_DIRS[split], classes_file=classes_file, max_pixels=max_pixels
+        tfds_name,
+        source,
+        SPLIT_DIRS[split],
+        classes_file=classes_file,
+        max_pixels=data_defaults.max_pixels,
+        max_decode_bytes=data_defaults.max_decode_bytes,
       )
     except sources.DataSourceError as error:
       raise PrepareError(str(error)) from error

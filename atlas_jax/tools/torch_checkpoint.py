@@ -11,13 +11,20 @@ real torch object): tensor rebuilders that return numpy arrays, markers for stor
 dtypes, safe containers, and a dict in place of ``easydict.EasyDict``. Any other global is refused
 inside ``find_class``, before the pickle gets the chance to call anything.
 
+Nothing large is allocated before it is checked: each tensor must be a non-overlapping strided
+window inside its storage (so it never holds more elements than the storage), encrypted zip records
+are refused, and with ``max_bytes`` the bytes decompressed from the archive (declared sizes checked
+before reading, actual sizes counted while reading in chunks) and the bytes of the tensors built are
+each capped.
+
 Public API: :func:`load_torch_checkpoint`, :func:`load_state_dict`,
-:class:`UnsafeCheckpointError`, :class:`CheckpointFormatError`.
+:class:`UnsafeCheckpointError`, :class:`CheckpointFormatError`, :class:`CheckpointTooLargeError`.
 """
 
 from __future__ import annotations
 
 import collections
+import contextvars
 import io
 import os
 import pickle
@@ -40,6 +47,7 @@ except ImportError:
 
 __all__ = [
   'CheckpointFormatError',
+  'CheckpointTooLargeError',
   'UnsafeCheckpointError',
   'load_state_dict',
   'load_torch_checkpoint',
@@ -52,6 +60,59 @@ class UnsafeCheckpointError(AtlasError, ValueError):
 
 class CheckpointFormatError(AtlasError, ValueError):
   """The file is not a readable ``torch.save`` zip checkpoint."""
+
+
+class CheckpointTooLargeError(CheckpointFormatError):
+  """Reading the checkpoint would take more than the ``max_bytes`` allowed; refused before allocating."""
+
+
+# Records are decompressed this many bytes at a time, so an archive claiming less than it holds stops early.
+_READ_CHUNK_BYTES = 1 << 20
+
+
+class _Budget:
+  """Counts bytes against ``max_bytes`` (None: no cap) and refuses the first request that would pass it."""
+
+  def __init__(self, max_bytes: int | None, what: str):
+    self.max_bytes = max_bytes
+    self.what = what
+    self.used = 0
+
+  def take(self, nbytes: int, item: str, charge: bool = True) -> None:
+    """Charge ``nbytes`` for ``item``; with ``charge=False`` only check that they would fit."""
+    if self.max_bytes is not None and self.used + nbytes > self.max_bytes:
+      raise CheckpointTooLargeError(
+        f'{item} needs {nbytes:,} bytes, which takes the {self.what} past the limit of '
+        f'{self.max_bytes:,} bytes (max_bytes; {self.used:,} bytes used before it)'
+      )
+    if charge:
+      self.used += nbytes
+
+
+# The budget for the tensors being built, set while load_torch_checkpoint unpickles.
+_TENSOR_BUDGET: contextvars.ContextVar[_Budget | None] = contextvars.ContextVar(
+  '_TENSOR_BUDGET', default=None
+)
+
+
+def _read_record(archive: zipfile.ZipFile, name: str, budget: _Budget) -> bytes:
+  """One archive record, refused if encrypted or if its declared or actual size passes the budget.
+
+  Raises KeyError if the record is missing.
+  """
+  info = archive.getinfo(name)
+  if info.flag_bits & 0x1:
+    raise CheckpointFormatError(
+      f'record {_printable(name)} is encrypted; torch.save never writes encrypted records'
+    )
+  record = f'record {_printable(name)}'
+  budget.take(info.file_size, f'{record} (declared size)', charge=False)  # charged below as read
+  chunks = []
+  with archive.open(info) as member:
+    while chunk := member.read(_READ_CHUNK_BYTES):
+      budget.take(len(chunk), f'{record} (decompressed so far)')
+      chunks.append(chunk)
+  return b''.join(chunks)
 
 
 class _Refusal(Exception):
@@ -239,10 +300,21 @@ def _check_view(storage: Any, offset: Any, size: Any, stride: Any) -> None:
   stride_ok = isinstance(stride, tuple) and all(_is_int(s) and s >= 0 for s in stride)
   if not (shape_ok and stride_ok and len(size) == len(stride) and _is_int(offset) and offset >= 0):
     raise CheckpointFormatError(f'malformed tensor view: offset {offset!r}, size {size!r}, stride {stride!r}')
+  # A plain view: taking the dimensions of size > 1 by increasing stride, each stride must step past
+  # every element the smaller ones reach, so no two indices share an element (contiguous tensors,
+  # transposes and slices pass; zero strides, as from expand(), and overlapping windows do not).
+  span = 1
+  for stride_n, size_n in sorted((s, n) for n, s in zip(size, stride) if n > 1):
+    if stride_n < span:
+      raise CheckpointFormatError(
+        f'tensor of size {size} with stride {stride} is not a plain view of its storage: its elements '
+        'overlap (a zero or overlapping stride); only non-overlapping strided views are read'
+      )
+    span += (size_n - 1) * stride_n
 
 
 def _tensor_from_storage(
-  storage: Any, offset: Any, size: Any, stride: Any, dtype_name: str | None
+  storage: Any, offset: Any, size: Any, stride: Any, dtype_name: str | None, budget: _Budget | None = None
 ) -> np.ndarray:
   """A contiguous, writable copy of the strided view ``storage[offset :: stride]`` of ``size``."""
   size, stride = tuple(size), tuple(stride)  # torch.Size arrives as a tuple already
@@ -257,6 +329,9 @@ def _tensor_from_storage(
       f'{last_index} of storage data/{storage.key}, which holds {len(elements)}'
     )
   itemsize = elements.dtype.itemsize
+  budget = _TENSOR_BUDGET.get() if budget is None else budget
+  if budget is not None:
+    budget.take(int(np.prod(size, dtype=object)) * itemsize, f'tensor of size {size} on data/{storage.key}')
   view = as_strided(elements[offset:], shape=size, strides=[s * itemsize for s in stride], writeable=False)
   return np.array(view, order='C', copy=True)
 
@@ -368,9 +443,10 @@ def _printable(text: str, limit: int = 200) -> str:
 class _RestrictedUnpickler(pickle.Unpickler):
   """Resolves globals only through the allow-list and storages only from the archive."""
 
-  def __init__(self, file, archive: zipfile.ZipFile, prefix: str, byteorder: str):
+  def __init__(self, file, archive: zipfile.ZipFile, prefix: str, byteorder: str, budget: _Budget):
     super().__init__(file)
     self._archive = archive
+    self._budget = budget
     self._prefix = prefix
     self._byteorder = byteorder
     self._storages: dict[str, _Storage] = {}
@@ -394,7 +470,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
   def _read_storage(self, key: str, storage_class: _StorageClass, numel: int) -> _Storage:
     record = f'{self._prefix}data/{key}'
     try:
-      raw = self._archive.read(record)
+      raw = _read_record(self._archive, record, self._budget)
     except KeyError:
       raise CheckpointFormatError(f'storage record {_printable(record)} is missing') from None
     dtype_name = storage_class.dtype_name
@@ -404,7 +480,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         f'storage record {_printable(record)} holds {len(raw)} bytes, '
         f'fewer than {numel} elements of {storage_class.name}'
       )
-    return _Storage(key, raw[: numel * itemsize], dtype_name, self._byteorder)
+    return _Storage(key, memoryview(raw)[: numel * itemsize], dtype_name, self._byteorder)  # no copy
 
 
 def _plain_values(value: Any, done: dict[int, Any]) -> Any:
@@ -430,7 +506,12 @@ def _plain_values(value: Any, done: dict[int, Any]) -> Any:
   if isinstance(value, _TorchDtype):
     return value.as_numpy()
   if isinstance(value, _Storage):  # a storage saved on its own: its elements
-    return value.elements().copy()
+    elements = value.elements()
+    budget = _TENSOR_BUDGET.get()
+    if budget is not None:
+      budget.take(elements.nbytes, f'storage data/{value.key}')
+    done[id(value)] = elements.copy()
+    return done[id(value)]
   return value
 
 
@@ -452,10 +533,10 @@ def _find_archive_prefix(archive: zipfile.ZipFile) -> str:
   return prefix
 
 
-def _read_byteorder(archive: zipfile.ZipFile, prefix: str) -> str:
+def _read_byteorder(archive: zipfile.ZipFile, prefix: str, budget: _Budget) -> str:
   """Storage byte order; files without the record were written on little-endian machines."""
   try:
-    byteorder = archive.read(prefix + 'byteorder').decode('ascii', 'replace').strip()
+    byteorder = _read_record(archive, prefix + 'byteorder', budget).decode('ascii', 'replace').strip()
   except KeyError:
     return 'little'
   if byteorder not in ('little', 'big'):
@@ -486,7 +567,7 @@ _CORRUPTION_ERRORS = (
 )
 
 
-def load_torch_checkpoint(path: str | os.PathLike) -> Any:
+def load_torch_checkpoint(path: str | os.PathLike, max_bytes: int | None = None) -> Any:
   """Load the object saved by ``torch.save`` at ``path``; tensors come back as numpy arrays.
 
   Tensors become contiguous, writable numpy arrays of the same dtype and shape (bfloat16 via
@@ -496,14 +577,23 @@ def load_torch_checkpoint(path: str | os.PathLike) -> Any:
   Raises UnsafeCheckpointError if the pickle names any global outside the allow-list (nothing
   from the file is called before that), CheckpointFormatError if the file is not a readable
   zip-format torch checkpoint, and OSError if it cannot be opened.
+
+  ``max_bytes`` (None: no cap, the caller decides) caps, separately, the bytes decompressed from the
+  archive and the bytes of the tensors built from them; passing it raises CheckpointTooLargeError
+  before the allocation that would go past it. Views must be non-overlapping windows inside their
+  storage whatever ``max_bytes`` is, so no tensor holds more elements than its storage.
   """
   path = os.fspath(path)
+  if os.path.isdir(path):
+    raise CheckpointFormatError(f'cannot read {path}: it is a directory, not a PyTorch checkpoint file')
+  archive_budget = _Budget(max_bytes, 'data read from the archive')
+  token = _TENSOR_BUDGET.set(_Budget(max_bytes, 'tensors built'))
   try:
     with zipfile.ZipFile(path) as archive:
       prefix = _find_archive_prefix(archive)
-      byteorder = _read_byteorder(archive, prefix)
-      pickle_file = io.BytesIO(archive.read(prefix + 'data.pkl'))
-      loaded = _RestrictedUnpickler(pickle_file, archive, prefix, byteorder).load()
+      byteorder = _read_byteorder(archive, prefix, archive_budget)
+      pickle_file = io.BytesIO(_read_record(archive, prefix + 'data.pkl', archive_budget))
+      loaded = _RestrictedUnpickler(pickle_file, archive, prefix, byteorder, archive_budget).load()
     return _plain_values(loaded, {})
   except _Refusal as refusal:
     raise UnsafeCheckpointError(
@@ -511,7 +601,7 @@ def load_torch_checkpoint(path: str | os.PathLike) -> Any:
       'number or string; only load checkpoints you trust with torch itself'
     ) from None
   except CheckpointFormatError as error:
-    raise CheckpointFormatError(f'cannot read {path}: {error}') from None
+    raise type(error)(f'cannot read {path}: {error}') from None
   except zipfile.BadZipFile as error:
     if zipfile.is_zipfile(path):
       reason = f'the zip archive is corrupt ({_printable(str(error), 120)})'
@@ -523,6 +613,8 @@ def load_torch_checkpoint(path: str | os.PathLike) -> Any:
   except _CORRUPTION_ERRORS as error:
     detail = _printable(f'{type(error).__name__}: {error}', 160)
     raise CheckpointFormatError(f'cannot read {path}: corrupt PyTorch checkpoint ({detail})') from error
+  finally:
+    _TENSOR_BUDGET.reset(token)
 
 
 def _is_array_dict(value: Any) -> bool:
@@ -533,13 +625,14 @@ def _is_array_dict(value: Any) -> bool:
   )
 
 
-def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+def load_state_dict(path: str | os.PathLike, max_bytes: int | None = None) -> dict[str, np.ndarray]:
   """The model weights in a torch checkpoint, as ``{name: numpy array}``.
 
   Accepts the reference trainer's files (weights under ``model``), files with a ``state_dict``
   entry, and bare state dicts. Raises CheckpointFormatError naming the top-level keys otherwise.
+  ``max_bytes`` is passed to :func:`load_torch_checkpoint`.
   """
-  loaded = load_torch_checkpoint(path)
+  loaded = load_torch_checkpoint(path, max_bytes)
   if isinstance(loaded, dict):
     for entry in ('model', 'state_dict'):
       if _is_array_dict(loaded.get(entry)):

@@ -21,7 +21,7 @@ VAL_PER_CLASS = 3
 SIDE = 16
 MAX_PIXELS = 10_000_000
 MAX_BAD_FRACTION = common.data_config().max_bad_fraction  # the config's: 1%
-image_folder = functools.partial(sources.ImageFolder, max_pixels=MAX_PIXELS)
+image_folder = functools.partial(sources.ImageFolder, max_pixels=MAX_PIXELS, max_decode_bytes=1 << 30)
 
 
 def write_solid(path, value: int, shape=(12, 20)):
@@ -99,7 +99,14 @@ def _data_config(data_dir, **fields):
   return type(
     'DataConfig',
     (),
-    {'source': 'folder', 'data_dir': str(data_dir), 'classes': None, 'max_pixels': MAX_PIXELS, **fields},
+    {
+      'source': 'folder',
+      'data_dir': str(data_dir),
+      'classes': None,
+      'max_pixels': MAX_PIXELS,
+      'max_decode_bytes': 1 << 30,
+      **fields,
+    },
   )()
 
 

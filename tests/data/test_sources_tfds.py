@@ -20,7 +20,7 @@ from tests.data import tiny_tfds
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 MAX_PIXELS = 1_000_000
-tfds_dataset = functools.partial(sources.TfdsSource, max_pixels=MAX_PIXELS)
+tfds_dataset = functools.partial(sources.TfdsSource, max_pixels=MAX_PIXELS, max_decode_bytes=1 << 30)
 
 
 @pytest.fixture(scope='module')
@@ -71,7 +71,7 @@ def test_the_same_class_gets_the_same_label_from_tfds_and_a_folder(prepared, tmp
       directory.mkdir(parents=True, exist_ok=True)
       (directory / example['file_name']).write_bytes(example['image'])
   for split in ('train', 'validation'):
-    folder = sources.ImageFolder(tmp_path, split, max_pixels=MAX_PIXELS)
+    folder = sources.ImageFolder(tmp_path, split, max_pixels=MAX_PIXELS, max_decode_bytes=1 << 30)
     tfds_source = tfds_dataset(tiny_tfds.NAME, prepared['array_record'], split)
     assert folder.classes == tfds_source.classes
     from_folder = {folder.path(i).name: int(folder.labels[i]) for i in range(len(folder))}
@@ -174,7 +174,7 @@ from atlas_jax.data import pipeline, sources
 counts = {{}}
 for file_format, data_dir in {json.dumps({k: str(v) for k, v in prepared.items()})}.items():
   data = type('Data', (), {{'source': 'tfds', 'name': '{tiny_tfds.NAME}', 'data_dir': data_dir,
-                           'classes': None, 'max_pixels': 1000000}})()
+                           'classes': None, 'max_pixels': 1000000, 'max_decode_bytes': 1 << 30}})()
   source = sources.make_source(data, 32, 'validation', 0, num_classes=3)
   labels = [int(batch['label'][i]) for batch in pipeline.eval_batches(source, 4, max_bad_fraction=0.01)
             for i in range(4) if batch['mask'][i]]

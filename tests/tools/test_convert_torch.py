@@ -132,7 +132,9 @@ def test_convert_then_predict_through_the_command_lines(tiny, tmp_path):
   # The same logits as the model applied directly to the same normalised arrays.
   config, state_dict, abstract = tiny
   variables = variables_from_reference(state_dict, abstract)
-  arrays = np.stack([load_image(path, (512, 512), config.data.max_pixels) for path in paths[:3]])
+  arrays = np.stack(
+    [load_image(path, (512, 512), config.data.max_pixels, config.data.max_decode_bytes) for path in paths[:3]]
+  )
   pixels = np.stack([np.asarray(Image.open(path), np.float32) / 255 for path in paths[:3]])
   np.testing.assert_allclose(arrays, (pixels - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225], atol=1e-6)
   expected = jax.jit(build_model(config).apply)(variables, arrays)

@@ -75,7 +75,7 @@ def test_a_folder_source_becomes_a_readable_folder_and_a_rerun_completes_it(imag
   assert linked.stat().st_ino == (imagenet / 'train' / PICKED[1] / linked.name).stat().st_ino  # hard link
 
   for split, folder_split in (('train', 'train'), ('validation', 'val')):
-    source = sources.ImageFolder(output, split, max_pixels=MAX_PIXELS)
+    source = sources.ImageFolder(output, split, max_pixels=MAX_PIXELS, max_decode_bytes=1 << 30)
     assert source.classes == sorted(PICKED) and len(source) == summary['counts'][folder_split]
     for index in range(len(source)):
       assert source.classes[source.labels[index]] == source.path(index).parent.name
@@ -119,5 +119,5 @@ def test_a_tfds_source_becomes_a_folder_of_the_stored_bytes(tmp_path):
   written = {str(path.relative_to(output)): path.read_bytes() for path in output.glob('*/*/*')}
   # The truncated record is copied too: the loader, not the copy, decides what is bad.
   assert written == expected
-  source = sources.ImageFolder(output, 'validation', max_pixels=MAX_PIXELS)
+  source = sources.ImageFolder(output, 'validation', max_pixels=MAX_PIXELS, max_decode_bytes=1 << 30)
   assert source.classes == ['n01440764', 'n02102040'] and len(source) == 4

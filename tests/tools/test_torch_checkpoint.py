@@ -348,7 +348,7 @@ def test_strides_and_storage_offset_are_honoured(tmp_path):
   views = {
     'transposed': StridedTensor(storage, 2, (3, 4), (1, 3)),
     'every_fifth': StridedTensor(storage, 0, (5,), (5,)),
-    'broadcast': StridedTensor(storage, 23, (2, 3), (0, 0)),
+    'size_one_dim': StridedTensor(storage, 23, (1, 1), (0, 0)),
     'scalar': StridedTensor(storage, 9, (), ()),
   }
   path = tmp_path / 'views.pt'
@@ -359,7 +359,7 @@ def test_strides_and_storage_offset_are_honoured(tmp_path):
   expected = {
     'transposed': np.array([[2 + row + 3 * col for col in range(4)] for row in range(3)], np.float32),
     'every_fifth': np.array([0, 5, 10, 15, 20], np.float32),
-    'broadcast': np.full((2, 3), 23, np.float32),
+    'size_one_dim': np.full((1, 1), 23, np.float32),
     'scalar': np.array(9, np.float32),
   }
   assert_same_arrays(loaded, expected)

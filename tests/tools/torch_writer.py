@@ -61,12 +61,14 @@ class StridedTensor(NamedTuple):
   """A tensor viewing ``storage`` (a 1-D array) from ``offset`` with ``shape`` and ``stride`` in elements.
 
   Written as is, without bounds checks, so tests can also write views that overrun their storage.
+  ``numel``, when given, is the element count the storage reference declares instead of the real one.
   """
 
   storage: np.ndarray
   offset: int
   shape: tuple[int, ...]
   stride: tuple[int, ...]
+  numel: int | None = None
 
 
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -196,7 +198,7 @@ class _PickleWriter:
     self.write('storage')
     if untyped_dtype is None:
       self._write_global('torch', _STORAGE_CLASS_BY_DTYPE[storage.dtype])
-      numel = storage.size
+      numel = storage.size if tensor.numel is None else tensor.numel
     else:
       self._write_global('torch.storage', 'UntypedStorage')
       numel = storage.nbytes
@@ -241,6 +243,46 @@ def write_torch_archive(
     for key, raw in (storages or {}).items():
       archive.writestr(f'{archive_name}/data/{key}', raw)
     archive.writestr(f'{archive_name}/version', '3\n')
+
+
+class RawMember(NamedTuple):
+  """A zip record written byte for byte: ``payload`` as stored (raw deflate data when ``deflated``)."""
+
+  name: str
+  payload: bytes
+  file_size: int | None = None  # the declared uncompressed size; len(payload) if None
+  deflated: bool = False
+  flag_bits: int = 0
+  crc: int | None = None  # zlib.crc32 of the payload if None
+
+
+def write_raw_zip(path: str | os.PathLike, members: list[RawMember]) -> None:
+  """Write a zip archive by hand, so its headers can declare what a test wants (sizes, flags)."""
+  import zlib
+
+  local, central = io.BytesIO(), io.BytesIO()
+  for member in members:
+    name = member.name.encode('utf-8')
+    file_size = len(member.payload) if member.file_size is None else member.file_size
+    crc = zlib.crc32(member.payload) if member.crc is None else member.crc
+    method = 8 if member.deflated else 0
+    fields = (20, member.flag_bits, method, 0, 0x21, crc, len(member.payload), file_size, len(name))
+    offset = local.tell()
+    local.write(struct.pack('<IHHHHHIIIHH', 0x04034B50, *fields, 0) + name + member.payload)
+    central.write(
+      struct.pack('<IH', 0x02014B50, 20) + struct.pack('<HHHHHIIIHHHHHII', *fields, 0, 0, 0, 0, 0, offset)
+    )
+    central.write(name)
+  end = struct.pack(
+    '<IHHHHIIH', 0x06054B50, 0, 0, len(members), len(members), central.tell(), local.tell(), 0
+  )
+  Path(path).write_bytes(local.getvalue() + central.getvalue() + end)
+
+
+def torch_pickle(obj: Any) -> tuple[bytes, dict[str, bytes]]:
+  """``data.pkl`` and the storage records for ``obj``, as ``write_torch_checkpoint`` writes them."""
+  writer = _PickleWriter('little')
+  return writer.dump(obj), writer.storages
 
 
 def write_torch_checkpoint(

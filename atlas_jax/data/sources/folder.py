@@ -34,12 +34,21 @@ class ImageFolder:
 
   SPLIT_DIRS = {'train': 'train', 'validation': 'val'}
 
-  def __init__(self, data_dir, split: str, classes_file=None, *, max_pixels: int):
+  def __init__(
+    self,
+    data_dir,
+    split: str,
+    classes_file=None,
+    *,
+    max_pixels: int,
+    max_decode_bytes: int,
+  ):
     if split not in self.SPLIT_DIRS:
       raise DataSourceError(f'split must be one of {SPLITS}, got {split!r}')
     self.root = pathlib.Path(data_dir).expanduser()
     self.split = split
     self.max_pixels = int(max_pixels)
+    self.max_decode_bytes = int(max_decode_bytes)
     layout = (
       'an image folder holds train/<class>/<image> and val/<class>/<image>; set '
       '--config.data.data_dir to the folder that holds train/ and val/'
@@ -112,7 +121,7 @@ class ImageFolder:
     return self.split_dir / os.fsdecode(self._relative_paths[index])
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    image = decode.decode_image(self.path(index), self.max_pixels)
+    image = decode.decode_image(self.path(index), self.max_pixels, max_decode_bytes=self.max_decode_bytes)
     return labelled_example(image, self.labels[index])
 
 
@@ -131,4 +140,10 @@ def from_config(data_config, image_size, split: str, seed: int) -> ImageFolder:
       'data_dir=None: no directory to look in); set --config.data.data_dir=/path/to/images, '
       'or use --config.data.source=synthetic'
     )
-  return ImageFolder(data_dir, split, classes_file=data_config.classes, max_pixels=data_config.max_pixels)
+  return ImageFolder(
+    data_dir,
+    split,
+    classes_file=data_config.classes,
+    max_pixels=data_config.max_pixels,
+    max_decode_bytes=data_config.max_decode_bytes,
+  )

@@ -151,6 +151,7 @@ class TfdsSource:
     classes_file=None,
     *,
     max_pixels: int,
+    max_decode_bytes: int,
     image_key: str = 'image',
     label_key: str = 'label',
   ):
@@ -168,6 +169,7 @@ class TfdsSource:
     info = builder.info
     self.name = f'{info.name}/{prepared.name}'
     self.max_pixels = int(max_pixels)
+    self.max_decode_bytes = int(max_decode_bytes)
     self.image_key = image_key
     split_name = next((candidate for candidate in self.SPLIT_NAMES[split] if candidate in info.splits), None)
     if split_name is None:
@@ -273,7 +275,10 @@ class TfdsSource:
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     example = self.encoded(index)
     return labelled_example(
-      decode.decode_image(example['image'], self.max_pixels, name=example['name']), example['label']
+      decode.decode_image(
+        example['image'], self.max_pixels, name=example['name'], max_decode_bytes=self.max_decode_bytes
+      ),
+      example['label'],
     )
 
 
@@ -289,5 +294,10 @@ def from_config(data_config, image_size, split: str, seed: int) -> TfdsSource:
       '--config.data.data_dir=/path/to/tensorflow_datasets, or use --config.data.source=synthetic'
     )
   return TfdsSource(
-    name, data_dir, split, classes_file=data_config.classes, max_pixels=data_config.max_pixels
+    name,
+    data_dir,
+    split,
+    classes_file=data_config.classes,
+    max_pixels=data_config.max_pixels,
+    max_decode_bytes=data_config.max_decode_bytes,
   )
