@@ -482,6 +482,12 @@ def run(config, workdir) -> TrainState:
   check_batch_sizes(config, mesh)
   num_classes = config.model.num_classes
   train_source = sources.make_source(config.data, config.image_size, 'train', config.seed, num_classes)
+  if config.data.source == 'folder' and train_source.num_classes != num_classes:
+    # A head wider than the folder's classes trains, and then predict cannot name its outputs.
+    raise sources.DataSourceError(
+      f'{config.data.data_dir}/train has {train_source.num_classes} classes but model.num_classes is '
+      f'{num_classes}: set --config.model.num_classes={train_source.num_classes}'
+    )
   val_source = sources.make_source(config.data, config.image_size, 'validation', config.seed, num_classes)
   check_resumable(workdir, config)
   if is_main:

@@ -6,8 +6,10 @@ import json
 
 import numpy as np
 from PIL import Image
+import pytest
 
 from atlas_jax import train
+from atlas_jax.data import sources
 from tests.train_configs import tiny_config
 
 
@@ -40,3 +42,14 @@ def test_a_short_run_on_a_folder_with_a_bad_file(tmp_path):
   evaluation = [record for record in records if record['kind'] == 'eval']
   assert len(evaluation) == 1 and evaluation[0]['examples'] == 6  # 7 files, the broken one skipped
   assert all(np.isfinite(record['loss']) for record in records)
+
+
+def test_a_folder_with_fewer_classes_than_the_head_is_refused_before_training(tmp_path):
+  for name in ('n01', 'n02'):
+    for split in ('train', 'val'):
+      (tmp_path / 'images' / split / name).mkdir(parents=True)
+      Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / 'images' / split / name / '0.png')
+  config = tiny_config(data__source='folder', data__data_dir=str(tmp_path / 'images'), model__num_classes=5)
+  with pytest.raises(sources.DataSourceError, match=r'has 2 classes but model.num_classes is 5: set '):
+    train.run(config, tmp_path / 'workdir')
+  assert not (tmp_path / 'workdir' / 'config.json').exists()
