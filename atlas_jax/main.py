@@ -13,11 +13,28 @@ before absl parses the flags (`atlas_jax.config.check_command_line`); a bad fiel
 """
 
 import os
+import signal
 
-from absl import app, flags, logging
-from ml_collections import config_flags
 
-from atlas_jax.errors import AtlasError, one_line_errors
+class PendingSigterm:
+  """The SIGTERM handler until training installs its own: it only records the signal, which training's
+  handler (train.Preemption) takes over, so a SIGTERM while the run starts up is a clean stop."""
+
+  requested = False
+
+  def __call__(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+
+# First, before the slow imports: a SIGTERM from here on no longer kills the process half-started.
+PENDING_SIGTERM = PendingSigterm()
+signal.signal(signal.SIGTERM, PENDING_SIGTERM)
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from atlas_jax.errors import AtlasError, one_line_errors  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -50,6 +67,10 @@ def main(argv):
   from atlas_jax import config as config_lib
 
   config = config_lib.resolve(FLAGS.config)  # every field checked before anything starts or compiles
+  if config.mode != 'train':  # only training stops cleanly; any other job ends on SIGTERM as usual
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if PENDING_SIGTERM.requested:
+      os.kill(os.getpid(), signal.SIGTERM)
   if config.mode != 'compile' and not FLAGS.workdir:
     raise AtlasError(
       f'--workdir is required for mode={config.mode}; pass --workdir=DIR, '

@@ -433,9 +433,11 @@ class Preemption:
   """
 
   def __init__(self, sync_steps: int = 1):
-    self.requested = False  # this process got SIGTERM
     self.sync_steps = sync_steps
     self._previous = signal.signal(signal.SIGTERM, self._handle)
+    # This process got SIGTERM; one that came before this handler, while the run started, counts too
+    # (the handler atlas_jax.main installs first records it as `requested`).
+    self.requested = bool(getattr(self._previous, 'requested', False))
 
   def _handle(self, signum, frame):
     del signum, frame
@@ -591,6 +593,13 @@ def _train_loop(
     checkpoints.save(step, checkpoint_items(state, loader.get_state()), metrics=eval_metrics)
     last_saved = step
 
+  if start_step < total_steps and preemption.stop_after(start_step):  # SIGTERM while the run started up
+    if jax.process_index() == 0:
+      print(
+        f'SIGTERM before step {start_step + 1}: nothing was trained; run the same command again to start',
+        flush=True,
+      )
+    return state
   for step in range(start_step, total_steps):
     if step == config.profile.start_step:
       jax.profiler.start_trace(str(workdir / 'profile'))

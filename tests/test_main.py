@@ -211,3 +211,22 @@ def test_the_quickstart_learns_well_above_chance(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   final = [record for record in metrics_lib.read_metrics(tmp_path) if record['kind'] == 'eval'][-1]
   assert final['step'] == 200 and final['top1'] >= 0.4, final
+
+
+def test_sigterm_while_the_run_starts_exits_0_saying_nothing_was_trained(tmp_path, environment):
+  """SIGTERM a second after launch (imports, setup, compile: well before the first step ends)."""
+  env, extra = environment
+  process = subprocess.Popen(
+    _command(tmp_path / 'run', extra),
+    cwd=ROOT,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  time.sleep(1.0)
+  process.send_signal(signal.SIGTERM)
+  stdout, stderr = process.communicate(timeout=300)
+  assert process.returncode == 0, stderr[-2000:]
+  assert 'SIGTERM before step 1: nothing was trained' in stdout
+  assert not _complete_checkpoints(tmp_path / 'run')
