@@ -20,7 +20,6 @@ Inside a jitted train step (sketch):
 
 from collections.abc import Mapping
 import math
-import re
 from typing import Any, Callable
 
 import jax
@@ -83,7 +82,6 @@ def cast_to_float32() -> optax.GradientTransformation:
   return optax.stateless(lambda updates, params=None: jax.tree.map(lambda u: u.astype(jnp.float32), updates))
 
 
-_STAGE_BLOCKS = re.compile(r'stage(\d+)_blocks')
 _FIRST_LAYER = ('stem', 'global_position')  # id 0: everything before the first block
 READOUT = 'readout'
 
@@ -102,7 +100,7 @@ def _layer_ids(params: PyTree) -> tuple[PyTree, int]:
   """(layer_ids(params), L)."""
   depths = {}
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    match = _STAGE_BLOCKS.fullmatch(_path_name(path[0]))
+    match = param_tree.STAGE_BLOCKS.fullmatch(_path_name(path[0]))
     if match:
       depths[int(match[1])] = _shape(leaf)[0]
   first_ids, next_id = {}, 1
@@ -116,7 +114,7 @@ def _layer_ids(params: PyTree) -> tuple[PyTree, int]:
       return 0
     if name == READOUT:
       return num_blocks + 1
-    match = _STAGE_BLOCKS.fullmatch(name)
+    match = param_tree.STAGE_BLOCKS.fullmatch(name)
     if match:
       first = first_ids[int(match[1])]
       return np.arange(first, first + depths[int(match[1])])

@@ -16,14 +16,14 @@ import numpy as np
 
 VERSION = 2
 _BLOCK = re.compile(r'(stage\d+)_block(\d+)')
-_STAGE = re.compile(r'(stage\d+)_blocks')
+STAGE_BLOCKS = re.compile(r'stage(\d+)_blocks')  # group 1: the stage's index
 
 
 def stacked_axes(path) -> int:
   """Leading axes a leaf at `path` (a jax key path, or a tuple of names) has for being stacked: 1 under a
   `stage{k}_blocks` subtree (one slice per block), else 0. A block's own shape is shape[stacked_axes:]."""
   names = (getattr(entry, 'key', getattr(entry, 'name', entry)) for entry in path)
-  return int(any(isinstance(name, str) and _STAGE.fullmatch(name) for name in names))
+  return int(any(isinstance(name, str) and STAGE_BLOCKS.fullmatch(name) for name in names))
 
 
 def stack_blocks(tree):
@@ -67,13 +67,13 @@ def _stack_dict(tree: dict) -> dict:
 def _unstack_dict(tree: dict) -> dict:
   converted = {}
   for key, value in tree.items():
-    match = _STAGE.fullmatch(key) if isinstance(key, str) else None
+    match = STAGE_BLOCKS.fullmatch(key) if isinstance(key, str) else None
     if not match:
       converted[key] = value
       continue
     depth = jax.tree.leaves(value)[0].shape[0]
     for index in range(depth):
-      converted[f'{match[1]}_block{index}'] = jax.tree.map(lambda leaf: _slice_leaf(leaf, index), value)
+      converted[f'stage{match[1]}_block{index}'] = jax.tree.map(lambda leaf: _slice_leaf(leaf, index), value)
   return converted
 
 
