@@ -3,7 +3,9 @@
 Items (DESIGN.md): params, batch_stats (only when the model has BatchNorm: orbax refuses an empty item),
 opt_state, ema_params, train_state, data. Each step records the atlas_jax version and the parameter-tree
 version (atlas_jax.models.param_tree): a step of version 1 (one subtree per block) is read and stacked into
-today's tree; any other version is refused with a message instead of mis-loaded.
+today's tree; any other version is refused with a message instead of mis-loaded. A step whose parameters
+differ in names or shapes from the model being restored (another model's config) is refused in one line
+naming the differing leaves, before orbax reads anything.
 """
 
 import pathlib
@@ -129,6 +131,7 @@ class Checkpoints:
       name: param_tree.unstack_blocks(tree) if version == 1 and name in PARAMETER_ITEMS else tree
       for name, tree in wanted.items()
     }
+    self._check_shapes(step, stored)
     restored = self.manager.restore(
       step, args=ocp.args.Composite(**{name: ocp.args.StandardRestore(tree) for name, tree in stored.items()})
     )
@@ -138,6 +141,67 @@ class Checkpoints:
         if name in restored:
           restored[name] = _stacked_as(restored[name], wanted[name])
     return restored
+
+  def _check_shapes(self, step: int, stored: Mapping[str, Any]) -> None:
+    """CheckpointError, naming up to two leaves, when the parameters of step `step` differ in names or
+    shapes from `stored` (the trees to restore, as stored): the model of another config.
+
+    The parameter items are compared leaf by leaf; the optimizer state only on the leaves both hold (its
+    container names are the optimizer's, not the model's). The rest (train_state, data) is not compared.
+    """
+    try:
+      metadata = self.manager.item_metadata(step)
+    except Exception:  # unreadable metadata: orbax's restore says what it finds
+      return
+    differences = []
+    for name, tree in stored.items():
+      try:
+        item_metadata = metadata[name] if name in PARAMETER_ITEMS else None
+      except KeyError:
+        item_metadata = None
+      if item_metadata is None:
+        continue
+      in_checkpoint = _leaf_shapes(item_metadata)
+      in_config = _leaf_shapes(tree)
+      prefix = '' if name == 'params' else f'{name}/'
+      for path in sorted(set(in_checkpoint) | set(in_config), key=lambda path: (path.count('/'), path)):
+        if name == 'opt_state' and not (path in in_checkpoint and path in in_config):
+          continue
+        if path not in in_config:
+          differences.append(f'{prefix}{path} {in_checkpoint[path]} in the checkpoint only')
+        elif path not in in_checkpoint:
+          differences.append(f'{prefix}{path} {in_config[path]} in the config only')
+        elif in_checkpoint[path] != in_config[path]:
+          differences.append(
+            f'{prefix}{path} {in_checkpoint[path]} in the checkpoint vs {in_config[path]} in the config'
+          )
+      if differences:
+        break  # the first item that differs names the leaves; the items after it differ alike
+    if differences:
+      shown = ', '.join(differences[:2])
+      more = f' (and {len(differences) - 2} more)' if len(differences) > 2 else ''
+      workdir = self.directory.parent
+      raise CheckpointError(
+        f'the checkpoint at {self.directory / str(step)} holds a model of a different shape than the config: '
+        f'{shown}{more}; the config stored in the workdir ({workdir_lib.config_path(workdir)}) is the one '
+        'to use with it'
+      )
+
+
+def _leaf_shapes(tree) -> dict[str, tuple[int, ...]]:
+  """{'a/b/kernel': shape} of every array leaf of `tree` (arrays, jax.ShapeDtypeStruct or orbax's metadata)."""
+  return {
+    '/'.join(_key_name(key) for key in path): tuple(int(size) for size in leaf.shape)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    if hasattr(leaf, 'shape')
+  }
+
+
+def _key_name(key) -> str:
+  for attribute in ('key', 'name', 'idx'):  # DictKey, GetAttrKey, SequenceKey / FlattenedIndexKey
+    if hasattr(key, attribute):
+      return str(getattr(key, attribute))
+  return str(key)
 
 
 def _stacked_as(tree, abstract):

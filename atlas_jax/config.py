@@ -30,7 +30,7 @@ import re
 import ml_collections
 
 from atlas_jax.augment import ERASE_MODES
-from atlas_jax.errors import AtlasError
+from atlas_jax.errors import AtlasError, one_line_errors
 from atlas_jax.models import DTYPES, MODELS, VARIANTS, default_depths
 from atlas_jax.models import layout as layout_lib
 from atlas_jax.models.attention import IMPLEMENTATIONS
@@ -467,3 +467,33 @@ def check_command_line(args: list[str], name: str = 'config') -> None:
       raise ConfigError(
         f'--{name}.{field} comes before --{name}=...; put the overrides after the config file'
       )
+
+
+@one_line_errors
+def parse_flags(argv: list[str]) -> list[str]:
+  """`app.run`'s flags_parser for a command line with a `--config` file: every mistake on it is one `error:`
+  line and exit code 1 instead of a traceback or absl's two lines.
+
+  First `check_command_line` (a missing config file, a bad :ARG, a misspelt or repeated `--config.FIELD`),
+  then absl's own parsing, whose errors (a `--config.FIELD` value of the wrong type, an unknown or
+  malformed flag, a required flag not given) are one line too.
+  """
+  from absl import flags  # pylint: disable=import-outside-toplevel
+
+  args = list(argv[1:])
+  if '--' in args:
+    args = args[: args.index('--')]
+  try:
+    args = flags.FLAGS.read_flags_from_files(args, force_gnu=False)
+  except flags.Error:
+    args = None  # a flagfile absl cannot read: absl says so below
+  if args is not None:
+    check_command_line(args)
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as error:
+    message = ' '.join(str(error).split())
+    message = message[len('flag ') :] if message.startswith('flag --') else message
+    if message.startswith('--config.'):
+      raise ConfigError(f'{message}; give the field a value of its type (configs/common.py)') from None
+    raise AtlasError(f'{message} (--helpfull lists the flags)') from None

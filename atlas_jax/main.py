@@ -8,7 +8,8 @@ the configured mesh and batch, report the memory it needs per device and whether
 
 A config mistake on the command line (a config file that does not exist, a bad `:ARG`, a misspelt
 `--config.FIELD`, with the nearest field named, or one given twice) is one `error:` line and exit code 1,
-before absl parses the flags (`atlas_jax.config.check_command_line`); a bad field value is one line from
+before absl parses the flags (`atlas_jax.config.check_command_line`); a value absl cannot parse
+(`--config.lr=abc`) is one line from `atlas_jax.config.parse_flags`, a value out of range one line from
 `atlas_jax.config.resolve`.
 """
 
@@ -121,22 +122,12 @@ def _start_distributed(jax) -> None:
     ) from None
 
 
-@one_line_errors
 def _parse_flags(argv: list[str]) -> list[str]:
-  """app.run's flag parser: the command line's config mistakes as one line (config.check_command_line),
-  then absl's own parsing."""
-  args = list(argv[1:])
-  if '--' in args:
-    args = args[: args.index('--')]
-  try:
-    args = FLAGS.read_flags_from_files(args, force_gnu=False)
-  except flags.Error:
-    args = None  # a flagfile absl cannot read: absl says so below
-  if args is not None:
-    from atlas_jax import config as config_lib
+  """app.run's flag parser: config.parse_flags, every command-line mistake (a config file that does not
+  exist, a misspelt or repeated --config.FIELD, a value of the wrong type, an unknown flag) one line."""
+  from atlas_jax import config as config_lib
 
-    config_lib.check_command_line(args)
-  return app.parse_flags_with_usage(argv)
+  return config_lib.parse_flags(argv)
 
 
 if __name__ == '__main__':

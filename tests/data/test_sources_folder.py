@@ -262,3 +262,33 @@ def test_too_many_bad_files_stop_with_one_line(broken):
         next(loader)
   message = str(caught.value)
   assert '\n' not in message and 'data.max_bad_fraction=0.01' in message and 'of the 19 examples' in message
+
+
+def test_symlinks_that_do_not_resolve_are_skipped_and_loops_not_followed(clean, tmp_path, caplog):
+  """A looping or broken file link is skipped with one warning (not a bad example); a folder link that
+  loops back up is never followed; a class left with only such links, or a class link that loops, is one
+  line."""
+  root = tmp_path / 'links'
+  shutil.copytree(clean, root)
+  class_dir = root / 'train' / CLASSES[0]
+  (class_dir / 'loop.png').symlink_to('loop.png')  # ELOOP: is_file() raises
+  (class_dir / 'broken.jpg').symlink_to('nowhere.jpg')
+  (class_dir / 'up').symlink_to('..')  # a folder loop: class folders are read one level deep
+  (class_dir / 'up.png').symlink_to('.')  # a folder with an image suffix: not a file
+  with caplog.at_level(logging.WARNING):
+    source = image_folder(root, 'train')
+  assert len(source) == 3 * TRAIN_PER_CLASS and source.classes == sorted(CLASSES)
+  assert all(source.path(i).name.startswith('img_') for i in range(len(source)))
+  warnings = [record.getMessage() for record in caplog.records if 'do not resolve' in record.getMessage()]
+  assert len(warnings) == 1 and '2 symlinks' in warnings[0], warnings
+
+  only_links = root / 'val' / CLASSES[1]
+  for path in only_links.iterdir():
+    path.unlink()
+  (only_links / 'self.png').symlink_to('self.png')
+  message = one_line_error(image_folder, root, 'validation')
+  assert str(only_links) in message and 'self.png' in message and 'fix or remove them' in message
+
+  (root / 'val' / 'n04000000').symlink_to('n04000000')  # a class folder that is a loop
+  message = one_line_error(image_folder, root, 'validation')
+  assert str(root / 'val' / 'n04000000') in message and 'does not resolve' in message

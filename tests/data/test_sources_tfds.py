@@ -7,6 +7,7 @@ import json
 import os
 import pathlib
 import shutil
+import struct
 import subprocess
 import sys
 
@@ -194,3 +195,107 @@ print(json.dumps(counts))
   counts = json.loads(result.stdout.strip().splitlines()[-1])
   assert counts['tensorflow'] == 'unimportable' and not counts['tensorflow_loaded']
   assert counts['array_record'] == counts['tfrecord'] == [0, 0, 1, 1, 2, 2]
+
+
+def shard_of(data_dir, split: str = 'train') -> pathlib.Path:
+  return next((pathlib.Path(data_dir) / tiny_tfds.NAME / '1.0.0').glob(f'*-{split}.*-00000-of-00001'))
+
+
+def copy_of(prepared, file_format: str, tmp_path) -> pathlib.Path:
+  copy = tmp_path / file_format
+  shutil.copytree(prepared[file_format], copy)
+  return copy
+
+
+def corrupt_first_record(data_dir, file_format: str) -> None:
+  """Flips a byte inside the image of record 0 of the train split: the record is stored whole, its bytes
+  bad (ArrayRecord's chunk hash and TFRecord's data CRC no longer match)."""
+  shard = shard_of(data_dir)
+  data = bytearray(shard.read_bytes())
+  at = data.index(b'\x89PNG') + 20  # inside record 0's image (its first chunk, its first TFRecord)
+  data[at] ^= 0xFF
+  shard.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize('file_format', ['array_record', 'tfrecord'])
+def test_a_corrupt_record_is_a_bad_example_the_loader_replaces(prepared, tmp_path, file_format):
+  data_dir = copy_of(prepared, file_format, tmp_path)
+  corrupt_first_record(data_dir, file_format)
+  source = tfds_dataset(tiny_tfds.NAME, data_dir, 'train')
+  assert len(source) == tiny_tfds.SPLIT_SIZES['train']
+  with pytest.raises(BadImageError, match=r'^tfds tiny_classes/1.0.0 train\[0\]: corrupt record') as caught:
+    source[0]
+  assert '\n' not in str(caught.value)
+  truncated_jpeg = next(
+    i
+    for i in range(1, len(source))
+    if source.encoded(i)['file_name'].endswith(f'_{tiny_tfds.BAD_TRAIN_RECORD}.png')
+  )
+
+  def crop(example, rng):
+    del rng
+    return {'image': np.ascontiguousarray(example['image'][:16, :16]), 'label': example['label']}
+
+  with pipeline.TrainLoader(source, 3, seed=0, transform=crop, max_bad_fraction=0.5) as loader:
+    for _ in range(3):
+      assert next(loader)['image'].shape == (3, 16, 16, 3)
+    assert loader.bad_examples.bad_indices == {0, truncated_jpeg}
+  # With a class filter the scan cannot read record 0's class: it is left out, and said.
+  class_list = tmp_path / 'classes.txt'
+  class_list.write_text('\n'.join(tiny_tfds.CLASS_NAMES))
+  filtered = tfds_dataset(tiny_tfds.NAME, data_dir, 'train', classes_file=class_list)
+  assert filtered.unreadable_records == [0] and len(filtered) == len(source) - 1
+
+
+def one_line(error_type, function, *args, **kwargs) -> str:
+  with pytest.raises(error_type) as caught:
+    function(*args, **kwargs)
+  message = str(caught.value)
+  assert '\n' not in message, message
+  return message
+
+
+@pytest.mark.parametrize('file_format', ['array_record', 'tfrecord'])
+def test_a_missing_truncated_or_unreadable_shard_is_one_line_naming_it(prepared, tmp_path, file_format):
+  data_dir = copy_of(prepared, file_format, tmp_path)
+  shard = shard_of(data_dir)
+  original = shard.read_bytes()
+  shard.unlink()
+  message = one_line(sources.DataSourceError, tfds_dataset, tiny_tfds.NAME, data_dir, 'train')
+  assert message.startswith(f'{shard} is missing') and 'prepare the dataset again' in message
+  shard.mkdir()  # open() fails: unreadable (permissions cannot make it so for root)
+  message = one_line(sources.DataSourceError, tfds_dataset, tiny_tfds.NAME, data_dir, 'train')
+  assert message.startswith(f'cannot read {shard}')
+  shard.rmdir()
+  for cut in (len(original) // 2, len(original) - 100):
+    shard.write_bytes(original[:cut])
+    message = one_line(sources.DataSourceError, tfds_dataset, tiny_tfds.NAME, data_dir, 'train')
+    assert str(shard) in message and 'prepare the dataset again' in message
+  if file_format == 'tfrecord':  # cut at a record boundary: fewer records than dataset_info.json lists
+    (first_length,) = struct.unpack('<Q', original[:8])
+    shard.write_bytes(original[: 12 + first_length + 4])
+    message = one_line(sources.DataSourceError, tfds_dataset, tiny_tfds.NAME, data_dir, 'train')
+    assert 'holds 1 record but dataset_info.json lists 9' in message
+  assert tfds_dataset(tiny_tfds.NAME, data_dir, 'validation')  # the other split still reads
+
+
+@pytest.mark.parametrize(
+  'edit, match',
+  [
+    (lambda text: text[: len(text) // 2], 'is not valid JSON'),
+    (lambda text: '[1, 2]', 'holds a JSON list'),
+    (
+      lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != 'splits'}),
+      'lacks the field splits',
+    ),
+    (lambda text: json.dumps({**json.loads(text), 'version': ''}), 'lacks the field version'),
+    (lambda text: json.dumps({**json.loads(text), 'splits': 'train'}), 'not a list of named splits'),
+    (lambda text: json.dumps({**json.loads(text), 'version': '1.x'}), 'tfds cannot read the dataset'),
+  ],
+)
+def test_a_bad_dataset_info_json_is_one_line_naming_it(prepared, tmp_path, edit, match):
+  data_dir = copy_of(prepared, 'array_record', tmp_path)
+  info = data_dir / tiny_tfds.NAME / '1.0.0' / 'dataset_info.json'
+  info.write_text(edit(info.read_text()))
+  message = one_line(sources.DataSourceError, tfds_dataset, tiny_tfds.NAME, data_dir, 'train')
+  assert match in message and str(info.parent) in message, message

@@ -8,6 +8,7 @@ the tfds source numbers them.
 import os
 import pathlib
 
+from absl import logging
 import numpy as np
 from PIL import Image
 
@@ -30,6 +31,12 @@ class ImageFolder:
   non-hidden files with a suffix PIL registers (any case), sorted by class and then by name, so every host
   lists the same order. `source[i]` decodes file i (decode.decode_image): a file that cannot be decoded
   raises decode.BadImageError, which the loader counts and replaces.
+
+  Symlinks are followed one level: a class folder's entries are listed, never its subfolders, so a link
+  that loops back up (`cat/sub -> ..`) is not followed at all. A link that does not resolve (broken, or a
+  loop such as `a.jpg -> a.jpg`) is skipped when listing, not counted as a bad example, with one warning
+  per split naming the first; a class folder left with nothing but such links is one DataSourceError line,
+  as is a class folder that is itself such a link.
   """
 
   SPLIT_DIRS = {'train': 'train', 'validation': 'val'}
@@ -88,17 +95,24 @@ class ImageFolder:
         )
     label_of = {name: label for label, name in enumerate(self.classes)}
     extensions = {suffix.lower() for suffix in Image.registered_extensions()}
-    relative_paths, labels = [], []
+    relative_paths, labels, unresolved = [], [], []
     for name in split_classes:
-      files = sorted(
-        entry.name
-        for entry in os.scandir(split_dir / name)
-        if entry.is_file()
-        and not entry.name.startswith('.')
-        and os.path.splitext(entry.name)[1].lower() in extensions
-      )
+      files, links = _image_files(split_dir / name, extensions)
+      if links and not files:
+        raise DataSourceError(
+          f'{split_dir / name} holds no image file, only symlinks that do not resolve (broken or '
+          f'looping: {abbreviated(links)}): fix or remove them'
+        )
+      unresolved.extend(os.path.join(name, link) for link in links)
       relative_paths.extend(os.fsencode(os.path.join(name, file)) for file in files)
       labels.extend([label_of[name]] * len(files))
+    if unresolved:
+      logging.warning(
+        '%s: %d symlinks do not resolve (broken or looping) and are skipped, the first: %s',
+        split_dir,
+        len(unresolved),
+        unresolved[0],
+      )
     if not relative_paths:
       raise DataSourceError(
         f'{split_dir} holds no image files in its class folders (<class>/<image>, any '
@@ -125,10 +139,39 @@ class ImageFolder:
     return labelled_example(image, self.labels[index])
 
 
+def _resolves(path: str) -> bool:
+  return os.path.exists(path)  # False for a broken link and for a loop (ELOOP)
+
+
 def _subfolders(directory: pathlib.Path) -> list[str]:
-  return sorted(
-    entry.name for entry in os.scandir(directory) if entry.is_dir() and not entry.name.startswith('.')
-  )
+  """The sorted non-hidden subfolders (symlinks to folders included); a link that does not resolve is one
+  DataSourceError line: it would leave out a class."""
+  names = []
+  for entry in os.scandir(directory):
+    if entry.name.startswith('.'):
+      continue
+    if entry.is_symlink() and not _resolves(entry.path):
+      raise DataSourceError(
+        f'{entry.path} is a symlink that does not resolve (broken or looping): a class folder must '
+        'be a folder; fix or remove the link'
+      )
+    if entry.is_dir():
+      names.append(entry.name)
+  return sorted(names)
+
+
+def _image_files(directory: pathlib.Path, extensions: set[str]) -> tuple[list[str], list[str]]:
+  """(the sorted non-hidden image files of `directory`, the sorted symlinks with an image suffix that do
+  not resolve), by name; subfolders are not listed."""
+  files, links = [], []
+  for entry in os.scandir(directory):
+    if entry.name.startswith('.') or os.path.splitext(entry.name)[1].lower() not in extensions:
+      continue
+    if entry.is_symlink() and not _resolves(entry.path):
+      links.append(entry.name)
+    elif entry.is_file():
+      files.append(entry.name)
+  return sorted(files), sorted(links)
 
 
 def from_config(data_config, image_size, split: str, seed: int) -> ImageFolder:

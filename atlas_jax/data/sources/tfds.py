@@ -3,14 +3,23 @@
 `TfdsSource` reads ArrayRecord through tfds's random-access data source and TFRecord through its own index of
 the record offsets (`_TFRecordShards`); neither imports TensorFlow. Images are decoded here from their stored
 bytes, as folders' files are, and classes are numbered in sorted order of their names, as a folder's are.
+
+Broken data: a `dataset_info.json` that is not JSON or lacks the fields tfds needs, and a shard that is
+missing, unreadable, cut short or holds another number of records than dataset_info.json lists, are one
+DataSourceError line naming the file, when the source is built. A record that cannot be read or parsed
+(bad bytes inside it: ArrayRecord's chunk hash or TFRecord's data CRC does not match, or the example does
+not parse) is a bad example: decode.BadImageError naming the record, which the loader counts and replaces
+as it does an undecodable image.
 """
 
 import functools
+import json
 import os
 import pathlib
 import struct
 from typing import Any, Sequence
 
+from absl import logging
 import google_crc32c
 import numpy as np
 
@@ -38,15 +47,18 @@ class _TFRecordShards:
   """Random access to the records of TFRecord files through an index of their offsets, without TensorFlow.
 
   TFRecord framing: uint64 length, masked CRC-32C of the length, data, masked CRC-32C of the data. Building
-  the index reads 12 bytes per record (and checks the length's CRC, so a file that is not TFRecord or was
-  cut short is refused here); a read is one pread of the record's data. The data's own CRC is not checked:
-  the image decoder refuses corrupt images.
+  the index reads 12 bytes per record and checks the length's CRC, so a file that is missing, unreadable,
+  not TFRecord, cut short or holding another number of records than `shard_lengths` (dataset_info.json's)
+  is one DataSourceError line here. A read is one pread of the record's data and its CRC, checked: a record
+  whose bytes were corrupted raises decode.BadImageError under the name the caller gives (a bad example).
   """
 
-  def __init__(self, paths: Sequence[str]):
+  def __init__(self, paths: Sequence[str], shard_lengths: Sequence[int] | None = None):
     self.paths = [os.fspath(path) for path in paths]
     offsets, lengths, files = [], [], []
     for file_number, path in enumerate(self.paths):
+      count = len(offsets)
+      _check_shard_file(path, file_number, len(self.paths))
       size = os.path.getsize(path)
       with open(path, 'rb') as stream:
         position = 0
@@ -72,6 +84,8 @@ class _TFRecordShards:
         raise DataSourceError(
           f'{path} ends inside its last record: the file is cut short; prepare the dataset again'
         )
+      if shard_lengths is not None:
+        _check_shard_length(path, len(offsets) - count, shard_lengths[file_number])
     self._offsets = np.asarray(offsets, np.int64)
     self._lengths = np.asarray(lengths, np.int64)
     self._files = np.asarray(files, np.int32)
@@ -79,12 +93,68 @@ class _TFRecordShards:
   def __len__(self) -> int:
     return len(self._offsets)
 
-  def __getitem__(self, index: int) -> bytes:
-    descriptor = os.open(self.paths[self._files[index]], os.O_RDONLY)
+  def read(self, index: int, name: str) -> bytes:
+    """The data of record `index`; BadImageError naming it as `name` when its CRC does not match."""
+    path = self.paths[self._files[index]]
+    length, offset = int(self._lengths[index]), int(self._offsets[index])
+    descriptor = os.open(path, os.O_RDONLY)
     try:
-      return os.pread(descriptor, int(self._lengths[index]), int(self._offsets[index]))
+      data = os.pread(descriptor, length + 4, offset)
     finally:
       os.close(descriptor)
+    if len(data) != length + 4 or masked_crc32c(data[:length]) != struct.unpack('<I', data[length:])[0]:
+      raise decode.BadImageError(
+        name, f'corrupt record (its data does not match its CRC) at byte {offset} of {path}'
+      )
+    return data[:length]
+
+
+def _check_shard_file(path: str, number: int, count: int) -> None:
+  """One DataSourceError line when shard `path` (number `number` of `count`) is missing or unreadable."""
+  if not os.path.exists(path):
+    raise DataSourceError(
+      f'{path} is missing (shard {number + 1} of {count} that dataset_info.json lists): copy it '
+      'back or prepare the dataset again'
+    )
+  try:
+    with open(path, 'rb') as stream:
+      stream.read(1)
+  except OSError as error:
+    raise DataSourceError(
+      f'cannot read {path} ({error.strerror or error}): fix its permissions or prepare the dataset again'
+    ) from None
+
+
+def _check_shard_length(path: str, found: int, listed: int) -> None:
+  if found != int(listed):
+    raise DataSourceError(
+      f'{path} holds {found} record{"" if found == 1 else "s"} but dataset_info.json lists {listed}: the '
+      'file is cut short or from another preparation; prepare the dataset again'
+    )
+
+
+def _check_array_record_shards(paths: Sequence[str], shard_lengths: Sequence[int] | None) -> None:
+  """Each shard opened once (its footer and index read, its record count compared with dataset_info.json's):
+  a missing, unreadable, truncated or foreign file is one DataSourceError line, not an error at every read."""
+  from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
+
+  for number, path in enumerate(paths):
+    path = os.fspath(path)
+    _check_shard_file(path, number, len(paths))
+    try:
+      reader = array_record_module.ArrayRecordReader(path, options='readahead_buffer_size:0')
+      try:
+        found = reader.num_records()
+      finally:
+        reader.close()  # raises what went wrong reading the file
+    except (RuntimeError, ValueError, OSError) as error:
+      reason = ' '.join(str(error).split())
+      raise DataSourceError(
+        f'{path} is not a readable ArrayRecord file ({reason[:300]}): it is cut short or corrupt; '
+        'prepare the dataset again'
+      ) from None
+    if shard_lengths is not None:
+      _check_shard_length(path, found, shard_lengths[number])
 
 
 def _import_tfds():
@@ -120,6 +190,34 @@ def _prepared_dir(data_dir: pathlib.Path, name: str) -> pathlib.Path:
     f'no prepared tfds dataset {name}{":" + version if version else ""} in '
     f'{data_dir} (looked for {dataset_dir}/<version>/dataset_info.json): {how}'
   )
+
+
+def _check_dataset_info(prepared: pathlib.Path) -> None:
+  """One DataSourceError line when `prepared`/dataset_info.json is not JSON or lacks what tfds reads."""
+  path = prepared / 'dataset_info.json'
+  again = 'prepare the dataset again (or restore the file from the preparation)'
+  try:
+    info = json.loads(path.read_text())
+  except (OSError, UnicodeDecodeError) as error:
+    raise DataSourceError(
+      f'cannot read {path} ({getattr(error, "strerror", None) or error}): {again}'
+    ) from None
+  except json.JSONDecodeError as error:
+    raise DataSourceError(
+      f'{path} is not valid JSON ({error.msg} at line {error.lineno} column {error.colno}): {again}'
+    ) from None
+  if not isinstance(info, dict):
+    raise DataSourceError(f'{path} holds a JSON {type(info).__name__}, not the object tfds writes: {again}')
+  missing = [field for field in ('name', 'version', 'splits') if not info.get(field)]
+  if missing:
+    raise DataSourceError(
+      f'{path} lacks the field{"s" if len(missing) > 1 else ""} {", ".join(missing)}: {again}'
+    )
+  splits = info['splits']
+  if not isinstance(splits, list) or not all(
+    isinstance(split, dict) and split.get('name') for split in splits
+  ):
+    raise DataSourceError(f'{path} has a "splits" field that is not a list of named splits: {again}')
 
 
 def _is_version(text: str) -> bool:
@@ -164,9 +262,19 @@ class TfdsSource:
         'to the tensorflow_datasets folder the dataset was prepared in'
       )
     prepared = _prepared_dir(data_dir, name)
+    _check_dataset_info(prepared)
     tfds = _import_tfds()
-    builder = tfds.builder_from_directory(os.fspath(prepared))
-    info = builder.info
+    try:
+      builder = tfds.builder_from_directory(os.fspath(prepared))
+      info = builder.info
+      features = info.features
+      file_format = info.file_format.value if info.file_format is not None else 'tfrecord'
+    except Exception as error:  # tfds reports a bad dataset_info.json / features.json in many types
+      reason = ' '.join(str(error).split())
+      raise DataSourceError(
+        f'tfds cannot read the dataset in {prepared} from its dataset_info.json and features.json '
+        f'({type(error).__name__}: {reason[:300]}): prepare the dataset again'
+      ) from None
     self.name = f'{info.name}/{prepared.name}'
     self.max_pixels = int(max_pixels)
     self.max_decode_bytes = int(max_decode_bytes)
@@ -178,7 +286,6 @@ class TfdsSource:
         f'{", ".join(info.splits)}): prepare one or use another dataset'
       )
     self.split = split_name
-    features = info.features
     if image_key not in features or label_key not in features:
       raise DataSourceError(
         f'tfds dataset {self.name} lacks the features {image_key!r} and {label_key!r} '
@@ -205,22 +312,26 @@ class TfdsSource:
     self._relabel = np.array([label_of.get(class_name, -1) for class_name in dataset_names], np.int32)
 
     decoders = {image_key: tfds.decode.SkipDecoding()}
-    file_format = info.file_format.value if info.file_format is not None else 'tfrecord'
+    split_info = info.splits[split_name]
+    paths = list(split_info.filepaths)
+    # Each shard's record count as dataset_info.json lists it (None where it lists none per shard).
+    shard_lengths = list(split_info.shard_lengths) if len(split_info.shard_lengths) == len(paths) else None
     if file_format == 'array_record':
+      _check_array_record_shards(paths, shard_lengths)
       records = builder.as_data_source(split=split_name, decoders=decoders)
       self._read = records.__getitem__
       self._read_many = records.__getitems__
     elif file_format == 'tfrecord':
-      shards = _TFRecordShards(info.splits[split_name].filepaths)
+      shards = _TFRecordShards(paths, shard_lengths)
       parse = functools.partial(features.deserialize_example_np, decoders=decoders)
-      self._read = lambda index: parse(shards[index])
+      self._read = lambda index: parse(shards.read(index, self._record_name(index)))
       self._read_many = lambda indices: [self._read(index) for index in indices]
     else:
       raise DataSourceError(
         f'tfds dataset {self.name} is stored as {file_format}; atlas_jax reads '
         'array_record and tfrecord: prepare it again with --file_format=array_record'
       )
-    self.num_records = int(info.splits[split_name].num_examples)
+    self.num_records = int(split_info.num_examples)
     if self.num_records < 1:
       raise DataSourceError(
         f'the {split_name!r} split of tfds dataset {self.name} is empty: prepare it again'
@@ -228,8 +339,12 @@ class TfdsSource:
     self._label_key = label_key
     # With a class filter, the records of the kept classes and their labels (from one pass over the split).
     self._records = self.scanned_labels = None
+    self.unreadable_records: list[int] = []  # with a class filter: records the scan could not read
     if classes_file:
-      labels = self._relabel[self._scan_labels()]
+      scanned = self._scan_labels()
+      known = scanned >= 0
+      labels = np.full(scanned.shape, -1, np.int32)
+      labels[known] = self._relabel[scanned[known]]
       self._records = np.flatnonzero(labels >= 0)
       self.scanned_labels = labels[self._records]
       if not len(self._records):
@@ -238,14 +353,40 @@ class TfdsSource:
           f'classes in data.classes={str(classes_file)!r}'
         )
 
+  def _record_name(self, record: int) -> str:
+    return f'tfds {self.name} {self.split}[{record}]'
+
   def _scan_labels(self, chunk: int = 1024) -> np.ndarray:
-    """The dataset label of every record of the split, (num_records,) int64: one read of the whole split."""
+    """The dataset label of every record of the split, (num_records,) int64, -1 for a record that cannot
+    be read (left out of the filtered split, and logged): one read of the whole split."""
     labels = np.empty((self.num_records,), np.int64)
     for start in range(0, self.num_records, chunk):
       indices = list(range(start, min(start + chunk, self.num_records)))
-      examples = self._read_many(indices)
-      labels[start : start + len(indices)] = [int(example[self._label_key]) for example in examples]
+      try:
+        examples = self._read_many(indices)
+        labels[start : start + len(indices)] = [int(example[self._label_key]) for example in examples]
+      except Exception:  # a corrupt record in the chunk: read its records one by one
+        for index in indices:
+          labels[index] = self._scanned_label(index)
+    labels[labels >= len(self._relabel)] = -1  # not a class of the dataset: a corrupt label
+    self.unreadable_records = np.flatnonzero(labels < 0).tolist()
+    if self.unreadable_records:
+      logging.warning(
+        'tfds dataset %s %s: %d records cannot be read and are left out (their class is unknown), the '
+        'first: %s',
+        self.name,
+        self.split,
+        len(self.unreadable_records),
+        self._record_name(self.unreadable_records[0]),
+      )
     return labels
+
+  def _scanned_label(self, record: int) -> int:
+    try:
+      label = int(self._read(record)[self._label_key])
+    except Exception:  # any failure to read or parse it: a corrupt record, reported by the scan
+      return -1
+    return label if label >= 0 else -1
 
   @property
   def num_classes(self) -> int:
@@ -260,15 +401,29 @@ class TfdsSource:
     if not 0 <= index < len(self):
       raise IndexError(f'index {index} out of range for a split of {len(self)} examples')
     record = int(index) if self._records is None else int(self._records[index])
-    example = self._read(record)
-    file_name = example.get('file_name')
+    name = self._record_name(record)
+    try:
+      example = self._read(record)
+      image = example[self.image_key]
+      dataset_label = int(example[self._label_key])
+      file_name = example.get('file_name')
+    except decode.BadImageError:
+      raise
+    except Exception as error:  # bad bytes inside the record (hash mismatch, unparsable example): bad example
+      raise decode.BadImageError(
+        name, f'corrupt record, cannot be read: {type(error).__name__}: {str(error)[:300]}'
+      ) from error
+    if not 0 <= dataset_label < len(self._relabel):
+      raise decode.BadImageError(
+        name, f'corrupt record: label {dataset_label} is not a class of the dataset ({len(self._relabel)})'
+      )
     if isinstance(file_name, bytes):
       file_name = file_name.decode('utf-8', 'replace')
     return {
-      'image': example[self.image_key],
-      'label': int(self._relabel[int(example[self._label_key])]),
+      'image': image,
+      'label': int(self._relabel[dataset_label]),
       'record': record,
-      'name': f'tfds {self.name} {self.split}[{record}]',
+      'name': name,
       'file_name': None if file_name is None else str(file_name),
     }
 
