@@ -5,6 +5,8 @@ data.augment.host_max_side)` and the loader normalises; `train_finish(config)` t
   1. resizes the normalised batch to `image_size`, bicubic (Keys' cubic with a = -0.5, PIL's kernel), and
      clips to the normalised images of [0, 255] as PIL's uint8 output is; a no-op when the host already
      made `image_size`. Resizing commutes with the per-channel normalisation, whose weights sum to one.
+     With `data.augment.aspect='keep'` the batch's valid sizes (B, 2) scale by the same factors (rounded,
+     within [1, side]); the padding around them may blur into their last pixel or two, which stays valid.
   2. random erasing as timm's RandomErasing after normalisation: with probability `erase_prob` each image
      gets `erase_count` boxes, each drawn in up to 10 attempts (area uniform in `erase_area` of the image
      divided by the count, height / width log-uniform in `erase_ratio`, rounded; the first that fits
@@ -12,7 +14,8 @@ data.augment.host_max_side)` and the loader normalises; `train_finish(config)` t
      pixel and channel ('pixel'), one N(0, 1) colour per box ('rand') or 0 ('const').
 Erasing has to follow the upsampling (per-pixel noise at full resolution), so it runs here in both cases,
 as in timm's GPU prefetch loader. Then `mixup_cutmix` mixes the batch and makes its soft targets (timm's
-Mixup). Every draw comes from the key the step passes, so all of it is deterministic and exact on resume.
+Mixup); with sizes, a mixed example is valid over the smallest top-left box holding both of its images.
+Every draw comes from the key the step passes, so all of it is deterministic and exact on resume.
 This is JAX; data/ stays free of it.
 """
 
@@ -115,10 +118,21 @@ def random_erase(
   return images
 
 
-def train_finish(config) -> Callable[[jax.Array, jax.Array], jax.Array] | None:
-  """`finish(key, images)` for the train step: normalised (B, h, w, 3) from the loader -> (B, H, W, 3) at
-  `config.image_size`, upsampled and randomly erased (module doc). None for the synthetic task, which has
-  no transform. The config is resolved: atlas_jax.config has checked the fields."""
+def resize_sizes(sizes: jax.Array, from_size: Sequence[int], to_size: Sequence[int]) -> jax.Array:
+  """Valid (height, width) sizes (B, 2) on a `from_size` canvas -> on the canvas resized to `to_size`: each
+  side times the canvas's factor, rounded, kept within [1, side] (int32)."""
+  scale = jnp.asarray([to / source for to, source in zip(to_size, from_size)], jnp.float32)
+  scaled = jnp.round(sizes.astype(jnp.float32) * scale).astype(jnp.int32)
+  return jnp.clip(scaled, 1, jnp.asarray(tuple(to_size), jnp.int32))
+
+
+def train_finish(
+  config,
+) -> Callable[[jax.Array, jax.Array, jax.Array | None], tuple[jax.Array, jax.Array | None]] | None:
+  """`finish(key, images, sizes=None) -> (images, sizes)` for the train step: normalised (B, h, w, 3) from the
+  loader -> (B, H, W, 3) at `config.image_size`, upsampled and randomly erased (module doc), and the valid
+  sizes (B, 2) of `data.augment.aspect='keep'` scaled alike (None stays None). None for the synthetic task,
+  which has no transform. The config is resolved: atlas_jax.config has checked the fields."""
   if config.data.source == 'synthetic':
     return None
   augment = config.data.augment
@@ -131,12 +145,14 @@ def train_finish(config) -> Callable[[jax.Array, jax.Array], jax.Array] | None:
     count=int(augment.erase_count),
   )
 
-  def finish(key: jax.Array, images: jax.Array) -> jax.Array:
+  def finish(key: jax.Array, images: jax.Array, sizes: jax.Array | None = None):
     if tuple(images.shape[1:3]) != image_size:
+      if sizes is not None:
+        sizes = resize_sizes(sizes, images.shape[1:3], image_size)
       images = resize_normalized(images, image_size)
     if erase['prob'] > 0:
       images = random_erase(key, images, **erase)
-    return images
+    return images, sizes
 
   return finish
 
@@ -154,6 +170,7 @@ def mixup_cutmix(
   cutmix_alpha: float = 1.0,
   switch_prob: float = 0.5,
   label_smoothing: float = 0.1,
+  sizes=None,
 ):
   """timm's Mixup in 'batch' mode with mix_prob 1: one mix for the whole batch, partner images[::-1].
 
@@ -163,6 +180,10 @@ def mixup_cutmix(
   floor(H, W * sqrt(1 - lam)), centre uniform over pixels, half-sides floored, clipped to the image)
   and resets lam to the fraction of pixels kept from x.
 
+  With `sizes` (the valid (height, width) of each image at the top-left of its canvas), the mixed example's
+  size is the elementwise max of its own and its partner's: the smallest top-left box holding both, since
+  either may show through anywhere in it (Mixup's blend, a CutMix box). The rest stays padding.
+
   Args:
     rng: PRNG key; the same key gives the same result.
     images: (B, H, W, C) float, NHWC.
@@ -170,14 +191,16 @@ def mixup_cutmix(
     num_classes: python int (static).
     mixup_alpha, cutmix_alpha, switch_prob, label_smoothing: python numbers or scalar arrays (may be
       traced, so one compiled step serves any setting). Both alphas python 0: no mixing at all.
+    sizes: optional (B, 2) int valid sizes.
 
   Returns:
     (mixed images (B, H, W, C) in images.dtype,
-     targets (B, num_classes) float32 = lam * smoothed(labels) + (1 - lam) * smoothed(labels[::-1])).
+     targets (B, num_classes) float32 = lam * smoothed(labels) + (1 - lam) * smoothed(labels[::-1])),
+    and with `sizes` a third item, the mixed sizes (B, 2) (unchanged when both alphas are python 0).
   """
   targets = one_hot_smoothed(labels, num_classes, label_smoothing)
   if _is_zero(mixup_alpha) and _is_zero(cutmix_alpha):
-    return images, targets
+    return (images, targets) if sizes is None else (images, targets, sizes)
   height, width = images.shape[1], images.shape[2]
   switch_key, lam_key, box_key = jax.random.split(rng, 3)
 
@@ -213,7 +236,9 @@ def mixup_cutmix(
   flipped = images[::-1]
   mixed = weight * images.astype(jnp.float32) + (1.0 - weight) * flipped.astype(jnp.float32)
   mixed_targets = lam * targets + (1.0 - lam) * targets[::-1]
-  return mixed.astype(images.dtype), mixed_targets
+  if sizes is None:
+    return mixed.astype(images.dtype), mixed_targets
+  return mixed.astype(images.dtype), mixed_targets, jnp.maximum(sizes, sizes[::-1])
 
 
 def _is_zero(alpha) -> bool:

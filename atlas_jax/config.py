@@ -37,7 +37,8 @@ from atlas_jax.models.attention import IMPLEMENTATIONS
 from atlas_jax.models.msa import COMMUNICATIONS
 
 MODES = ('train', 'eval', 'compile', 'linear_eval')
-RESIZE_MODES = ('squash', 'crop')  # data.resize; transforms.eval_resize implements them
+RESIZE_MODES = ('squash', 'crop', 'none')  # data.resize; transforms.eval_resize implements them
+ASPECT_MODES = ('squash', 'keep')  # data.augment.aspect; transforms.TrainTransform implements them
 TRAINABLE = ('all', 'head')
 DATA_SOURCES = ('synthetic', 'tfds', 'folder')
 PATCH_SIZES = (4, 8, 16)
@@ -369,6 +370,7 @@ def _check_data(data) -> None:
   )
   _integer_at_least('data.augment.host_max_side', augment.host_max_side, 0)
   _choice('data.augment.erase_mode', augment.erase_mode, ERASE_MODES)
+  _choice('data.augment.aspect', augment.aspect, ASPECT_MODES)
   low, high = _pair('erase_area', augment.erase_area)
   if not 0.0 < low <= high <= 1.0:
     raise ConfigError(

@@ -2,10 +2,13 @@
 
 The last global batch is padded to full size and its padding masked out, so one compiled step serves
 the whole split. Images get the eval transform (transforms.eval_transform: `data.resize`, squash or crop,
-to the image size). An example that fails to decode is masked out like padding and counted as skipped
-(pipeline.EvalLoader): the counted and the skipped examples of all processes must add up to the split.
-`run` is `--config.mode=eval`: it evaluates the workdir's best (else latest) checkpoint, or `init_from`
-when the workdir has none, with raw weights and, when present, EMA weights.
+to the image size; or none: each image at its own size, every batch padded to a canvas of whole windows
+(`canvas_multiple`) with each image's valid 'size', which the model masks; one step compiles per distinct
+canvas, and such an evaluation takes a single process, `check_eval_resize`). An example that fails to
+decode is masked out like padding and counted as skipped (pipeline.EvalLoader): the counted and the
+skipped examples of all processes must add up to the split. `run` is `--config.mode=eval`: it evaluates
+the workdir's best (else latest) checkpoint, or `init_from` when the workdir has none, with raw weights
+and, when present, EMA weights.
 
 Each evaluation also counts a confusion matrix (true class x top-1 prediction) and the top-5 hits of each
 class; `evaluate_state` (given a workdir) and `run` write them as WORKDIR/eval/<step>[_ema]_per_class.csv
@@ -37,7 +40,9 @@ def make_eval_step(model, num_classes: int):
   top_k = min(5, num_classes)
 
   def eval_step(variables, batch):
-    logits = model.apply(variables, batch['image'], train=False)
+    # data.resize='none': each image's valid region; without it the model is called as any flax classifier.
+    sizes = {'sizes': batch['size']} if 'size' in batch else {}
+    logits = model.apply(variables, batch['image'], train=False, **sizes)
     labels = batch['label'].astype(jnp.int32)
     mask = batch['mask'].astype(jnp.float32)
     _, predicted = jax.lax.top_k(logits, top_k)  # (B, k)
@@ -61,10 +66,19 @@ def make_eval_step(model, num_classes: int):
 
 
 def evaluate(
-  eval_step, variables, source, batch_size: int, mesh, workers: int, transform, max_bad_fraction: float
+  eval_step,
+  variables,
+  source,
+  batch_size: int,
+  mesh,
+  workers: int,
+  transform,
+  max_bad_fraction: float,
+  canvas_multiple: int | None = None,
 ) -> dict:
   """{'top1', 'top5', 'loss', 'examples'} of `variables` over every example of `source` that decodes, and
-  the int64 arrays 'confusion' (true class x top-1 prediction) and 'top5_hits' (per true class)."""
+  the int64 arrays 'confusion' (true class x top-1 prediction) and 'top5_hits' (per true class).
+  `canvas_multiple`: images at their own sizes, each batch padded to a canvas of that multiple."""
   from atlas_jax.data import pipeline  # the data libraries: kept out of module scope
 
   totals = {'top1': 0.0, 'top5': 0.0, 'loss': 0.0, 'examples': 0.0}
@@ -77,6 +91,7 @@ def evaluate(
     workers=workers,
     transform=transform,
     max_bad_fraction=max_bad_fraction,
+    canvas_multiple=canvas_multiple,
   ) as loader:
     for local_batch in loader:
       sums = eval_step(variables, sharding.global_batch(local_batch, mesh))
@@ -136,14 +151,35 @@ def write_reports(workdir, step: int, weights: str, result: dict, class_names) -
 
 
 def eval_options(config) -> dict:
-  """The data arguments of `evaluate` from `config`: workers, eval transform, bad-example limit."""
+  """The data arguments of `evaluate` from `config`: workers, eval transform, bad-example limit, and the
+  canvas multiple of `data.resize='none'` (None otherwise)."""
   from atlas_jax.data import transforms
 
   return {
     'workers': config.data.workers,
     'transform': transforms.eval_transform(config),
     'max_bad_fraction': config.data.max_bad_fraction,
+    'canvas_multiple': canvas_multiple(config),
   }
+
+
+def canvas_multiple(config) -> int | None:
+  """With `data.resize='none'` on real data, the side every eval canvas is a multiple of: one whole window of
+  patches (model.patch_size * model.window), so batches of nearby sizes share a canvas and a compiled step;
+  None otherwise."""
+  if config.data.resize != 'none' or config.data.source == 'synthetic':
+    return None
+  return int(config.model.patch_size) * int(config.model.window)
+
+
+def check_eval_resize(config) -> None:
+  """Refuses `data.resize='none'` in a multi-process run before anything starts: each process would pad its
+  slice of a batch to its own canvas, and the global batch could not be put together."""
+  if canvas_multiple(config) is not None and jax.process_count() > 1:
+    raise config_lib.ConfigError(
+      f"config.data.resize='none' evaluates in one process only, this run has {jax.process_count()}: "
+      'evaluate with --config.data.resize=squash (or crop), or run mode=eval in a single process'
+    )
 
 
 def evaluate_state(config, eval_step, state, source, mesh, workdir=None, step=None) -> dict:
@@ -181,6 +217,7 @@ def run(config, workdir) -> dict:
   from atlas_jax.data import sources
 
   config = config_lib.resolve(config)
+  check_eval_resize(config)
   workdir = pathlib.Path(workdir)
   mesh = sharding.make_mesh(config)
   sharding.check_batch_size(config.eval.batch_size, mesh, 'config.eval.batch_size')

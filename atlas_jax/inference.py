@@ -5,12 +5,21 @@
   model, variables, config = atlas                     # the Flax module, its restored variables, the config
   atlas.classify(images, top_k=5)   # per image: [{'index', 'label', 'prob'}, ...], most probable first
   atlas.features(images)            # per scale, finest first: float32 (batch, height, width, dim)
+  atlas.classify(images, resize='none')  # each image at its own size, padded and masked
+  atlas.features(images, resize='none')  # per image, per scale: float32 (height, width, dim), its own size
 
-`images` is one image or a sequence of them: PIL images, or arrays (H, W, 3) / (H, W) of uint8, or of
-floats in [0, 1]; a 4-D uint8 array is a batch. Any size: each image goes through the reference's
-evaluation transform (RGB; bicubic resize to the config's size, or with `data.resize = 'crop'` timm's
-resize of the shorter side to size / `data.crop_pct` then centre crop; ImageNet mean/std). Batches are split
-over all local devices (a one-axis `data` mesh; one CPU device works the same).
+`images` is one image or a sequence of them: paths (str or pathlib.Path, decoded as the data sources decode,
+data/decode.py, within `data.max_pixels` and `data.max_decode_bytes`), PIL images, or arrays (H, W, 3) /
+(H, W) of uint8, or of floats in [0, 1]; a 4-D uint8 array is a batch. `resize` (default: the config's
+`data.resize`) says how an image of any size meets the model:
+  'squash'  bicubic resize to the config's size, aspect ratio not kept (the reference's eval transform);
+  'crop'    timm's: the shorter side resized to size / `data.crop_pct`, then the centre crop;
+  'none'    each image at its own size: images are taken in groups of the batch size, each group padded at
+            the bottom and right to its largest height and width rounded up to whole patches of windows
+            (patch_size * window pixels, so few canvases compile), and the model masks the padding
+            (`sizes`), so an image's result does not depend on the others in its group.
+Then ImageNet mean/std. Batches are split over all local devices (a one-axis `data` mesh; one CPU device
+works the same).
 
 Feature maps (`Atlas.features`): every scale of the pyramid as a spatial map, each taken at the end of the
 last macro-stage that processes it, before the readout's LayerNorm. For the model configs at batch 1:
@@ -21,10 +30,13 @@ last macro-stage that processes it, before the readout's LayerNorm. For the mode
   atlas_b_1024     (1, 64, 64, 768)   (1, 16, 16, 768)
   atlas_b_2048     (1, 128, 128, 768) (1, 32, 32, 768)   (1, 8, 8, 768)
 
-(`feature_shapes(config)` computes them with jax.eval_shape, without parameters or compute.)
+(`feature_shapes(config)` computes them with jax.eval_shape, without parameters or compute.) With
+`resize='none'` an h x w image's map at scale s is ceil(h / patch / pool^s) x ceil(w / patch / pool^s)
+(`models.layout.valid_token_sides`), the padding cropped away.
 """
 
 import math
+import os
 import pathlib
 from typing import Sequence
 
@@ -44,6 +56,7 @@ from atlas_jax.data.pipeline import normalize_image
 from atlas_jax.data.transforms import eval_resize, eval_resize_options
 from atlas_jax.errors import AtlasError
 from atlas_jax.models import build_model
+from atlas_jax.models.layout import valid_token_sides
 
 RESOURCES = pathlib.Path(__file__).parent / 'resources'
 HR_IN100_CLASSES = sources.HR_IN100_CLASSES
@@ -56,6 +69,7 @@ SYNTHETIC_CLASS_NAMES = (
   'colours differ, halves differ',
 )
 IMAGES_PER_DEVICE = 8
+RESIZE_CHOICES = ('squash', 'crop', 'none')  # data.resize, and 'none' whatever the config allows
 
 
 class InferenceError(AtlasError, ValueError):
@@ -112,6 +126,13 @@ def class_labels(config) -> list[str]:
 # Images.
 
 
+def check_resize(resize) -> str:
+  """`resize` when it is one of RESIZE_CHOICES; else one InferenceError line naming them."""
+  if not isinstance(resize, str) or resize not in RESIZE_CHOICES:
+    raise InferenceError(f"resize must be one of 'squash', 'crop' or 'none', got {resize!r}")
+  return resize
+
+
 def load_image(
   path,
   image_size,
@@ -123,17 +144,24 @@ def load_image(
   """The evaluation transform of a file: (H, W, 3) float32, normalised; BadImageError if unreadable.
 
   Decoded as the data sources decode (data/decode.py: EXIF orientation, RGB, transparency on white), then
-  `transforms.eval_resize` with `resize` and `crop_pct` (the config's `data.resize` and `data.crop_pct`).
-  A file whose decode would allocate more than `max_decode_bytes` (data.max_decode_bytes) is a BadImageError.
+  `transforms.eval_resize` with `resize` and `crop_pct` (the config's `data.resize` and `data.crop_pct`), or
+  with `resize='none'` at its decoded size (`image_size` unused). A file whose decode would allocate more
+  than `max_decode_bytes` (data.max_decode_bytes) is a BadImageError.
   """
+  check_resize(resize)
   image = decode_image(path, max_pixels, max_decode_bytes=max_decode_bytes)
-  return normalize_image(eval_resize(image, image_size, resize, crop_pct))
+  return normalize_image(image if resize == 'none' else eval_resize(image, image_size, resize, crop_pct))
 
 
 def _rgb_uint8(image) -> np.ndarray | Image.Image:
   """A PIL image, or an array (H, W[, 1|3|4]) of uint8 or of floats in [0, 1] -> RGB (alpha dropped)."""
   if isinstance(image, Image.Image):
     return image.convert('RGB')
+  if not isinstance(image, (np.ndarray, jax.Array)):
+    raise InferenceError(
+      'an image must be a path (str or pathlib.Path), a PIL image or an array (H, W, 3) / (H, W); '
+      f'got {type(image).__name__}'
+    )
   pixels = np.asarray(image)
   if pixels.ndim == 3 and pixels.shape[-1] in (1, 3, 4):
     pixels = pixels[..., :3] if pixels.shape[-1] != 1 else pixels[..., 0]
@@ -153,22 +181,46 @@ def _rgb_uint8(image) -> np.ndarray | Image.Image:
 
 
 def prepare_image(image, image_size, resize: str = 'squash', crop_pct: float | None = None) -> np.ndarray:
-  """Any image `classify` takes -> (H, W, 3) float32 at `image_size`: `transforms.eval_resize` with `resize`
-  and `crop_pct` (the config's `data.resize` and `data.crop_pct`), ImageNet mean/std."""
-  return normalize_image(eval_resize(_rgb_uint8(image), image_size, resize, crop_pct))
+  """A PIL image or an array `classify` takes -> (H, W, 3) float32: `transforms.eval_resize` to `image_size`
+  with `resize` and `crop_pct` (the config's `data.resize` and `data.crop_pct`), or at its own size with
+  `resize='none'`; ImageNet mean/std."""
+  pixels = _rgb_uint8(image)
+  if check_resize(resize) == 'none':
+    return normalize_image(np.asarray(pixels))
+  return normalize_image(eval_resize(pixels, image_size, resize, crop_pct))
 
 
 def as_image_list(images) -> list:
-  """One image or a sequence of them -> a non-empty list; a 4-D array is a batch of images."""
-  if isinstance(images, Image.Image):
+  """One image or a sequence of them -> a non-empty list; a 4-D array is a batch, a path one image."""
+  if isinstance(images, (Image.Image, str, os.PathLike)):
     images = [images]
   elif isinstance(images, (np.ndarray, jax.Array)):
     images = list(np.asarray(images)) if images.ndim == 4 else [images]
   else:
-    images = list(images)
+    try:
+      images = list(images)
+    except TypeError:
+      raise InferenceError(
+        'images must be one image or a sequence of them: paths (str or pathlib.Path), PIL images or '
+        f'arrays; got {type(images).__name__}'
+      ) from None
   if not images:
     raise InferenceError('no images given')
   return images
+
+
+def pad_to_canvas(images: Sequence[np.ndarray], multiple: int) -> tuple[np.ndarray, np.ndarray]:
+  """Normalised images of any sizes -> (canvas batch (n, H, W, 3) float32, sizes (n, 2) int32).
+
+  The canvas is the largest height and width rounded up to `multiple` (patch_size * window: few distinct
+  canvases, so few compiles); each image sits at the top-left, zeros around it, which the model masks.
+  """
+  sizes = np.asarray([image.shape[:2] for image in images], np.int32)
+  height, width = (_round_up(int(side), multiple) for side in sizes.max(axis=0))
+  canvas = np.zeros((len(images), height, width, 3), np.float32)
+  for row, image in zip(canvas, images):
+    row[: image.shape[0], : image.shape[1]] = image
+  return canvas, sizes
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -217,8 +269,15 @@ class Predictor:
     self.class_names = class_names(config)
     self.resize_options = eval_resize_options(config)  # data.resize and data.crop_pct, for eval_resize
     self.labels = class_labels(config)
-    self._logits = jax.jit(lambda variables, images: model.apply(variables, images))
-    self._features = jax.jit(lambda variables, images: model.apply(variables, images, method='features'))
+
+    # `sizes` None (images filling the canvas) calls the model exactly as before any-size inputs existed.
+    def apply(variables, images, sizes, method=None):
+      if sizes is None:
+        return model.apply(variables, images, method=method)
+      return model.apply(variables, images, sizes=sizes, method=method)
+
+    self._logits = jax.jit(apply)
+    self._features = jax.jit(lambda variables, images, sizes: apply(variables, images, sizes, 'features'))
 
   def __iter__(self):
     return iter((self.model, self.variables, self.config))
@@ -227,14 +286,25 @@ class Predictor:
   def image_size(self) -> tuple[int, int]:
     return tuple(self.config.image_size)
 
-  def _batches(self, normalised: np.ndarray, padded_size: int):
-    """Yields (number of real images, the batch padded to `padded_size` and split over the devices)."""
+  @property
+  def canvas_multiple(self) -> int:
+    """Pixels a padded canvas side is a multiple of: whole windows of patches, so few canvases compile."""
+    return int(self.config.model.patch_size) * int(self.config.model.window)
+
+  def _batches(self, normalised: np.ndarray, padded_size: int, sizes: np.ndarray | None = None):
+    """Yields (number of real images, the batch padded to `padded_size` and split over the devices, its
+    sizes likewise or None). Padding rows are zeros sized as the whole canvas; their outputs are dropped."""
     sharding = NamedSharding(self.mesh, PartitionSpec('data'))
     for start in range(0, len(normalised), padded_size):
       chunk = normalised[start : start + padded_size]
       padded = np.zeros((padded_size,) + normalised.shape[1:], np.float32)
       padded[: len(chunk)] = chunk
-      yield len(chunk), jax.device_put(padded, sharding)
+      padded_sizes = None
+      if sizes is not None:
+        padded_sizes = np.tile(np.asarray(normalised.shape[1:3], np.int32), (padded_size, 1))
+        padded_sizes[: len(chunk)] = sizes[start : start + padded_size]
+        padded_sizes = jax.device_put(padded_sizes, sharding)
+      yield len(chunk), jax.device_put(padded, sharding), padded_sizes
 
   def _padded_size(self, count: int) -> int:
     """Full batches for many images; fewer get the next power of two (few compiled shapes and wasted rows)."""
@@ -242,40 +312,96 @@ class Predictor:
       return self.batch_size
     return min(self.batch_size, _round_up(2 ** math.ceil(math.log2(max(count, 1))), len(self.mesh.devices)))
 
-  def logits(self, normalised: np.ndarray, pad_to: int | None = None) -> np.ndarray:
-    """(n, H, W, 3) normalised images at the config's size -> (n, classes) float32.
+  def logits(self, normalised: np.ndarray, pad_to: int | None = None, sizes: np.ndarray | None = None):
+    """(n, H, W, 3) normalised images -> (n, classes) float32.
 
     Batches are padded to `pad_to` images when given (one compiled shape for a stream of batches).
+    `sizes` (n, 2): each image's valid (height, width) at the canvas's top-left (`pad_to_canvas`); None:
+    every image fills the canvas.
     """
     padded_size = (
       self._padded_size(len(normalised)) if pad_to is None else _round_up(pad_to, len(self.mesh.devices))
     )
     outputs = [
-      np.asarray(self._logits(self.variables, batch))[:count]
-      for count, batch in self._batches(np.asarray(normalised, np.float32), padded_size)
+      np.asarray(self._logits(self.variables, batch, batch_sizes))[:count]
+      for count, batch, batch_sizes in self._batches(np.asarray(normalised, np.float32), padded_size, sizes)
     ]
     return np.concatenate(outputs)
 
-  def prepare(self, images) -> np.ndarray:
-    """Images as `classify` takes them -> (n, H, W, 3) normalised float32 at the config's size."""
+  def resize_mode(self, resize: str | None = None) -> str:
+    """`resize`, or the config's `data.resize` when None; InferenceError unless squash, crop or none."""
+    return check_resize(self.resize_options['resize'] if resize is None else resize)
+
+  def _rgb(self, image):
+    """A path -> its RGB pixels, decoded as the data sources decode within the config's budget; else as is."""
+    if isinstance(image, (str, os.PathLike)):
+      data = self.config.data
+      return decode_image(image, int(data.max_pixels), max_decode_bytes=int(data.max_decode_bytes))
+    return image
+
+  def prepare(self, images, resize: str | None = None) -> np.ndarray:
+    """Images as `classify` takes them -> (n, H, W, 3) normalised float32 at the config's size, resized as
+    `resize` says (default: the config's data.resize). `resize='none'` keeps sizes: see `prepare_native`."""
+    resize = self.resize_mode(resize)
+    if resize == 'none':
+      raise InferenceError(
+        "prepare stacks images at the config's size; with resize='none' use prepare_native (one array each)"
+      )
+    options = {**self.resize_options, 'resize': resize}
     return np.stack(
-      [prepare_image(image, self.image_size, **self.resize_options) for image in as_image_list(images)]
+      [prepare_image(self._rgb(image), self.image_size, **options) for image in as_image_list(images)]
     )
 
-  def classify(self, images, top_k: int = 5) -> list[list[dict]]:
-    """Per image, its `top_k` classes (at most all): {'index', 'label', 'prob'}, most probable first."""
+  def prepare_native(self, images) -> list[np.ndarray]:
+    """Images as `classify` takes them -> per image (h, w, 3) normalised float32 at its own size."""
+    return [prepare_image(self._rgb(image), self.image_size, 'none') for image in as_image_list(images)]
+
+  def _native_groups(self, images):
+    """Yields per group of up to `batch_size` images: (canvas batch, sizes), padded by `pad_to_canvas`.
+    Each group is decoded when reached, so only one group of full-size images is in memory at a time."""
+    images = as_image_list(images)
+    for start in range(0, len(images), self.batch_size):
+      yield pad_to_canvas(self.prepare_native(images[start : start + self.batch_size]), self.canvas_multiple)
+
+  def classify(self, images, top_k: int = 5, resize: str | None = None) -> list[list[dict]]:
+    """Per image, its `top_k` classes (at most all): {'index', 'label', 'prob'}, most probable first.
+
+    `resize`: 'squash', 'crop' or 'none' (each image at its own size); default the config's data.resize.
+    """
     if top_k < 1:
       raise InferenceError(f'top_k must be at least 1, got {top_k}')
-    return top_k_predictions(self.logits(self.prepare(images)), self.labels, min(top_k, len(self.labels)))
+    if self.resize_mode(resize) == 'none':
+      logits = np.concatenate(
+        [self.logits(canvas, sizes=sizes) for canvas, sizes in self._native_groups(images)]
+      )
+    else:
+      logits = self.logits(self.prepare(images, resize))
+    return top_k_predictions(logits, self.labels, min(top_k, len(self.labels)))
 
-  def features(self, images) -> list[np.ndarray]:
-    """Per scale, finest first: float32 (n, height, width, dim), each at the end of its last stage."""
-    normalised = self.prepare(images)
-    per_batch = [
-      [np.asarray(scale, np.float32)[:count] for scale in self._features(self.variables, batch)]
-      for count, batch in self._batches(normalised, self._padded_size(len(normalised)))
-    ]
-    return [np.concatenate(scales) for scales in zip(*per_batch)]
+  def features(self, images, resize: str | None = None) -> list:
+    """Per scale, finest first: float32 (n, height, width, dim), each at the end of its last stage.
+
+    With `resize='none'`, per image its list of scales, each (h_s, w_s, dim): the image's own valid region,
+    ceil(h / patch / pool^s) x ceil(w / patch / pool^s), the padding cropped away.
+    """
+    if self.resize_mode(resize) != 'none':
+      normalised = self.prepare(images, resize)
+      per_batch = [
+        [np.asarray(scale, np.float32)[:count] for scale in self._features(self.variables, batch, None)]
+        for count, batch, _ in self._batches(normalised, self._padded_size(len(normalised)))
+      ]
+      return [np.concatenate(scales) for scales in zip(*per_batch)]
+    patch_size, pool = int(self.config.model.patch_size), int(self.config.model.pool)
+    per_image = []
+    for canvas, sizes in self._native_groups(images):
+      count, batch, batch_sizes = next(self._batches(canvas, self._padded_size(len(canvas)), sizes))
+      maps = [
+        np.asarray(scale, np.float32)[:count] for scale in self._features(self.variables, batch, batch_sizes)
+      ]
+      for index, size in enumerate(sizes):
+        sides = valid_token_sides(size, patch_size, len(maps), pool)
+        per_image.append([scale[index, :rows, :cols].copy() for scale, (rows, cols) in zip(maps, sides)])
+    return per_image
 
 
 def _round_up(value: int, multiple: int) -> int:

@@ -45,7 +45,9 @@ def extract_features(model, variables, source, config, mesh) -> tuple[np.ndarray
   """(features (N, dim) float32, labels (N,) int) of every example of `source` that decodes, in order."""
   from atlas_jax.data import pipeline
 
-  pooled = jax.jit(lambda variables, images: model.apply(variables, images, method=model.pre_logits))
+  pooled = jax.jit(
+    lambda variables, images, sizes: model.apply(variables, images, sizes=sizes, method=model.pre_logits)
+  )
   features, labels = [], []
   options = evaluate.eval_options(config)
   with pipeline.EvalLoader(
@@ -56,10 +58,12 @@ def extract_features(model, variables, source, config, mesh) -> tuple[np.ndarray
     workers=options['workers'],
     transform=options['transform'],
     max_bad_fraction=options['max_bad_fraction'],
+    canvas_multiple=options['canvas_multiple'],
   ) as loader:
     for local_batch in loader:
       batch = sharding.global_batch(local_batch, mesh)
-      vectors = pooled(variables, batch['image'])
+      # data.resize='none': each batch is its own canvas and 'size' says where each image ends.
+      vectors = pooled(variables, batch['image'], batch['size'] if 'size' in batch else None)
       # Every process needs every example's vector: the fit is done on each, identically.
       vectors, batch_labels, mask = (
         np.asarray(multihost_utils.process_allgather(value, tiled=True))
@@ -115,6 +119,7 @@ def run(config, workdir) -> dict:
   from atlas_jax.data import sources
 
   config = config_lib.resolve(config)
+  evaluate.check_eval_resize(config)  # data.resize='none' evaluates on one process only
   mesh = sharding.make_mesh(config)
   sharding.check_batch_size(config.eval.batch_size, mesh, 'config.eval.batch_size')
   num_classes = config.model.num_classes

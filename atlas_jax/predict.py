@@ -1,13 +1,18 @@
 r"""Classifies image files and folders with a trained or converted Atlas.
 
 python -m atlas_jax.predict --checkpoint=WORKDIR [--config=configs/NAME.py] [--output=preds.jsonl] \
-    [--step=N] [--top_k=5] [--batch_size=N] [--dtype=float32|bfloat16] [--ema] IMAGE_OR_FOLDER...
+    [--step=N] [--top_k=5] [--batch_size=N] [--dtype=float32|bfloat16] [--ema] \
+    [--resize=squash|crop|none] [--crop_pct=F] IMAGE_OR_FOLDER...
 
 Folders are walked recursively for image files (sorted). Each image goes through the evaluation transform
-(data/decode.py's decoding: EXIF orientation applied, which the reference does not do; the config's
-`data.resize`: a bicubic resize to its size, or timm's resize of the shorter side then centre crop with
-`data.crop_pct`; ImageNet mean/std), in batches split over all local devices, while worker threads decode
-the next batch. Computes in float32 on CPU and in the config's dtype on accelerators unless `--dtype` says.
+(data/decode.py's decoding: EXIF orientation applied, which the reference does not do, reduced to
+`data.max_pixels` within `data.max_decode_bytes`; then `--resize`, default the config's `data.resize`:
+`squash` a bicubic resize to its size, `crop` timm's resize of the shorter side to size / `--crop_pct`
+(default `data.crop_pct`) then centre crop, `none` the image at its own size; ImageNet mean/std), in
+batches split over all local devices, while worker threads decode the next batch. With `none` each batch
+is padded to its largest height and width rounded up to whole windows of patches and the model masks the
+padding (inference.pad_to_canvas), so every image is classified as it would be alone. Computes in float32
+on CPU and in the config's dtype on accelerators unless `--dtype` says.
 `--output` gets one JSON line per readable image: {"path", "top_k": [{"index", "label", "prob"}, ...],
 "logits"}; without it each image gets a line on stdout. A progress bar goes to stderr when there is more
 than one batch. Unreadable files are reported on stderr, counted at the end and skipped; the exit code is 0
@@ -41,6 +46,7 @@ class PredictError(AtlasError, ValueError):
 def define_flags():
   """The command line's flags; defined only when run as a program, so the module imports anywhere."""
   global _CONFIG, _CHECKPOINT, _OUTPUT, _STEP, _TOP_K, _BATCH_SIZE, _DTYPE, _EMA, _WORKERS
+  global _RESIZE, _CROP_PCT
   _CONFIG = config_flags.DEFINE_config_file(
     'config', None, "Config file; default: the workdir's config.json.", lock_config=True
   )
@@ -62,6 +68,30 @@ def define_flags():
   )
   _EMA = flags.DEFINE_bool('ema', False, 'Use the EMA weights of the checkpoint.')
   _WORKERS = flags.DEFINE_integer('workers', min(8, os.cpu_count() or 1), 'Threads decoding images.')
+  # Strings checked in main, so a bad value is one `error:` line like every other mistake here.
+  _RESIZE = flags.DEFINE_string(
+    'resize',
+    None,
+    "squash (bicubic to the config's size), crop (timm's centre crop, --crop_pct) or none (each image at "
+    "its own size, padded and masked); default: the config's data.resize.",
+  )
+  _CROP_PCT = flags.DEFINE_string(
+    'crop_pct',
+    None,
+    "With --resize=crop: the centre crop's share of the resized side, in (0, 1]; "
+    "default: the config's data.crop_pct.",
+  )
+
+
+def parse_crop_pct(value: str) -> float:
+  """`--crop_pct`'s text -> a float in (0, 1]; PredictError otherwise."""
+  try:
+    crop_pct = float(value)
+  except ValueError:
+    crop_pct = None
+  if crop_pct is None or not 0 < crop_pct <= 1:
+    raise PredictError(f'--crop_pct must be a number in (0, 1], got {value!r}')
+  return crop_pct
 
 
 def image_paths(inputs) -> list[pathlib.Path]:
@@ -135,16 +165,28 @@ def progress_bar(total: int, stream, show: bool) -> tqdm.tqdm:
 
 
 def run(
-  predictor, paths, output=None, top_k: int = 5, workers: int = 1, stdout=sys.stdout, stderr=sys.stderr
+  predictor,
+  paths,
+  output=None,
+  top_k: int = 5,
+  workers: int = 1,
+  stdout=sys.stdout,
+  stderr=sys.stderr,
+  resize_options: dict | None = None,
 ) -> tuple[int, int]:
   """Classifies the image files `paths`; JSON lines into `output` (a file object) or readable lines on
-  `stdout`. Returns (classified, unreadable)."""
+  `stdout`. Returns (classified, unreadable).
+
+  `resize_options`: `inference.load_image`'s `resize` and `crop_pct`; default the config's data.resize and
+  data.crop_pct.
+  """
   top_k = min(top_k, len(predictor.labels))
   # A bar for more than one batch, unless the per-image lines go to the same terminal.
   show_progress = len(paths) > predictor.batch_size and (output is not None or not stdout.isatty())
   max_pixels = int(predictor.config.data.max_pixels)  # the resolved config has every field
   max_decode_bytes = int(predictor.config.data.max_decode_bytes)
-  resize_options = transforms.eval_resize_options(predictor.config)  # data.resize, data.crop_pct
+  if resize_options is None:
+    resize_options = transforms.eval_resize_options(predictor.config)  # data.resize, data.crop_pct
   classified = unreadable = 0
   with progress_bar(len(paths), stderr, show_progress) as progress:
     for batch in decoded_batches(
@@ -156,7 +198,12 @@ def run(
           unreadable += 1
           progress.write(f'predict: skipping {path}: {error}', file=stderr)  # above the bar, not through it
       if readable:
-        logits = predictor.logits(np.stack([image for _, image in readable]), pad_to=predictor.batch_size)
+        images = [image for _, image in readable]
+        if resize_options['resize'] == 'none':
+          canvas, sizes = inference.pad_to_canvas(images, predictor.canvas_multiple)
+          logits = predictor.logits(canvas, pad_to=predictor.batch_size, sizes=sizes)
+        else:
+          logits = predictor.logits(np.stack(images), pad_to=predictor.batch_size)
         tops = inference.top_k_predictions(logits, predictor.labels, top_k)
         for (path, _), row, top in zip(readable, logits, tops):
           if output is not None:
@@ -178,16 +225,25 @@ def main(argv):
     raise app.UsageError('usage: python -m atlas_jax.predict --checkpoint=WORKDIR IMAGE_OR_FOLDER...')
   if _TOP_K.value < 1 or (_BATCH_SIZE.value is not None and _BATCH_SIZE.value < 1):
     raise app.UsageError('--top_k and --batch_size must be at least 1')
+  if _RESIZE.value is not None and _RESIZE.value not in inference.RESIZE_CHOICES:
+    raise PredictError(f'--resize must be one of squash, crop or none, got {_RESIZE.value!r}')
+  crop_pct = None if _CROP_PCT.value is None else parse_crop_pct(_CROP_PCT.value)
   paths = image_paths(inputs)
   predictor = inference.load(
     _CHECKPOINT.value, _STEP.value, _DTYPE.value, _EMA.value, _CONFIG.value, _BATCH_SIZE.value
   )
+  resize_options = transforms.eval_resize_options(predictor.config)  # the defaults: data.resize, crop_pct
+  resize_options['resize'] = predictor.resize_mode(_RESIZE.value)
+  if crop_pct is not None:
+    resize_options['crop_pct'] = crop_pct
   try:
     output = open(_OUTPUT.value, 'w') if _OUTPUT.value else None
   except OSError as error:
     raise PredictError(f'cannot write --output={_OUTPUT.value}: {error.strerror}') from None
   try:
-    classified, unreadable = run(predictor, paths, output, _TOP_K.value, _WORKERS.value)
+    classified, unreadable = run(
+      predictor, paths, output, _TOP_K.value, _WORKERS.value, resize_options=resize_options
+    )
   finally:
     if output is not None:
       output.close()

@@ -58,7 +58,9 @@ def make_train_step(config, model, optimizer, mesh=None):
   """(state, batch {'image' (B, h, w, 3) float, 'label' (B,) int}) -> (state, metrics of the step).
 
   On real data the batch comes at `loader_image_size(config)` and the step finishes the train transform
-  (augment.train_finish: upsampling to `image_size`, random erasing) before Mixup/CutMix.
+  (augment.train_finish: upsampling to `image_size`, random erasing) before Mixup/CutMix. A batch with
+  'size' (B, 2) int32 (`data.augment.aspect='keep'`: each image's valid top-left region) has the sizes
+  scaled and mixed alike and passed to the model, which masks the rest.
   With `mesh`, each micro-batch is pinned to the batch sharding, so every device keeps its own examples
   through the accumulation loop whatever XLA's propagation would choose.
   With optimizer.trainable='head' the backbone is frozen: applied as in evaluation (no drop path, BatchNorm
@@ -79,18 +81,25 @@ def make_train_step(config, model, optimizer, mesh=None):
     def micro_step(carry, micro_batch):
       batch_stats, rng = carry
       images = micro_batch['image']
+      sizes = micro_batch['size'] if 'size' in micro_batch else None  # (B/k, 2) with aspect='keep'
       if finish is None:
         rng, mix_rng, dropout_rng = jax.random.split(rng, 3)
       else:  # a fourth key only here: the synthetic task's random streams stay as they were
         rng, mix_rng, dropout_rng, finish_rng = jax.random.split(rng, 4)
-        images = finish(finish_rng, images)  # (B/k, H, W, 3)
-      images, targets = augment.mixup_cutmix(mix_rng, images, micro_batch['label'], num_classes, **mixup)
+        images, sizes = finish(finish_rng, images, sizes)  # (B/k, H, W, 3)
+      if sizes is None:
+        images, targets = augment.mixup_cutmix(mix_rng, images, micro_batch['label'], num_classes, **mixup)
+      else:
+        images, targets, sizes = augment.mixup_cutmix(
+          mix_rng, images, micro_batch['label'], num_classes, **mixup, sizes=sizes
+        )
 
       def loss_fn(params):
         logits, updates = model.apply(
           run_setup.model_variables(params, batch_stats),
           images,
           train=True,
+          sizes=sizes,
           rngs={'dropout': dropout_rng},
           mutable=['batch_stats'],
         )
@@ -99,7 +108,7 @@ def make_train_step(config, model, optimizer, mesh=None):
       def head_loss_fn(head):
         # Only the head is differentiated; the frozen backbone carries no tangents, so no backward pass.
         params = {**jax.lax.stop_gradient(frozen), optim.READOUT: head}
-        logits = model.apply(run_setup.model_variables(params, batch_stats), images, train=False)
+        logits = model.apply(run_setup.model_variables(params, batch_stats), images, train=False, sizes=sizes)
         return losses.soft_target_cross_entropy(logits, targets), batch_stats
 
       (loss, batch_stats), grads = jax.value_and_grad(head_loss_fn if head_only else loss_fn, has_aux=True)(
@@ -151,10 +160,19 @@ def loader_image_size(config) -> tuple[int, int]:
 
 
 def abstract_batch(config, batch_size: int):
-  return {
+  """The shapes of the loader's training batch: the step `run` jits, so mode=compile compiles the same one."""
+  batch = {
     'image': jax.ShapeDtypeStruct((batch_size, *loader_image_size(config), 3), jnp.float32),
     'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32),
   }
+  if has_sizes(config):
+    batch['size'] = jax.ShapeDtypeStruct((batch_size, 2), jnp.int32)
+  return batch
+
+
+def has_sizes(config) -> bool:
+  """Whether training batches carry 'size': real data with `data.augment.aspect='keep'`."""
+  return config.data.source != 'synthetic' and config.data.augment.aspect == 'keep'
 
 
 def check_batch_sizes(config, mesh) -> None:
@@ -477,6 +495,7 @@ def run(config, workdir) -> TrainState:
   from atlas_jax.data import pipeline, sources, transforms  # the data libraries: kept out of module scope
 
   config = config_lib.resolve(config)
+  evaluate.check_eval_resize(config)  # the periodic evaluation's data.resize, before anything is built
   workdir = pathlib.Path(workdir)
   is_main = jax.process_index() == 0
   setup = run_setup.train_setup(config)

@@ -64,8 +64,9 @@ def data_config() -> ml_collections.ConfigDict:
   # Memory one decode may allocate, estimated from the header (data/decode.py): larger files are skipped as
   # bad (a baseline JPEG is decoded reduced). 1 GiB each keeps the 8 default workers within 8 GiB in all.
   data.max_decode_bytes = 1 << 30
-  # The eval transform (and predict's default): squash (bicubic resize to image_size, the reference's) or
-  # crop (timm: the shorter side to image_size / crop_pct, bicubic, then the centre image_size).
+  # The eval transform (and predict's default): squash (bicubic resize to image_size, the reference's),
+  # crop (timm: the shorter side to image_size / crop_pct, bicubic, then the centre image_size) or none (each
+  # image at its own size, padded to a batch canvas the model masks; one process only).
   data.resize = 'squash'
   data.crop_pct = 0.875
   data.synthetic_train_size = 50_000  # examples of the built-in synthetic task
@@ -80,6 +81,9 @@ def augment_config() -> ml_collections.ConfigDict:
   augment = ml_collections.ConfigDict()
   augment.crop_scale = (0.08, 1.0)  # random resized crop: fraction of the area
   augment.crop_ratio = (3 / 4, 4 / 3)  # and width / height, log-uniform
+  # The crop's resize: squash (to the canvas, aspect ratio lost; the reference's) or keep (scaled by one
+  # factor to fit inside the canvas, at its top-left, the rest padding the model masks).
+  augment.aspect = 'squash'
   augment.hflip = 0.5
   augment.randaug_num_ops = 2  # RandAugment over timm's increasing set; 0 = off
   augment.randaug_magnitude = 9.0

@@ -42,7 +42,9 @@ def test_accelerator_upsampling_stays_close_to_pil_bicubic():
   finish = jax.jit(augment.train_finish(folder_config((256, 256), erase_prob=0.0)))
   for box in (CropBox(5, 7, 30, 40), CropBox(0, 0, 45, 60), CropBox(10, 20, 12, 9)):
     host = np.asarray(transforms.resized_crop(source, box, (64, 64)))
-    upsampled = denormalize(finish(jax.random.key(0), pipeline.normalize_image(host)[None]))[0]
+    images, sizes = finish(jax.random.key(0), pipeline.normalize_image(host)[None])
+    assert sizes is None
+    upsampled = denormalize(images)[0]
     assert upsampled.shape == (256, 256, 3)
     # The same resize as PIL's (Keys' cubic, a = -0.5), in float instead of PIL's 8-bit passes.
     pil_upsampled = np.asarray(Image.fromarray(host).resize((256, 256), Image.Resampling.BICUBIC), np.float32)

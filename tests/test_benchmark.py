@@ -33,12 +33,14 @@ class Planted:
       setattr(self.module, self.name, original)
 
 
-def _scale_block_without_second_mlp(self, tokens, keys, values, deterministic, drop_path_rate=None):
+def _scale_block_without_second_mlp(
+  self, tokens, keys, values, deterministic, drop_path_rate=None, key_mask=None
+):
   """ScaleBlock.__call__ that skips the MLP for the bottom-up queries (fewer queries than keys)."""
   rows, length, _ = tokens.shape
   query = self.q(self.norm_q(tokens)).reshape(rows, length, self.num_heads, self.dim // self.num_heads)
   attended = msa.dot_product_attention(
-    query, keys.astype(query.dtype), values.astype(query.dtype), self.attention
+    query, keys.astype(query.dtype), values.astype(query.dtype), self.attention, key_mask
   )
   tokens = tokens + self.proj(attended.reshape(rows, length, self.dim))
   if length < keys.shape[1]:

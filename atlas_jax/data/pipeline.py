@@ -21,7 +21,14 @@ logged with its path and a running count; the loader stops with TooManyBadExampl
 fraction exceeds `max_bad_fraction` (see BadExampleCounter). Any other error of a source still raises.
 
 Batches are `{'image': float32 (B / P, H, W, 3) normalised with ImageNet's mean and std, 'label': int32
-(B / P,)}` plus `'mask': bool (B / P,)` for evaluation. numpy, absl logging and the standard library only:
+(B / P,)}` plus `'mask': bool (B / P,)` for evaluation, and `'size': int32 (B / P, 2)`, each image's valid
+(height, width) at the top-left of its canvas, when the transform gives examples a 'size' (the train
+transform with `data.augment.aspect='keep'`) or the loader pads images of their own sizes: an EvalLoader with
+`canvas_multiple` (`data.resize='none'`) pads each batch to the largest height and width among its images,
+each rounded up to a multiple of `canvas_multiple` (the model's patch times its window: whole windows), so a
+split compiles one step per distinct canvas. Padding is zeros of the normalised image (the mean colour), and
+a padding or bad row's size is the whole canvas. Such batches differ in shape between processes, so a
+loader with `canvas_multiple` takes a single process. numpy, absl logging and the standard library only:
 nothing here knows of models or JAX.
 """
 
@@ -45,7 +52,8 @@ _TRANSFORM_STREAM = 0x5452
 
 # transform(example, rng) -> example, applied to a source's example before normalisation (augmentation,
 # resizing); rng depends only on (seed, epoch, index). The image it returns must be uint8 (H, W, 3) of the
-# same size for every example.
+# same size for every example (any size with an EvalLoader's canvas_multiple); an optional 'size' (2,) is
+# its valid (height, width).
 Transform = Callable[[dict[str, Any], np.random.Generator], dict[str, Any]]
 
 
@@ -130,9 +138,10 @@ class _PendingBatch:
   """A host batch being loaded: its arrays fill in place as the futures finish."""
 
   number: int
-  images: np.ndarray  # (B / P, H, W, 3) float32
+  images: np.ndarray | list  # (B / P, H, W, 3) float32; with canvas_multiple each slot's (h, w, 3) or None
   labels: np.ndarray  # (B / P,) int32
   mask: np.ndarray  # (B / P,) bool
+  sizes: np.ndarray | None  # (B / P, 2) int32 valid (height, width), when the batch has sizes
   futures: list[concurrent.futures.Future]
 
 
@@ -156,7 +165,16 @@ class _BatchLoader:
     transform: Transform | None,
     num_batches: int | None,
     max_bad_fraction: float,
+    canvas_multiple: int | None = None,
   ):
+    if canvas_multiple is not None and (int(canvas_multiple) != canvas_multiple or canvas_multiple < 1):
+      raise ValueError(f'canvas_multiple must be an integer >= 1, got {canvas_multiple!r}')
+    if canvas_multiple is not None and process_count > 1:
+      raise ValueError(
+        'a loader with canvas_multiple (images at their own sizes) takes one process: each process would '
+        'pad its slice of a batch to another canvas'
+      )
+    self.canvas_multiple = None if canvas_multiple is None else int(canvas_multiple)
     self.source = source
     self.global_batch_size = int(global_batch_size)
     self.seed = int(seed)
@@ -183,7 +201,7 @@ class _BatchLoader:
       if self.workers > 1
       else None
     )
-    self.image_shape = self._probe_image_shape()
+    self.image_shape, self.has_sizes = self._probe()
 
   # What a subclass defines.
 
@@ -198,10 +216,11 @@ class _BatchLoader:
 
   # Loading.
 
-  def _probe_image_shape(self) -> tuple[int, ...]:
+  def _probe(self) -> tuple[tuple[int, ...], bool]:
+    """(the image shape of the batch arrays, whether batches carry 'size'), from the first good example."""
     shape = getattr(self.source, 'image_shape', None)
     if shape is not None and self.transform is None:
-      return tuple(shape)
+      return tuple(shape), self.canvas_multiple is not None
     # One throwaway example (the first that decodes): the batch arrays are allocated before any of their
     # examples is loaded.
     for index in range(self.num_examples):
@@ -211,7 +230,7 @@ class _BatchLoader:
         self.bad_examples.record_bad(index, error)
         continue
       self.bad_examples.record_good()
-      return tuple(example['image'].shape)
+      return tuple(example['image'].shape), self.canvas_multiple is not None or 'size' in example
     raise TooManyBadExamples(f'none of the {self.num_examples} examples decodes; the data is unreadable')
 
   def _load_example(self, index: int, epoch: int, place: int) -> dict[str, Any]:
@@ -241,33 +260,75 @@ class _BatchLoader:
   def _fill_slot(self, batch: _PendingBatch, slot: int, index: int, epoch: int) -> None:
     example = self._load_good_example(index, epoch)
     if example is None:
-      batch.images[slot] = 0.0  # a bad example evaluation skips: zeros, label 0, masked out
+      self._clear_slot(batch, slot)  # a bad example evaluation skips: zeros, label 0, masked out
       batch.labels[slot] = 0
       batch.mask[slot] = False
       self._skipped(index)
       return
     image = example['image']
-    if image.shape != self.image_shape or image.dtype != np.uint8:
-      raise ValueError(
-        f'example {index} has image {image.dtype}{list(image.shape)}, the batch takes '
-        f'uint8{list(self.image_shape)}: every image of a batch must be uint8 of one size '
-        '(resize in the source or the transform)'
-      )
-    normalize_image(image, out=batch.images[slot])
+    if self.canvas_multiple is not None:
+      if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f'example {index} has image {image.dtype}{list(image.shape)}, not uint8 (h, w, 3)')
+      batch.images[slot] = normalize_image(image)
+      batch.sizes[slot] = image.shape[:2]
+    else:
+      if image.shape != self.image_shape or image.dtype != np.uint8:
+        raise ValueError(
+          f'example {index} has image {image.dtype}{list(image.shape)}, the batch takes '
+          f'uint8{list(self.image_shape)}: every image of a batch must be uint8 of one size '
+          '(resize in the source or the transform)'
+        )
+      normalize_image(image, out=batch.images[slot])
+      if batch.sizes is not None:
+        if 'size' not in example:
+          raise ValueError(f'example {index} has no size, the other examples of the batch have one')
+        batch.sizes[slot] = example['size']
     batch.labels[slot] = example['label']
+
+  def _clear_slot(self, batch: _PendingBatch, slot: int) -> None:
+    """An empty slot (padding or a bad example): zeros (the mean colour) over the whole canvas."""
+    if self.canvas_multiple is not None:
+      batch.images[slot] = None  # the canvas is known once the batch is loaded (_assemble)
+    else:
+      batch.images[slot] = 0.0
+      if batch.sizes is not None:
+        batch.sizes[slot] = self.image_shape[:2]
+
+  def _assemble(self, batch: _PendingBatch) -> dict[str, np.ndarray]:
+    """A loaded batch as the caller gets it; with canvas_multiple its images padded to one canvas."""
+    images = batch.images
+    if self.canvas_multiple is not None:
+      multiple = self.canvas_multiple
+      shapes = [image.shape[:2] for image in images if image is not None]
+      canvas = tuple(
+        -(-max((shape[axis] for shape in shapes), default=1) // multiple) * multiple for axis in (0, 1)
+      )
+      images = np.zeros((self.host_batch_size, *canvas, 3), np.float32)
+      for slot, image in enumerate(batch.images):
+        if image is None:
+          batch.sizes[slot] = canvas
+        else:
+          images[slot, : image.shape[0], : image.shape[1]] = image
+    result = {'image': images, 'label': batch.labels, 'mask': batch.mask}
+    if batch.sizes is not None:
+      result['size'] = batch.sizes
+    return result
 
   def _start(self, number: int) -> _PendingBatch:
     indices, mask, epoch = self._plan(number)
     batch = _PendingBatch(
       number,
-      np.empty((self.host_batch_size, *self.image_shape), np.float32),
+      [None] * self.host_batch_size
+      if self.canvas_multiple is not None
+      else np.empty((self.host_batch_size, *self.image_shape), np.float32),
       np.zeros((self.host_batch_size,), np.int32),
       mask,
+      np.zeros((self.host_batch_size, 2), np.int32) if self.has_sizes else None,
       [],
     )
     for slot in range(self.host_batch_size):
       if not mask[slot]:
-        batch.images[slot] = 0.0  # padding: zeros (the mean colour), label 0, masked out
+        self._clear_slot(batch, slot)  # padding: zeros (the mean colour), label 0, masked out
         continue
       if self._executor is None:
         self._fill_slot(batch, slot, indices[slot], epoch)
@@ -315,7 +376,7 @@ class _BatchLoader:
     # Counted only once the batch is complete: a failed load leaves the position where it was.
     self._next_batch = number + 1
     self._top_up()
-    return {'image': batch.images, 'label': batch.labels, 'mask': batch.mask}
+    return self._assemble(batch)
 
   # Lifetime.
 
@@ -350,7 +411,8 @@ class TrainLoader(_BatchLoader):
     state: a `get_state()` dict to resume from (as `set_state`).
     max_bad_fraction: the fraction of examples that may fail to decode before the loader stops
       (`data.max_bad_fraction`; required, as configs/common.py alone holds the defaults).
-  Yields {'image': float32 (B / P, H, W, 3), 'label': int32 (B / P,)}.
+  Yields {'image': float32 (B / P, H, W, 3), 'label': int32 (B / P,)}, and 'size' int32 (B / P, 2) when the
+  transform gives each example one.
   """
 
   def __init__(
@@ -474,8 +536,9 @@ class EvalLoader(_BatchLoader):
   (zero image, label 0, mask False), so every process gets the same number of equally shaped batches. A bad
   example is masked out like padding and counted in `skipped`, so the masks of a pass add up to
   `len(source)` minus the bad examples of all processes. Each `iter(self)` is a fresh pass. Arguments as
-  TrainLoader's; `seed` only seeds the transform's rng.
-  Yields {'image': float32 (B / P, H, W, 3), 'label': int32 (B / P,), 'mask': bool (B / P,)}.
+  TrainLoader's; `seed` only seeds the transform's rng. `canvas_multiple` (an int, one process only): images
+  of any size, each batch padded to its own canvas (module doc), with 'size'.
+  Yields {'image': float32 (B / P, H, W, 3), 'label': int32 (B / P,), 'mask': bool (B / P,)} (and 'size').
   """
 
   def __init__(
@@ -490,6 +553,7 @@ class EvalLoader(_BatchLoader):
     seed: int = 0,
     *,
     max_bad_fraction: float,
+    canvas_multiple: int | None = None,
   ):
     num_batches = -(-len(source) // global_batch_size)
     self._skipped_indices: set[int] = set()
@@ -505,6 +569,7 @@ class EvalLoader(_BatchLoader):
       transform,
       num_batches=num_batches,
       max_bad_fraction=max_bad_fraction,
+      canvas_multiple=canvas_multiple,
     )
 
   def __len__(self) -> int:
@@ -548,6 +613,7 @@ def eval_batches(
   transform: Transform | None = None,
   *,
   max_bad_fraction: float,
+  canvas_multiple: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
   """One pass of EvalLoader over `source`, its threads stopped when the pass ends or is abandoned."""
   with EvalLoader(
@@ -559,5 +625,6 @@ def eval_batches(
     prefetch,
     transform,
     max_bad_fraction=max_bad_fraction,
+    canvas_multiple=canvas_multiple,
   ) as loader:
     yield from loader

@@ -15,16 +15,26 @@ and augmented there, and the accelerator resizes the normalised batch to the ima
 the pixels; docs/data.md has the measurements that chose this. `host_max_side = 0` resizes to the full size
 here, in exactly the reference's order.
 
+Aspect ratio (`data.augment.aspect`): 'squash' (default, the reference's) resizes the crop box to the host
+canvas whatever its shape. 'keep' resizes it by one factor, min(canvas_h / box_h, canvas_w / box_w), so it
+fits inside the canvas, flips and augments it at that size (fills and flips act on the crop alone) and
+places it at the canvas's top-left, the rest zeros; the example gets 'size', int32 (2,), the valid (height,
+width) in canvas pixels, which the model masks by (`model.apply(..., sizes=)`). Every canvas of a run has
+one shape, so training compiles once.
+
 Eval (`eval_transform`, `eval_resize`), as `data.resize` says: 'squash' (default), a bicubic resize to the
 image size without keeping the aspect ratio, as the reference; or 'crop', timm's eval transform: bicubic
 resize, aspect kept, of the shorter side to floor(side / `data.crop_pct`), then the centre crop of the
-image size. Predict and the inference API use the same function. The synthetic task gets no transform
+image size; or 'none', each image at its own size (the decoder's `data.max_pixels` reduction aside), which
+the eval loader pads to a canvas per batch and marks with 'size' (pipeline.EvalLoader's `canvas_multiple`).
+Predict and the inference API use the same function. The synthetic task gets no transform
 (None): its images already have the size and must not be augmented.
 
 A transform is `transform(example, rng) -> example` (pipeline.Transform): `example['image']` is uint8
-(h, w, 3) of any size (or a PIL RGB image), the returned one uint8 (H, W, 3); every random choice comes
-from `rng`, which the loader derives from (seed, epoch, index) only. The `sample_*` functions are the
-random draws on their own, so tests can measure their distributions.
+(h, w, 3) of any size (or a PIL RGB image), the returned one uint8 (H, W, 3) (with 'keep' also its 'size';
+with resize 'none' of the image's own size); every random choice comes from `rng`, which the loader
+derives from (seed, epoch, index) only. The `sample_*` functions are the random draws on their own, so
+tests can measure their distributions.
 """
 
 import dataclasses
@@ -61,7 +71,8 @@ RAND_AUGMENT_OPS = (
 )
 MAGNITUDE_SCALE = 10.0  # magnitude m means strength m / 10 of each operation's range
 CROP_ATTEMPTS = 10
-RESIZE_MODES = ('squash', 'crop')  # data.resize
+RESIZE_MODES = ('squash', 'crop', 'none')  # data.resize
+ASPECT_MODES = ('squash', 'keep')  # data.augment.aspect
 
 
 class CropBox(NamedTuple):
@@ -134,6 +145,17 @@ def sample_crop_box(
   else:
     crop_width, crop_height = width, height
   return CropBox((height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width)
+
+
+def keep_aspect_size(height: int, width: int, canvas: Sequence[int]) -> tuple[int, int]:
+  """(h, w) of a `height` x `width` box scaled by one factor to fit inside `canvas` (H, W): the factor
+  min(H / height, W / width), so one side fills the canvas; each side rounded and kept within [1, canvas]."""
+  canvas_height, canvas_width = image_size_pair(canvas)
+  scale = min(canvas_height / height, canvas_width / width)
+  return (
+    min(canvas_height, max(1, round(height * scale))),
+    min(canvas_width, max(1, round(width * scale))),
+  )
 
 
 def resized_crop(image: Image.Image, box: CropBox, size: Sequence[int]) -> Image.Image:
@@ -238,6 +260,12 @@ def apply_rand_augment_op(image: Image.Image, op: RandAugmentOp) -> Image.Image:
 # The transforms.
 
 
+def _is_rgb_uint8(image: Any) -> bool:
+  return (
+    isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3
+  )
+
+
 def _as_rgb_image(image: Any) -> Image.Image:
   if isinstance(image, Image.Image):
     return image if image.mode == 'RGB' else image.convert('RGB')
@@ -254,7 +282,9 @@ def _as_rgb_image(image: Any) -> Image.Image:
 class TrainTransform:
   """The train transform of the module doc up to RandAugment; a plain picklable object (worker processes).
 
-  `output_size` is `host_image_size(image_size, host_max_side)`; the other fields are `data.augment`'s.
+  `output_size` is `host_image_size(image_size, host_max_side)`, the canvas; the other fields are
+  `data.augment`'s. With `aspect='keep'` the crop keeps its aspect ratio at the canvas's top-left and the
+  example gets its valid 'size' (module doc).
   """
 
   output_size: tuple[int, int]
@@ -266,6 +296,17 @@ class TrainTransform:
   randaug_magnitude_std: float
   randaug_magnitude_max: float
   randaug_prob: float
+  aspect: str = 'squash'
+
+  def __post_init__(self):
+    if self.aspect not in ASPECT_MODES:
+      raise ValueError(f'aspect must be one of {", ".join(ASPECT_MODES)}; got {self.aspect!r}')
+
+  def valid_size(self, box: CropBox) -> tuple[int, int]:
+    """(h, w) the crop `box` covers on the canvas: all of it, or with 'keep' its aspect-kept fit."""
+    if self.aspect == 'keep':
+      return keep_aspect_size(box.height, box.width, self.output_size)
+    return tuple(self.output_size)
 
   def draw(self, height: int, width: int, rng: np.random.Generator) -> TrainDraw:
     """Every random choice for a source image of `height` x `width`, in the order __call__ makes them."""
@@ -282,18 +323,27 @@ class TrainTransform:
     return TrainDraw(box, flip, ops)
 
   def apply(self, image: Any, draw: TrainDraw) -> np.ndarray:
-    """uint8 (h, w, 3) or PIL image -> uint8 `output_size` + (3,), with the choices of `draw`."""
-    result = resized_crop(_as_rgb_image(image), draw.box, self.output_size)
+    """uint8 (h, w, 3) or PIL image -> uint8 `output_size` + (3,), with the choices of `draw`; with 'keep'
+    the crop fills `valid_size(draw.box)` at the top-left and the rest is zeros."""
+    size = self.valid_size(draw.box)
+    result = resized_crop(_as_rgb_image(image), draw.box, size)
     if draw.flip:
       result = result.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     for op in draw.ops:
       result = apply_rand_augment_op(result, op)
-    return np.asarray(result)
+    if size == tuple(self.output_size):
+      return np.asarray(result)
+    canvas = np.zeros((*self.output_size, 3), np.uint8)
+    canvas[: size[0], : size[1]] = np.asarray(result)
+    return canvas
 
   def __call__(self, example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     image = _as_rgb_image(example['image'])
     draw = self.draw(image.height, image.width, rng)
-    return {**example, 'image': self.apply(image, draw)}
+    example = {**example, 'image': self.apply(image, draw)}
+    if self.aspect == 'keep':
+      example['size'] = np.asarray(self.valid_size(draw.box), np.int32)
+    return example
 
 
 def eval_scale_size(image_size: int | Sequence[int], crop_pct: float) -> tuple[int, int]:
@@ -340,9 +390,12 @@ def eval_resize(
   `resize` (`data.resize`): 'squash' resizes to `image_size` without keeping the aspect ratio (as the
   reference's Resize((H, W))); 'crop' is timm's eval transform with `crop_pct` (`data.crop_pct`): the image
   resized, aspect kept, to cover `eval_scale_size` (for a square image size: its shorter side to that
-  size, torchvision's Resize(int)), then the centre `image_size` (CenterCrop).
+  size, torchvision's Resize(int)), then the centre `image_size` (CenterCrop); 'none' keeps the image's own
+  size (uint8 (h, w, 3)), for a loader or model that pads and masks.
   """
   height, width = image_size_pair(image_size)
+  if resize == 'none':
+    return image if _is_rgb_uint8(image) else np.asarray(_as_rgb_image(image))
   if resize == 'squash':
     if isinstance(image, np.ndarray) and image.shape == (height, width, 3) and image.dtype == np.uint8:
       return image
@@ -394,12 +447,13 @@ def train_transform(config) -> TrainTransform | None:
     randaug_magnitude_std=float(augment.randaug_magnitude_std),
     randaug_magnitude_max=float(augment.randaug_magnitude_max),
     randaug_prob=float(augment.randaug_prob),
+    aspect=str(augment.aspect),
   )
 
 
 def eval_transform(config) -> EvalTransform | None:
   """The eval transform for `config`: `eval_resize` to `image_size` as `data.resize` and `data.crop_pct`
-  say; None for the synthetic task."""
+  say (with 'none' each image keeps its size); None for the synthetic task."""
   if config.data.source == 'synthetic':
     return None
   return EvalTransform(image_size_pair(config.image_size), **eval_resize_options(config))

@@ -1,13 +1,19 @@
-"""Atlas (ATLAS.md §2): stem, scale pyramid, macro-stages of MSA blocks that drop the finest scale, readout."""
+"""Atlas (ATLAS.md §2): stem, scale pyramid, macro-stages of MSA blocks that drop the finest scale, readout.
+
+Input of any size (docs/any_size.md): `config.image_size` fixes the number of scales and so the parameters;
+a canvas of another size is padded to whole windows at every scale, and `sizes` says where each image of
+the batch ends. Windowable canvases without `sizes` run exactly today's computation, unmasked.
+"""
 
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from atlas_jax.models import geometry as geometry_lib
 from atlas_jax.models import layout as layout_lib
 from atlas_jax.models.layers import LayerNorm, Linear
-from atlas_jax.models.msa import drop_path_rates, map_from_windows, max_pool, stage_blocks, windows_from_map
+from atlas_jax.models.msa import drop_path_rates, map_from_windows, pool_scale, stage_blocks, windows_from_map
 from atlas_jax.models.stem import ConvStem, PatchifyStem
 
 REMAT_POLICIES = ('none', 'block')
@@ -31,10 +37,15 @@ class Readout(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, tokens, pre_logits: bool = False):
+  def __call__(self, tokens, pre_logits: bool = False, valid=None):
     """tokens: (batch, tokens, dim) -> logits (batch, num_classes), float32; with `pre_logits` the pooled
-    vector the head reads instead, (batch, dim) float32 (timm's forward_head(pre_logits=True))."""
-    x = LayerNorm(dtype=self.dtype, name='readout_norm')(tokens).mean(axis=1)
+    vector the head reads instead, (batch, dim) float32 (timm's forward_head(pre_logits=True)).
+    `valid` (batch, tokens) bool: average the valid tokens only (padded input)."""
+    x = LayerNorm(dtype=self.dtype, name='readout_norm')(tokens)
+    if valid is None:
+      x = x.mean(axis=1)
+    else:
+      x = jnp.where(valid[..., None], x, 0).sum(axis=1) / valid.sum(axis=1, keepdims=True).astype(x.dtype)
     x = LayerNorm(dtype=self.dtype, name='fc_norm')(x)
     if pre_logits:
       return x.astype(jnp.float32)
@@ -75,7 +86,7 @@ class Atlas(nn.Module):
         depth,
         self.remat,
         name=f'stage{stage}_blocks',
-        layouts=tuple(self.layouts[s] for s in scales),
+        num_scales=len(scales),
         dim=self.dim,
         num_heads=self.num_heads,
         mlp_ratio=self.mlp_ratio,
@@ -90,57 +101,88 @@ class Atlas(nn.Module):
     ]
     self.readout = Readout(self.dim, self.num_classes, self.dtype, name='readout')
 
-  def encode(self, images, train: bool = False):
+  def geometry(self, images, sizes=None):
+    """(the canvas's Geometry, the images padded to it): unpadded for a windowable canvas without `sizes`."""
+    tokens_hw = geometry_lib.canvas_tokens(images.shape[1:3], self.patch_size)
+    layouts = layout_lib.canvas_layouts(tokens_hw, len(self.layouts), self.window, self.pool)
+    return geometry_lib.canvas_geometry(
+      images, sizes, layouts, self.patch_size, self.window, self.pool, self.parent_window, self.dtype
+    )
+
+  def encode(self, images, train: bool = False, sizes=None):
     """Returns (stem map (batch, h, w, dim), per stage the tokens of its scales after it, finest first).
 
-    Tokens of a scale are window-major: (batch * windows, tokens per window, dim).
+    Tokens of a scale are window-major: (batch * windows, tokens per window, dim). `sizes` (batch, 2) int:
+    each image's (height, width) in pixels at the canvas's top-left; None: every image fills the canvas.
     """
-    stem_map = self.stem(images.astype(self.dtype), train)
+    return self.encode_geometry(images, train, sizes)[:2]
+
+  def encode_geometry(self, images, train: bool = False, sizes=None):
+    """`encode`'s two results and the Geometry they are laid out in."""
+    geometry, images, sizes = self.geometry(images, sizes)
+    stem_map = self.stem(images.astype(self.dtype), train, sizes)
     maps = [stem_map]
-    for _ in self.layouts[1:]:
-      maps.append(max_pool(maps[-1], self.pool))
+    for scale in range(1, len(geometry.layouts)):
+      maps.append(pool_scale(maps[-1], geometry, scale, self.pool))
     tokens = [
       windows_from_map(token_map, layout.window_height, layout.window_width)
-      for token_map, layout in zip(maps, self.layouts)
+      for token_map, layout in zip(maps, geometry.layouts)
     ]
     stages = []
     for scales, depth, stage in zip(self.stage_scales, self.depths, self.stages):
       # Drop path restarts in every stage: linspace(0, rate, depth), as the reference.
       rates = drop_path_rates(depth, self.drop_path_rate)
-      current, _ = stage([tokens[s] for s in scales], not train, rates)
+      current, _ = stage([tokens[s] for s in scales], not train, rates, geometry.select(scales))
       for s, updated in zip(scales, current):
         tokens[s] = updated
       stages.append(current)
-    return stem_map, stages
+    return stem_map, stages, geometry
 
-  def __call__(self, images, train: bool = False):
+  def __call__(self, images, train: bool = False, sizes=None):
     """images (batch, H, W, 3) -> logits (batch, num_classes), float32."""
-    return self.classify(self.encode(images, train)[1][-1])
+    _, stages, geometry = self.encode_geometry(images, train, sizes)
+    return self.classify(stages[-1], geometry=geometry)
 
-  def pre_logits(self, images):
+  def pre_logits(self, images, sizes=None):
     """images (batch, H, W, 3) -> the pooled vector the head reads, (batch, dim) float32 (inference)."""
-    return self.classify(self.encode(images)[1][-1], pre_logits=True)
+    _, stages, geometry = self.encode_geometry(images, False, sizes)
+    return self.classify(stages[-1], pre_logits=True, geometry=geometry)
 
-  def features(self, images, train: bool = False):
-    """Every scale as a map (batch, height, width, dim), finest first, for detection or segmentation heads."""
-    return self.scale_maps(self.encode(images, train)[1])
+  def features(self, images, train: bool = False, sizes=None):
+    """Every scale as a map (batch, height, width, dim), finest first, for detection or segmentation heads.
 
-  def scale_maps(self, stages):
+    Padded input gives the canvas's padded maps with zeros where an image has no valid token; image b's
+    valid region at scale s is `layout.valid_token_sides(sizes[b], patch_size, num_scales, pool)[s]`."""
+    _, stages, geometry = self.encode_geometry(images, train, sizes)
+    return self.scale_maps(stages, geometry)
+
+  def scale_maps(self, stages, geometry=None):
     """`encode`'s per-stage tokens -> every scale as a map (batch, height, width, dim), finest first.
 
     Each scale comes from the end of the last stage that processes it: with `atlas` composition, scale s
     from stage s, which drops it, and the scales the last stage keeps from the last stage.
     """
+    geometry = geometry or geometry_lib.Geometry(self.layouts)
     latest = {}
     for scales, stage_tokens in zip(self.stage_scales, stages):
       latest.update(zip(scales, stage_tokens))
-    return [
+    maps = [
       map_from_windows(latest[scale], layout.height, layout.width, layout.window_height, layout.window_width)
-      for scale, layout in enumerate(self.layouts)
+      for scale, layout in enumerate(geometry.layouts)
     ]
+    if geometry.padded:
+      maps = [jnp.where(valid[..., None], token_map, 0) for token_map, valid in zip(maps, geometry.valid)]
+    return maps
 
-  def classify(self, last_stage_scales, pre_logits: bool = False):
-    """Readout over the tokens of every scale present at the end (each (batch * windows, tokens, dim))."""
-    batch = last_stage_scales[-1].shape[0] // self.layouts[-1].num_windows
+  def classify(self, last_stage_scales, pre_logits: bool = False, geometry=None):
+    """Readout over the tokens of every scale present at the end (each (batch * windows, tokens, dim)).
+
+    `geometry`: the canvas's (encode_geometry's third result); None for today's unpadded `image_size`."""
+    geometry = geometry or geometry_lib.Geometry(self.layouts)
+    batch = last_stage_scales[-1].shape[0] // geometry.layouts[-1].num_windows
     per_image = [scale.reshape(batch, -1, scale.shape[-1]) for scale in last_stage_scales]
-    return self.readout(jnp.concatenate(per_image, axis=1), pre_logits)
+    valid = None
+    if geometry.padded:
+      last_scales = self.stage_scales[-1]
+      valid = jnp.concatenate([geometry.valid_windows[s].reshape(batch, -1) for s in last_scales], axis=1)
+    return self.readout(jnp.concatenate(per_image, axis=1), pre_logits, valid)

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from atlas_jax.models import geometry as geometry_lib
 from atlas_jax.models import layout as layout_lib
 from atlas_jax.models.atlas import Readout, make_stem
 from atlas_jax.models.layers import PositionMLP
@@ -40,14 +41,14 @@ class _SingleScale(nn.Module):
   remat: str = 'none'
   dtype: Any = jnp.float32
 
-  def _layout(self) -> layout_lib.ScaleLayout:
+  def _layout(self, tokens_hw) -> layout_lib.ScaleLayout:
+    """The one scale's layout for a canvas of `tokens_hw` tokens."""
     raise NotImplementedError
 
-  def _add_global_position(self, token_map):
+  def _add_global_position(self, token_map, geometry, sizes):
     return token_map
 
   def setup(self):
-    self.layout = self._layout()
     self.stem = make_stem(
       self.patch_size, self.dim, self.stem_width, self.stem_in_dim, self.dtype, self.remat
     )
@@ -55,7 +56,7 @@ class _SingleScale(nn.Module):
       sum(self.depths),
       self.remat,
       name='stage0_blocks',
-      layouts=(self.layout,),
+      num_scales=1,
       dim=self.dim,
       num_heads=self.num_heads,
       mlp_ratio=self.mlp_ratio,
@@ -66,53 +67,90 @@ class _SingleScale(nn.Module):
     )
     self.readout = Readout(self.dim, self.num_classes, self.dtype, name='readout')
 
-  def encode(self, images, train: bool = False):
-    """Same contract as Atlas.encode: (stem map, [[finest-scale tokens (batch * windows, tokens, dim)]])."""
-    stem_map = self.stem(images.astype(self.dtype), train)
+  def encode_geometry(self, images, train: bool = False, sizes=None):
+    """(stem map, [[finest-scale tokens (batch * windows, tokens, dim)]], Geometry), as Atlas's."""
+    layout = self._layout(geometry_lib.canvas_tokens(images.shape[1:3], self.patch_size))
+    geometry, images, sizes = geometry_lib.canvas_geometry(
+      images,
+      sizes,
+      (layout,),
+      self.patch_size,
+      self.window,
+      self.pool,
+      dtype=self.dtype,
+      whole_window=isinstance(self, ViT),
+    )
+    stem_map = self.stem(images.astype(self.dtype), train, sizes)
     tokens = windows_from_map(
-      self._add_global_position(stem_map), self.layout.window_height, self.layout.window_width
+      self._add_global_position(stem_map, geometry, sizes), layout.window_height, layout.window_width
     )
     rates = drop_path_rates(sum(self.depths), self.drop_path_rate)
-    tokens = self.blocks([tokens], not train, rates)[0][0]
-    return stem_map, [[tokens]]
+    tokens = self.blocks([tokens], not train, rates, geometry)[0][0]
+    return stem_map, [[tokens]], geometry
 
-  def __call__(self, images, train: bool = False, pre_logits: bool = False):
-    tokens = self.encode(images, train)[1][-1][0]
-    batch = tokens.shape[0] // self.layout.num_windows
-    return self.readout(tokens.reshape(batch, -1, self.dim), pre_logits)
+  def encode(self, images, train: bool = False, sizes=None):
+    """Same contract as Atlas.encode: (stem map, [[finest-scale tokens (batch * windows, tokens, dim)]])."""
+    return self.encode_geometry(images, train, sizes)[:2]
 
-  def pre_logits(self, images):
+  def __call__(self, images, train: bool = False, pre_logits: bool = False, sizes=None):
+    _, stages, geometry = self.encode_geometry(images, train, sizes)
+    tokens = stages[-1][0]
+    batch = tokens.shape[0] // geometry.layouts[0].num_windows
+    valid = geometry.valid_windows[0].reshape(batch, -1) if geometry.padded else None
+    return self.readout(tokens.reshape(batch, -1, self.dim), pre_logits, valid)
+
+  def pre_logits(self, images, sizes=None):
     """images (batch, H, W, 3) -> the pooled vector the head reads, (batch, dim) float32 (inference)."""
-    return self(images, pre_logits=True)
+    return self(images, pre_logits=True, sizes=sizes)
 
-  def features(self, images, train: bool = False):
+  def features(self, images, train: bool = False, sizes=None):
     """The one scale as a map: [(batch, height, width, dim)], the same contract as Atlas.features."""
-    tokens = self.encode(images, train)[1][-1][0]
-    layout = self.layout
-    return [map_from_windows(tokens, layout.height, layout.width, layout.window_height, layout.window_width)]
+    _, stages, geometry = self.encode_geometry(images, train, sizes)
+    layout = geometry.layouts[0]
+    token_map = map_from_windows(
+      stages[-1][0], layout.height, layout.width, layout.window_height, layout.window_width
+    )
+    if geometry.padded:
+      token_map = jnp.where(geometry.valid[0][..., None], token_map, 0)
+    return [token_map]
 
 
 class ViT(_SingleScale):
   """Global attention over all tokens of the finest scale."""
 
-  def _layout(self):
-    height, width = (side // self.patch_size for side in self.image_size)
+  def _layout(self, tokens_hw):
+    height, width = tokens_hw
     return layout_lib.ScaleLayout(height, width, height, width)
 
 
 class WindowViT(_SingleScale):
   """Window attention on the finest scale only, plus a global position MLP added once."""
 
-  def _layout(self):
-    return layout_lib.check_image_size(self.image_size, self.patch_size, self.window, self.pool)[0]
+  def _layout(self, tokens_hw):
+    return layout_lib.canvas_layouts(tokens_hw, 1, self.window, self.pool)[0]
 
   def setup(self):
+    layout_lib.check_image_size(self.image_size, self.patch_size, self.window, self.pool)
     super().setup()
     self.global_position = PositionMLP(self.dim, dtype=self.dtype)
 
-  def _add_global_position(self, token_map):
+  def _add_global_position(self, token_map, geometry, sizes):
+    """Whole-image coordinates: each image's own valid token map spans [-1, 1) (padding beyond it)."""
     height, width = token_map.shape[1:3]
-    whole_map = layout_lib.ScaleLayout(height, width, height, width)
-    coordinates = jnp.asarray(layout_lib.window_coordinates(whole_map), self.dtype)
+    if not geometry.padded:
+      whole_map = layout_lib.ScaleLayout(height, width, height, width)
+      coordinates = jnp.asarray(layout_lib.window_coordinates(whole_map), self.dtype)
+      position = self.global_position(coordinates)
+      return token_map + position.reshape(height, width, self.dim).astype(token_map.dtype)
+    valid_tokens = -(-sizes // self.patch_size)  # (batch, 2)
+    rows = layout_lib.normalized_coordinates(jnp.arange(height, dtype=self.dtype)[None], valid_tokens[:, :1])
+    cols = layout_lib.normalized_coordinates(jnp.arange(width, dtype=self.dtype)[None], valid_tokens[:, 1:])
+    coordinates = jnp.stack(
+      [
+        jnp.broadcast_to(rows[:, :, None], (rows.shape[0], height, width)),
+        jnp.broadcast_to(cols[:, None, :], (cols.shape[0], height, width)),
+      ],
+      axis=-1,
+    ).astype(self.dtype)  # (batch, height, width, 2)
     position = self.global_position(coordinates)
-    return token_map + position.reshape(height, width, self.dim).astype(token_map.dtype)
+    return token_map + jnp.where(geometry.valid[0][..., None], position, 0).astype(token_map.dtype)

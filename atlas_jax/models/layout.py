@@ -5,6 +5,12 @@ Pooling stops once a scale fits in one window. Every scale is cut into non-overl
 `window` x `window` tokens (a scale no larger than a window on a side uses that side whole) and stored
 window-major: (batch * windows, tokens per window, channels), windows in raster order over the window
 grid, tokens in raster order inside a window, as the reference does.
+
+Any other size (docs/any_size.md): the number of scales stays that of `config.image_size`; along each
+axis, `pyramid_sides` pads every scale's map to whole windows (to a multiple of `pool` where a scale no
+larger than a window is pooled again), fine to coarse, so each coarse map holds the pooled fine map and
+perhaps more padding. The arithmetic is written once, for Python ints (a canvas, static) and for jnp int
+arrays (each image's own size, traced) alike.
 """
 
 import dataclasses
@@ -36,6 +42,58 @@ class ScaleLayout:
   def num_windows(self) -> int:
     rows, cols = self.grid
     return rows * cols
+
+
+def _ceil_to(value, multiple):
+  return -(-value // multiple) * multiple
+
+
+def _where(condition, if_true, if_false):
+  """`if_true if condition else if_false` for Python values, elementwise for traced arrays."""
+  if isinstance(condition, (bool, np.bool_)):
+    return if_true if condition else if_false
+  import jax.numpy as jnp  # only for traced per-image sizes; the static layouts stay numpy
+
+  return jnp.where(condition, if_true, if_false)
+
+
+def pyramid_sides(valid, num_scales: int, window: int = 16, pool: int = 4):
+  """Along one axis, for `valid` tokens at scale 0: per scale (valid tokens, padded side, window side).
+
+  A token is valid when any position it pools is, so valid sides are ceilings. Each padded side holds
+  the pooled padded side below it, rounded up to whole windows when larger than a window, else (when
+  pooled again) to a multiple of `pool`; the coarsest scale no larger than a window keeps its side.
+  Windowable sizes pad nothing: their padded sides are today's sides.
+  """
+  sides, padded = [], None
+  for scale in range(num_scales):
+    if scale:
+      valid = -(-valid // pool)
+    needed = valid if padded is None else padded // pool
+    small = needed if scale == num_scales - 1 else _ceil_to(needed, pool)
+    padded = _where(needed > window, _ceil_to(needed, window), small)
+    sides.append((valid, padded, _where(padded > window, window, padded)))
+  return sides
+
+
+def canvas_layouts(tokens_hw, num_scales: int, window: int = 16, pool: int = 4) -> tuple[ScaleLayout, ...]:
+  """The padded layouts of a canvas of `tokens_hw` scale-0 tokens (each side any size >= 1)."""
+  rows = pyramid_sides(int(tokens_hw[0]), num_scales, window, pool)
+  cols = pyramid_sides(int(tokens_hw[1]), num_scales, window, pool)
+  return tuple(
+    ScaleLayout(int(row[1]), int(col[1]), int(row[2]), int(col[2])) for row, col in zip(rows, cols)
+  )
+
+
+def valid_token_sides(image_hw, patch_size: int, num_scales: int, pool: int = 4) -> list[tuple[int, int]]:
+  """(rows, cols) of valid tokens of an `image_hw` pixel image at every scale: ceil(side / patch / pool^s)."""
+  sides = []
+  rows, cols = -(-int(image_hw[0]) // patch_size), -(-int(image_hw[1]) // patch_size)
+  for scale in range(num_scales):
+    if scale:
+      rows, cols = -(-rows // pool), -(-cols // pool)
+    sides.append((rows, cols))
+  return sides
 
 
 def _window_side(side: int, window: int) -> int | None:
@@ -100,32 +158,38 @@ def check_image_size(
   )
 
 
-def parent_windows(fine: ScaleLayout, coarse: ScaleLayout, rule: str) -> np.ndarray:
+def parent_windows(fine: ScaleLayout, coarse: ScaleLayout, rule: str, downsample: int) -> np.ndarray:
   """For each window of `fine`, the index of the `coarse` window whose K/V it attends to top-down.
 
   `spatial`: the coarse window that covers the fine window (the paper). `raster`: window i gets coarse
   window i // (fine windows / coarse windows), what the reference code's repeat_interleave does; the two
-  agree when the coarse scale is one window.
+  agree when the coarse scale is one window. `downsample` is pool ** (scales between them): fine token (r, c)
+  lies under coarse token (r // downsample, c // downsample), which with padding is not fine.height //
+  coarse.height.
   """
   if rule == 'raster':
     ratio = fine.num_windows // coarse.num_windows
     return np.arange(fine.num_windows) // ratio
   if rule != 'spatial':
     raise ValueError(f"parent_window must be 'spatial' or 'raster', got {rule!r}")
-  down_rows, down_cols = fine.height // coarse.height, fine.width // coarse.width
   rows, cols = np.meshgrid(np.arange(fine.grid[0]), np.arange(fine.grid[1]), indexing='ij')
   # Top-left token of each fine window, in coarse tokens, then the coarse window holding it.
-  coarse_rows = rows * fine.window_height // down_rows // coarse.window_height
-  coarse_cols = cols * fine.window_width // down_cols // coarse.window_width
+  coarse_rows = rows * fine.window_height // downsample // coarse.window_height
+  coarse_cols = cols * fine.window_width // downsample // coarse.window_width
   return (coarse_rows * coarse.grid[1] + coarse_cols).reshape(-1)
+
+
+def normalized_coordinates(index, side):
+  """Token `index` of a window of `side` tokens, in [-1, 1): (index - side // 2) / max(side // 2, 1)."""
+  half = side // 2
+  return (index - half) / _where(half > 1, half, 1)
 
 
 def window_coordinates(layout: ScaleLayout) -> np.ndarray:
   """Window-local (row, col) coordinates of a window's tokens, in [-1, 1): (tokens, 2), as the reference."""
 
   def normalized(side):
-    half = max(side // 2, 1)
-    return (np.arange(side, dtype=np.float32) - side // 2) / half
+    return normalized_coordinates(np.arange(side, dtype=np.float32), side).astype(np.float32)
 
   rows, cols = np.meshgrid(normalized(layout.window_height), normalized(layout.window_width), indexing='ij')
   return np.stack([rows.reshape(-1), cols.reshape(-1)], axis=-1)

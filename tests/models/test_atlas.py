@@ -9,6 +9,7 @@ import pytest
 from atlas_jax.config import resolve
 from atlas_jax.models import build_model
 from atlas_jax.models import layout as layout_lib
+from atlas_jax.models.geometry import Geometry
 from atlas_jax.models.layers import DropPath
 from atlas_jax.models.layout import LayoutError
 from atlas_jax.models.msa import MSABlock
@@ -193,10 +194,11 @@ def test_fine_tokens_see_other_windows_only_through_communication(communication,
 
 def test_drop_path_masks_differ_between_windows_of_one_image():
   layout = layout_lib.ScaleLayout(16, 16, 4, 4)  # 16 windows of one image
-  block = MSABlock(layouts=(layout,), dim=8, num_heads=2, drop_path_rate=0.5)
+  block = MSABlock(num_scales=1, dim=8, num_heads=2, drop_path_rate=0.5)
   tokens = jax.random.normal(jax.random.key(0), (16, 16, 8))
-  variables = block.init(jax.random.key(1), [tokens])
-  trained = block.apply(variables, [tokens], False, rngs={'dropout': jax.random.key(2)})[0]
+  geometry = Geometry((layout,))
+  variables = block.init(jax.random.key(1), [tokens], geometry)
+  trained = block.apply(variables, [tokens], geometry, False, rngs={'dropout': jax.random.key(2)})[0]
   # With both residual branches dropped a window is its input plus the position embedding.
   positions = block.apply(
     variables,
