@@ -31,6 +31,7 @@ from ml_collections import config_flags
 import numpy as np
 import tqdm
 
+from atlas_jax import config as config_lib
 from atlas_jax import inference
 from atlas_jax.data import transforms
 from atlas_jax.data.decode import BadImageError
@@ -258,4 +259,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=config_lib.parse_flags)  # command-line mistakes: one line

@@ -147,6 +147,12 @@ def test_a_bad_override_value_is_one_line(tmp_path):
       '--config.lrr: configs/quickstart.py has no field lrr',
     ),
     ('atlas_jax.tools.convert_torch', ['--config.lr=1', '--config.lr=2'], '--config.lr is given twice'),
+    (
+      'atlas_jax.predict',
+      ['--config.lrr=0.1', 'x.png'],
+      '--config.lrr: configs/quickstart.py has no field lrr',
+    ),
+    ('atlas_jax.predict', ['--top_k=abc', 'x.png'], '--top_k=abc: invalid literal for int()'),
   ],
 )
 def test_benchmark_and_convert_torch_refuse_a_misspelt_or_repeated_override_in_one_line(
@@ -155,6 +161,8 @@ def test_benchmark_and_convert_torch_refuse_a_misspelt_or_repeated_override_in_o
   extra = (
     [f'--output={tmp_path / "out"}', f'--checkpoint={tmp_path / "x.pth"}'] if 'convert' in module else []
   )
+  if 'predict' in module:
+    extra = [f'--checkpoint={tmp_path / "run"}', f'--output={tmp_path / "out"}']
   result = run_module(module, '--config=configs/quickstart.py', *extra, *flags)
   assert_one_line(result, starts)
   assert not (tmp_path / 'out').exists()
