@@ -2,7 +2,7 @@
 
 The train step is `train.py`'s own (drop path, BatchNorm updates, AdamW, EMA when configured, donation),
 run on random images (no data pipeline is imported). Each mode compiles once, warms up, then times
-`--steps` steps, each ended with `block_until_ready`, and prints one JSON line (DESIGN.md):
+`--steps` steps, each ended with `block_until_ready`, and prints one JSON line (docs/design.md, "Outputs"):
 images/s from the median step, compile time, peak memory, model FLOPs per image (matmuls and convolutions
 of the float32 forward, counted from its jaxpr: once per inference image, three times per training image,
 never the rematerialized recompute), XLA's own count beside it, and MFU against the device's dense bf16
@@ -11,8 +11,11 @@ against the float32 XLA path on the same weights and one image, and whether it i
 """
 
 import collections
+import importlib.util
 import json
+import logging
 import math
+import os
 import statistics
 import sys
 import time
@@ -37,7 +40,7 @@ PEAK_TFLOPS = (
   ('TPU v5', 197.0),
   ('TPU v4', 275.0),
 )
-# x max(1, |logits|). Half precision against float32 (DESIGN.md); a float32 fast path runs the same
+# x max(1, |logits|). Half precision against float32 (docs/design.md); a float32 fast path runs the same
 # arithmetic as the reference, so anything above float32 rounding there is a fault (a tanh GELU moves the
 # logits of a small random model by ~4e-5: below bf16's own rounding, caught in float32).
 FAST_PATH_TOLERANCE = {'bfloat16': 2e-2, 'float16': 2e-2, 'float32': 1e-5}
@@ -368,16 +371,36 @@ def benchmark(
       yield result
 
 
+# JAX probes for a TPU at its first backend call and logs the failure at INFO; on a machine without one that
+# line says nothing. Kept where a TPU may be: libtpu installed, or a TPU device node.
+_NO_TPU_MESSAGE = "Unable to initialize backend 'tpu'"
+
+
+class _DropNoTpuLine(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(_NO_TPU_MESSAGE)
+
+
+def _quiet_tpu_probe() -> None:
+  """Drops JAX's 'Unable to initialize backend 'tpu'' INFO line unless this machine may have a TPU."""
+  may_have_tpu = (
+    importlib.util.find_spec('libtpu') is not None
+    or os.path.exists('/dev/accel0')
+    or os.path.exists('/dev/vfio/0')
+  )
+  if not may_have_tpu:
+    logging.getLogger('jax._src.xla_bridge').addFilter(_DropNoTpuLine())
+
+
 @one_line_errors
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  _quiet_tpu_probe()
   import jax
 
   config = config_lib.resolve(FLAGS.config)
   if config.compilation_cache_dir:
-    import os
-
     jax.config.update('jax_compilation_cache_dir', os.path.expanduser(config.compilation_cache_dir))
   unknown = set(FLAGS.mode) - {'train', 'infer'}
   if unknown or not FLAGS.mode:

@@ -1,6 +1,6 @@
 """The only module that talks to orbax: checkpoints under WORKDIR/checkpoints/<step>/.
 
-Items (DESIGN.md): params, batch_stats (only when the model has BatchNorm: orbax refuses an empty item),
+Items (docs/design.md): params, batch_stats (only when the model has BatchNorm: orbax refuses an empty item),
 opt_state, ema_params, train_state, data. Each step records the atlas_jax version and the parameter-tree
 version (atlas_jax.models.param_tree): a step of version 1 (one subtree per block) is read and stacked into
 today's tree; any other version is refused with a message instead of mis-loaded. A step whose parameters
@@ -8,9 +8,12 @@ differ in names or shapes from the model being restored (another model's config)
 naming the differing leaves, before orbax reads anything.
 """
 
+import contextlib
+import logging
 import pathlib
 from typing import Any, Mapping
 
+from absl import logging as absl_logging
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy
@@ -32,6 +35,25 @@ class CheckpointError(AtlasError, ValueError):
 
 
 BEST_METRIC = 'top1'
+# What orbax's CheckpointManager logs at every save given no metrics while it ranks steps by them: here a
+# step saved outside an evaluation (SIGTERM, checkpoint.every_steps, convert_torch), as meant.
+_NO_METRICS_WARNING = 'Requested `tracked_metric`; did not provide metrics.'
+
+
+class _DropNoMetricsWarning(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.getMessage() != _NO_METRICS_WARNING
+
+
+@contextlib.contextmanager
+def _without_no_metrics_warning():
+  """orbax's one warning above left out of absl's log (where orbax logs) for the duration of a save."""
+  logger, dropper = absl_logging.get_absl_logger(), _DropNoMetricsWarning()
+  logger.addFilter(dropper)
+  try:
+    yield
+  finally:
+    logger.removeFilter(dropper)
 
 
 def _best_metric(metrics) -> float:
@@ -74,9 +96,10 @@ class Checkpoints:
     }
     metadata = {'atlas_jax_version': __version__, 'param_tree_version': PARAM_TREE_VERSION}
     metrics = None if metrics is None else {name: float(value) for name, value in metrics.items()}
-    self.manager.save(
-      step, args=ocp.args.Composite(**present), custom_metadata=metadata, metrics=metrics, force=True
-    )
+    with _without_no_metrics_warning():  # emitted by the call itself, before any asynchronous part
+      self.manager.save(
+        step, args=ocp.args.Composite(**present), custom_metadata=metadata, metrics=metrics, force=True
+      )
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -25,6 +25,7 @@ import importlib.util
 import math
 import numbers
 import os
+import pathlib
 import re
 
 import ml_collections
@@ -70,11 +71,20 @@ def image_size(value) -> tuple[int, int]:
   return size
 
 
+def common_module():
+  """configs/common.py as a module: `atlas_jax.configs.common` where the package ships the configs (an
+  installed atlas_jax), else `configs.common` of the repository (a source checkout). Imported when needed,
+  not at module scope: configs/ knows atlas_jax's fields."""
+  try:
+    from atlas_jax.configs import common
+  except ModuleNotFoundError:
+    from configs import common
+  return common
+
+
 def defaults() -> ml_collections.ConfigDict:
   """Every field with its default, from configs/common.py (the model fields of variant S)."""
-  from configs import common  # configs/ knows atlas_jax's fields; imported here, not at module scope
-
-  return common.base_config('S', 1024)
+  return common_module().base_config('S', 1024)
 
 
 def resolve(config: ml_collections.ConfigDict, model: bool = True) -> ml_collections.ConfigDict:
@@ -313,10 +323,12 @@ def _resolve_training(config) -> None:
   _probability('mixup.switch_prob', mixup.switch_prob)
   _probability('mixup.label_smoothing', mixup.label_smoothing)
   _integer_at_least('mesh.fsdp_min_size', config.mesh.fsdp_min_size, 1)
-  for axis in ('data', 'fsdp'):  # devices along the axis; -1 = those the other axis leaves
+  for axis in ('data', 'fsdp', 'spatial'):  # devices along the axis; -1 = those the others leave
     size = config.mesh[axis]
     if isinstance(size, bool) or not isinstance(size, numbers.Integral) or not (size == -1 or size >= 1):
       raise ConfigError(f'config.mesh.{axis} must be -1 (the devices left) or an integer >= 1, got {size!r}')
+  if [config.mesh[axis] for axis in ('data', 'fsdp', 'spatial')].count(-1) > 1:
+    raise ConfigError('config.mesh: at most one of data, fsdp and spatial may be -1 (the devices left)')
   if config.checkpoint.keep is not None:  # None keeps them all
     _integer_at_least('checkpoint.keep', config.checkpoint.keep, 1)
   _integer_at_least('profile.start_step', config.profile.start_step, -1)  # -1 = off
@@ -403,16 +415,79 @@ def nearest_field(name: str, names: list[str]) -> str | None:
   return close[0] if close else None
 
 
+# ---------------------------------------------------------------------------------------------------
+# Config files by name or path, from any directory.
+
+NOT_CONFIGS = ('__init__', 'common')  # modules of configs/ that are no config of their own
+
+
+def config_dir() -> pathlib.Path | None:
+  """The folder of the shipped config files: the installed package's `atlas_jax/configs/` (the wheel maps the
+  repository's configs/ there, pyproject.toml), else the repository's `configs/` next to the atlas_jax
+  source folder; None when neither is there."""
+  spec = importlib.util.find_spec('atlas_jax.configs')
+  if spec is not None and spec.submodule_search_locations:
+    return pathlib.Path(list(spec.submodule_search_locations)[0])
+  repository = pathlib.Path(__file__).resolve().parents[1] / 'configs'
+  return repository if (repository / 'common.py').is_file() else None
+
+
+def shipped_configs() -> dict[str, pathlib.Path]:
+  """Config name ('quickstart', 'atlas_b_1024', ...) -> its file."""
+  folder = config_dir()
+  if folder is None:
+    return {}
+  return {path.stem: path for path in sorted(folder.glob('*.py')) if path.stem not in NOT_CONFIGS}
+
+
+def resolve_config_path(spec: str, name: str = 'config') -> str:
+  """`--NAME=SPEC` ('FILE.py[:ARG]' or a bare 'NAME[:ARG]') -> the config file to load, with its ':ARG'.
+
+  A file that exists (relative to the working directory, or absolute) is itself. A bare name ('quickstart',
+  'atlas_b_1024', with or without '.py') and a 'configs/NAME.py' that is not there from this directory are
+  the shipped config of that name, so every command line finds them from any directory. A bare name that is
+  no shipped config is one ConfigError line listing those there are; any other path is left to
+  `load_config_file`, which says it does not exist.
+  """
+  path, colon, arg = spec.partition(':')
+  if not path or os.path.isfile(path):
+    return spec
+  given = pathlib.PurePath(path)
+  bare = len(given.parts) == 1
+  if not bare and not (len(given.parts) == 2 and given.parts[0] == 'configs' and given.suffix == '.py'):
+    return spec
+  key = given.name[: -len('.py')] if given.name.endswith('.py') else given.name
+  shipped = shipped_configs()
+  if key in shipped:
+    return f'{shipped[key]}{colon}{arg}'
+  if not bare:
+    return spec
+  close = difflib.get_close_matches(key, list(shipped), n=1)
+  hint = f'did you mean --{name}={close[0]}{colon}{arg}? ' if close else ''
+  raise ConfigError(
+    f'--{name}={spec}: no config file {path} here and no shipped config named {key}; {hint}'
+    f'the shipped configs: {", ".join(shipped) or "none found"} (or pass the path of a config file)'
+  )
+
+
 def load_config_file(spec: str, name: str) -> ml_collections.ConfigDict:
-  """`get_config(ARG)` of the config file `spec` = 'FILE.py[:ARG]', or a ConfigError line."""
+  """`get_config(ARG)` of the config file `spec` = 'FILE.py[:ARG]' or a shipped config's name
+  (`resolve_config_path`), or a ConfigError line."""
+  given = spec
+  spec = resolve_config_path(spec, name)
   path, colon, arg = spec.partition(':')
   if not os.path.isfile(path):
     others = glob.glob(os.path.join(os.path.dirname(path) or '.', '*.py'))
     close = difflib.get_close_matches(
       path, [other for other in others if not other.endswith('__init__.py')], n=1
     )
-    hint = f'; did you mean --{name}={close[0]}{colon}{arg}?' if close else '; pass --config=configs/NAME.py'
-    raise ConfigError(f'config file {path} (--{name}={spec}) does not exist{hint}')
+    names = ', '.join(shipped_configs())
+    hint = (
+      f'; did you mean --{name}={close[0]}{colon}{arg}?'
+      if close
+      else f'; pass a config file or a shipped config by name ({names})'
+    )
+    raise ConfigError(f'config file {path} (--{name}={given}) does not exist{hint}')
   module_spec = importlib.util.spec_from_file_location(f'_{name}_checked', path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
@@ -423,7 +498,7 @@ def load_config_file(spec: str, name: str) -> ml_collections.ConfigDict:
   try:
     return module.get_config(arg) if colon else module.get_config()
   except ValueError as error:  # common.parse_arg: an unknown key or a value of the wrong type
-    raise ConfigError(f'bad config argument in --{name}={spec}: {error}') from None
+    raise ConfigError(f'bad config argument in --{name}={given}: {error}') from None
 
 
 def check_command_line(args: list[str], name: str = 'config') -> None:
@@ -437,12 +512,9 @@ def check_command_line(args: list[str], name: str = 'config') -> None:
   """
   spec, spec_index, overrides = None, None, []
   for index, arg in enumerate(args):
-    match = re.fullmatch(rf'--?{name}(?:=(.*))?', arg, re.DOTALL)
-    if match:
-      spec_index = index
-      spec = (
-        match.group(1) if match.group(1) is not None else (args[index + 1] if index + 1 < len(args) else None)
-      )
+    found = _config_value(args, index, name)
+    if found is not None:
+      spec_index, spec = index, found[1]
       continue
     match = re.match(rf'--?(?:no)?{name}\.([^=]+)', arg)
     if match:
@@ -471,26 +543,55 @@ def check_command_line(args: list[str], name: str = 'config') -> None:
       )
 
 
+def _config_value(args: list[str], index: int, name: str) -> tuple[int, str] | None:
+  """(where the value is, the value) when `args[index]` is `--NAME=VALUE` or `--NAME VALUE`, else None."""
+  match = re.fullmatch(rf'--?{name}(?:=(.*))?', args[index], re.DOTALL)
+  if not match:
+    return None
+  if match.group(1) is not None:
+    return index, match.group(1)
+  return (index + 1, args[index + 1]) if index + 1 < len(args) else None
+
+
+def resolve_command_line(args: list[str], name: str = 'config') -> list[str]:
+  """`args` with the value of `--NAME` replaced by the config file it names (`resolve_config_path`): a bare
+  name or a 'configs/NAME.py' not found here becomes the shipped file's path, for absl's config_flags."""
+  args = list(args)
+  for index in range(len(args)):
+    found = _config_value(args, index, name)
+    if found is None:
+      continue
+    where, value = found
+    path = resolve_config_path(value, name)
+    if path != value:
+      args[where] = f'--{name}={path}' if where == index else path
+  return args
+
+
 @one_line_errors
 def parse_flags(argv: list[str]) -> list[str]:
   """`app.run`'s flags_parser for a command line with a `--config` file: every mistake on it is one `error:`
   line and exit code 1 instead of a traceback or absl's two lines.
 
-  First `check_command_line` (a missing config file, a bad :ARG, a misspelt or repeated `--config.FIELD`),
-  then absl's own parsing, whose errors (a `--config.FIELD` value of the wrong type, an unknown or
+  First `check_command_line` (a missing config file or unknown config name, a bad :ARG, a misspelt or
+  repeated `--config.FIELD`), then `--config=NAME` becomes the shipped config's file
+  (`resolve_config_path`: every command line finds the configs by name from any directory), then absl's
+  own parsing, whose errors (a `--config.FIELD` value of the wrong type, an unknown or
   malformed flag, a required flag not given) are one line too.
   """
   from absl import flags  # pylint: disable=import-outside-toplevel
 
-  args = list(argv[1:])
+  args, rest = list(argv[1:]), []
   if '--' in args:
-    args = args[: args.index('--')]
+    args, rest = args[: args.index('--')], args[args.index('--') :]
   try:
     args = flags.FLAGS.read_flags_from_files(args, force_gnu=False)
   except flags.Error:
     args = None  # a flagfile absl cannot read: absl says so below
   if args is not None:
     check_command_line(args)
+    # absl gets the flagfiles expanded and `--config` as the file it names (a shipped config by name).
+    argv = [argv[0], *resolve_command_line(args), *rest]
   try:
     return flags.FLAGS(argv)
   except flags.Error as error:

@@ -127,18 +127,26 @@ def scalars(result: dict) -> dict:
   return {key: value for key, value in result.items() if key not in REPORT_KEYS}
 
 
-def class_labels(config, source) -> list[str]:
-  """The name of each of the model's classes for the reports: the source's own class names (a folder's or
-  a tfds dataset's, as it numbers them; WordNet IDs made readable), the synthetic task's four, else the
-  index; classes past the source's are named by index."""
+def source_class_names(config, source) -> list[str]:
+  """The name of each of the model's classes as the data source numbers them: a folder's or a tfds
+  dataset's class names (`data.classes`' when set), the synthetic task's four, else the index; classes past
+  the source's are named by index. What training writes to WORKDIR/labels.txt."""
   from atlas_jax import inference  # the model and data libraries: kept out of module scope
 
   names = list(getattr(source, 'classes', None) or ())
   if not names and config.data.source == 'synthetic':
     names = list(inference.SYNTHETIC_CLASS_NAMES)
-  readable = inference.readable_names()
-  names = [readable.get(name, name) for name in names[: config.model.num_classes]]
+  names = [str(name) for name in names[: config.model.num_classes]]
   return names + [str(index) for index in range(len(names), config.model.num_classes)]
+
+
+def class_labels(config, source) -> list[str]:
+  """The name of each of the model's classes for the reports: `source_class_names`, WordNet IDs made
+  readable."""
+  from atlas_jax import inference
+
+  readable = inference.readable_names()
+  return [readable.get(name, name) for name in source_class_names(config, source)]
 
 
 def write_reports(workdir, step: int, weights: str, result: dict, class_names) -> None:
@@ -226,6 +234,7 @@ def run(config, workdir) -> dict:
   )
   model = build_model(config, dtype=run_setup.compute_dtype(config))
   abstract = run_setup.abstract_variables(model, config.image_size)
+  run_setup.print_start_lines(config, mesh, abstract['params'])
 
   weights, step, source_name = transfer.weights_to_evaluate(config, workdir, abstract)
 
@@ -240,8 +249,22 @@ def run(config, workdir) -> dict:
       results[name] = scalars(result)
       writer.write(step, 'eval', {**results[name], 'weights': name})
       if jax.process_index() == 0:
+        print(
+          f'evaluated {source_name}, {WEIGHT_NAMES[name]}: {result_text(config, results[name])}', flush=True
+        )
         print(json.dumps({'step': step, 'weights': name, **results[name]}), flush=True)
   finally:
     writer.close()
-  logging.info('evaluated %s', source_name)
   return results
+
+
+WEIGHT_NAMES = {'raw': 'raw weights', 'ema': 'EMA weights'}
+
+
+def result_text(config, result: dict) -> str:
+  """E.g. 'top-1 0.5190  loss 1.2345'; top-5 between them only with more than 5 classes (else it is 1)."""
+  parts = [f'top-1 {result["top1"]:.4f}']
+  if config.model.num_classes > 5:
+    parts.append(f'top-5 {result["top5"]:.4f}')
+  parts.append(f'loss {result["loss"]:.4f}')
+  return '  '.join(parts)

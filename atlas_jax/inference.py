@@ -80,11 +80,20 @@ class InferenceError(AtlasError, ValueError):
 # Class names.
 
 
-def class_names(config) -> list[str]:
-  """Class name of each index, from the checkpoint's dataset as its source numbers them (sorted names):
-  `data.classes`' names; the synthetic task's four; an image folder's train/ subfolders when present here;
-  HR-IN100's WordNet IDs for 100 classes; else the index."""
+def class_names(config, workdir=None) -> list[str]:
+  """Class name of each index: `workdir`'s labels.txt when it has one (written at training start and by
+  tools/convert_torch, so the names travel with the model), else from the checkpoint's dataset as its source
+  numbers them (sorted names): `data.classes`' names; the synthetic task's four; an image folder's train/
+  subfolders when present here; HR-IN100's WordNet IDs for 100 classes; else the index."""
   num_classes = config.model.num_classes
+  names = None if workdir is None else workdir_lib.read_labels(workdir)
+  if names is not None:
+    if len(names) != num_classes:
+      raise InferenceError(
+        f'{workdir_lib.labels_path(workdir)} lists {len(names)} class names but the model has {num_classes} '
+        'classes: it belongs to another model; fix it (one name a line, in index order) or delete it'
+      )
+    return names
   data = config.data
   folder_train = pathlib.Path(data.data_dir).expanduser() / 'train' if data.data_dir else None
   if data.classes:
@@ -116,10 +125,11 @@ def readable_names() -> dict[str, str]:
   return {wnid: name for wnid, name in pairs}
 
 
-def class_labels(config) -> list[str]:
-  """What predictions call each class: the readable name of a WordNet ID where known, else its class name."""
+def class_labels(config, workdir=None, names: Sequence[str] | None = None) -> list[str]:
+  """What predictions call each class: the readable name of a WordNet ID where known, else its class name
+  (`names`, default `class_names(config, workdir)`)."""
   readable = readable_names()
-  return [readable.get(name, name) for name in class_names(config)]
+  return [readable.get(name, name) for name in (class_names(config, workdir) if names is None else names)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -255,20 +265,28 @@ class Predictor:
 
   Unpacks as (model, variables, config). `variables` are replicated over a one-axis `data` mesh of the local
   devices (or `devices`), and every batch is split over it, padded to a multiple of the device count.
-  `batch_size` (default 8 per device) is the most images one forward pass takes.
+  `batch_size` (default 8 per device) is the most images one forward pass takes. The class names are
+  `workdir`'s labels.txt when it has one, else what the config's dataset says (`class_names`).
   """
 
   def __init__(
-    self, model, variables, config, step: int | None = None, batch_size: int | None = None, devices=None
+    self,
+    model,
+    variables,
+    config,
+    step: int | None = None,
+    batch_size: int | None = None,
+    devices=None,
+    workdir=None,
   ):
     devices = list(jax.local_devices() if devices is None else devices)
     self.model, self.config, self.step = model, config, step
     self.mesh = Mesh(np.asarray(devices), ('data',))
     self.batch_size = _round_up(batch_size or IMAGES_PER_DEVICE * len(devices), len(devices))
     self.variables = jax.device_put(variables, NamedSharding(self.mesh, PartitionSpec()))
-    self.class_names = class_names(config)
+    self.class_names = class_names(config, workdir)  # the workdir's labels.txt first
     self.resize_options = eval_resize_options(config)  # data.resize and data.crop_pct, for eval_resize
-    self.labels = class_labels(config)
+    self.labels = class_labels(config, names=self.class_names)
 
     # `sizes` None (images filling the canvas) calls the model exactly as before any-size inputs existed.
     def apply(variables, images, sizes, method=None):
@@ -421,14 +439,15 @@ def load(
   Restores params and batch_stats of `step` (default: the best by validation top-1 when recorded, else the
   latest), EMA weights with `use_ema`. `config` replaces the workdir's config.json; `dtype` the compute
   dtype (default: float32 on CPU, the config's on accelerators). `batch_size` is images per forward pass
-  over all local devices (default 8 per device).
+  over all local devices (default 8 per device). The class names come from the workdir's labels.txt when
+  it has one, so they do not depend on the dataset still being where it was (`class_names`).
   """
   config = config_lib.resolve(config if config is not None else workdir_lib.read_config(workdir))
   model = build_model(config, dtype=run_setup.compute_dtype(config, dtype))
   abstract = run_setup.abstract_variables(model, config.image_size)
   variables, step = checkpointing.restore_inference_variables(workdir, abstract, step, use_ema)
   check_finite_weights(variables, workdir, step)
-  return Predictor(model, variables, config, step, batch_size)
+  return Predictor(model, variables, config, step, batch_size, workdir=workdir)
 
 
 def check_finite_weights(variables, workdir, step: int) -> None:

@@ -5,7 +5,8 @@ metrics.jsonl holds one JSON object per `MetricWriter.write`: {"step": int, "kin
   {"step": 2000, "kind": "eval", "top1": 0.71, "top5": 0.90, "loss": 1.2, "weights": "ema"}
 Numpy and JAX scalars become Python int, float or bool; strings are kept. JSON has no NaN or infinity, so
 non-finite floats are written as the strings "nan", "inf" and "-inf" (every line stays standard JSON, and
-a diverged loss still says how it diverged); `read_metrics` turns them back into floats. The file is opened
+a diverged loss still says how it diverged); `read_metrics` turns them back into floats and sorts the
+records by step (a later `mode=eval` of an earlier step is appended at the end). The file is opened
 in append mode (a resumed run appends) and flushed after every record, so a killed process loses nothing it
 wrote. After a resume, `truncate_after(step)` drops the killed run's records past the restored step, so the
 file ends up as an uninterrupted run's.
@@ -154,15 +155,18 @@ def _parse_lines(path: pathlib.Path) -> list[dict]:
 
 
 def read_metrics(workdir) -> list[dict]:
-  """The records of WORKDIR/metrics.jsonl in file order, with "nan"/"inf"/"-inf" turned back into floats."""
+  """The records of WORKDIR/metrics.jsonl sorted by step (file order within a step: a later mode=eval of an
+  earlier step is appended after later steps), with "nan"/"inf"/"-inf" turned back into floats."""
   path = metrics_path(workdir)
   if not path.is_file():
     raise FileNotFoundError(f'{path} not found: has a run with this workdir logged any metrics yet?')
-  return [{key: _from_json_value(value) for key, value in record.items()} for record in _parse_lines(path)]
+  records = sorted(_parse_lines(path), key=lambda record: record['step'])  # stable
+  return [{key: _from_json_value(value) for key, value in record.items()} for record in records]
 
 
 class MetricWriter:
-  """Appends records to WORKDIR/metrics.jsonl and, with `tensorboard`, scalars to a new WORKDIR/tb/ file.
+  """Appends records to WORKDIR/metrics.jsonl and, with `tensorboard`, scalars to a new WORKDIR/tb/ file
+  (created at the first record with a number: a writer that logs none leaves no events file).
 
   `enabled=False` (every process but the first in a multi-host run) turns every method into a no-op that
   creates nothing. Opening the writer cuts off a half-written last line left by a killed process, so the
@@ -176,14 +180,15 @@ class MetricWriter:
     self.events_path: pathlib.Path | None = None
     self._jsonl = None
     self._events: tensorboardX.FileWriter | None = None
+    self._tensorboard = False
     self._closed = False
     if not enabled:
       return
     self.workdir.mkdir(parents=True, exist_ok=True)
     self._drop_partial_last_line()
     self._jsonl = open(self.path, 'a', encoding='utf-8')
-    if tensorboard:
-      self._open_events_file()
+    self._tensorboard = tensorboard
+    self._purge_step: int | None = None  # truncate_after's restart, for an events file not yet opened
 
   def _drop_partial_last_line(self) -> None:
     if not self.path.is_file() or self.path.stat().st_size == 0:
@@ -194,7 +199,8 @@ class MetricWriter:
         file.truncate(data.rfind(b'\n') + 1)  # 0 when the partial line is the only one
 
   def _open_events_file(self) -> None:
-    """One new events file per writer; tensorboardX writes its file_version event first."""
+    """One new events file per writer, opened at its first scalar (an invocation that logs none, such as
+    a re-run of a finished workdir, leaves none); tensorboardX writes its file_version event first."""
     directory = tensorboard_dir(self.workdir)
     directory.mkdir(parents=True, exist_ok=True)
     suffix = _events_file_suffix(directory)
@@ -203,6 +209,13 @@ class MetricWriter:
     )
     ending = f'.{socket.gethostname()}{suffix}'
     [self.events_path] = [path for path in directory.iterdir() if path.name.endswith(ending)]
+    if self._purge_step is not None:
+      self._add_restart(self._purge_step)
+      self._purge_step = None
+
+  def _add_restart(self, step: int) -> None:
+    restart = event_pb2.Event(session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START))
+    self._events.add_event(restart, step=step)
 
   def _check_open(self) -> None:
     if self._closed:
@@ -228,9 +241,11 @@ class MetricWriter:
     line = json.dumps({key: _json_value(value) for key, value in record.items()}, allow_nan=False)
     self._jsonl.write(line + '\n')  # one write call per record, so a kill leaves at most one partial line
     self._jsonl.flush()
-    if self._events is not None:
+    if self._tensorboard:
       scalars = scalar_tags(kind, record)
       if scalars:  # one event per record, float32 values as TensorBoard stores them (beyond range: +-inf)
+        if self._events is None:
+          self._open_events_file()
         summary = summary_pb2.Summary(
           value=[summary_pb2.Summary.Value(tag=tag, simple_value=value) for tag, value in scalars.items()]
         )
@@ -244,7 +259,8 @@ class MetricWriter:
     file, never a mix. In TensorBoard, a SessionLog START event at step + 1 makes the reader discard the
     points past `step` that it read before it: the killed run's, in the older event files, and any this
     writer logged. It is the event tensorboardX's `SummaryWriter(purge_step=step + 1)` starts a file with;
-    written into this writer's open file, a resume needs no second file.
+    written into this writer's file (the first event after file_version when the file is not yet open), a
+    resume needs no second file.
     """
     if not self.enabled:
       return
@@ -263,8 +279,9 @@ class MetricWriter:
     finally:
       self._jsonl = open(self.path, 'a', encoding='utf-8')  # still usable after a corrupt-file error
     if self._events is not None:
-      restart = event_pb2.Event(session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START))
-      self._events.add_event(restart, step=step + 1)
+      self._add_restart(step + 1)
+    elif self._tensorboard:
+      self._purge_step = step + 1  # the first event of the file this writer opens, if it opens one
 
   def flush(self) -> None:
     """Flushes metrics.jsonl and the TensorBoard events that tensorboardX's thread has written so far."""

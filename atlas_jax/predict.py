@@ -1,6 +1,6 @@
 r"""Classifies image files and folders with a trained or converted Atlas.
 
-python -m atlas_jax.predict --checkpoint=WORKDIR [--config=configs/NAME.py] [--output=preds.jsonl] \
+python -m atlas_jax.predict --checkpoint=WORKDIR [--config=NAME|FILE] [--output=preds.jsonl] \
     [--step=N] [--top_k=5] [--batch_size=N] [--dtype=float32|bfloat16] [--ema] \
     [--resize=squash|crop|none] [--crop_pct=F] IMAGE_OR_FOLDER...
 
@@ -17,6 +17,10 @@ on CPU and in the config's dtype on accelerators unless `--dtype` says.
 "logits"}; without it each image gets a line on stdout. A progress bar goes to stderr when there is more
 than one batch. Unreadable files are reported on stderr, counted at the end and skipped; the exit code is 0
 when at least one image was classified, else 1. The same from Python: atlas_jax/inference.py.
+The classes are named by WORKDIR/labels.txt (written at training start and by tools/convert_torch), so the
+names survive the dataset moving; a workdir without one names them as its config's dataset does
+(inference.class_names). `--config` replaces the workdir's config.json: a config file or a shipped config's
+name, from any directory.
 """
 
 import concurrent.futures

@@ -6,10 +6,17 @@ optimizer -> abstract state -> shardings chain through `train_setup`, so the cha
   setup = run_setup.train_setup(config)            # config from atlas_jax.config.resolve
   state = setup.init_state()                        # placed as setup.state_sharding says
   setup.abstract_state                              # the same tree of jax.ShapeDtypeStruct, nothing computed
+
+`print_start_lines` prints what a run runs on and what it builds (backend and devices, mesh, the model), the
+first lines of training, mode=eval and mode=compile.
 """
 
 import dataclasses
 import functools
+import importlib.util
+import math
+import os
+import shutil
 from typing import Any, Callable
 
 import flax
@@ -101,3 +108,84 @@ def train_setup(config, mesh: jax.sharding.Mesh | None = None) -> TrainSetup:
   abstract_state = jax.eval_shape(init, rng)
   state_sharding = sharding.state_shardings(abstract_state, mesh, config.mesh.fsdp_min_size)
   return TrainSetup(config, mesh, model, optimizer, init, rng, abstract_state, state_sharding)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The start-of-run lines.
+
+
+def _plural(count: int, noun: str) -> str:
+  return f'{count} {noun}' if count == 1 else f'{count} {noun}s'
+
+
+def backend_line() -> str:
+  """E.g. 'backend: gpu, 8 devices (NVIDIA H100 80GB HBM3)', ', 2 processes' added for multi-process runs."""
+  devices = jax.devices()
+  kinds = ', '.join(sorted({device.device_kind for device in devices}))
+  line = f'backend: {jax.default_backend()}, {_plural(len(devices), "device")} ({kinds})'
+  if jax.process_count() > 1:
+    line += f', {jax.process_count()} processes'
+  return line
+
+
+# JAX's CUDA plugins: with one installed, a GPU it cannot start is JAX's own warning.
+CUDA_PLUGINS = ('jax_cuda12_plugin', 'jax_cuda13_plugin', 'jax_cuda12_pjrt', 'jax_cuda13_pjrt')
+
+
+def cuda_jaxlib_warning() -> str | None:
+  """One line when this machine shows an NVIDIA GPU (/dev/nvidia0 or nvidia-smi) while JAX runs on the CPU
+  with no CUDA plugin installed: the CPU-only jaxlib. None when JAX_PLATFORMS chose the platforms."""
+  if jax.default_backend() != 'cpu' or jax.config.jax_platforms:
+    return None
+  if not (os.path.exists('/dev/nvidia0') or shutil.which('nvidia-smi')):
+    return None
+  if any(importlib.util.find_spec(name) is not None for name in CUDA_PLUGINS):
+    return None
+  return (
+    'warning: this machine has an NVIDIA GPU but JAX runs on the CPU: the installed jaxlib is the CPU-only '
+    'one. Install the CUDA build that matches the driver, e.g. pip install -U "jax[cuda12]", and check '
+    'that jax.devices() lists the GPU'
+  )
+
+
+def mesh_line(mesh: jax.sharding.Mesh) -> str:
+  """E.g. 'mesh: data 4 x fsdp 2'."""
+  return 'mesh: ' + ' x '.join(f'{axis} {size}' for axis, size in mesh.shape.items())
+
+
+def model_line(config, params=None) -> str:
+  """The resolved model in one line, e.g. 'model: atlas T (dim 64, 2 heads, depths (2, 2)), 4 classes, image
+  64x64, patch 4, window 4, pool 4, 0.21M parameters'; the count when `params` (arrays or
+  jax.ShapeDtypeStruct leaves) is given."""
+  model = config.model
+  size = 'x'.join(str(side) for side in config.image_size)
+  line = (
+    f'model: {model.name} {model.variant} (dim {model.dim}, {_plural(model.num_heads, "head")}, depths '
+    f'{tuple(model.depths)}), {model.num_classes} classes, image {size}, patch {model.patch_size}, '
+    f'window {model.window}, pool {model.pool}'
+  )
+  if params is not None:
+    count = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
+    line += f', {_parameter_count(count)} parameters'
+  return line
+
+
+def _parameter_count(count: int) -> str:
+  if count >= 10**9:
+    return f'{count / 10**9:.2f}B'
+  if count >= 10**6:
+    return f'{count / 10**6:.2f}M'
+  return f'{count:,}'
+
+
+def print_start_lines(config, mesh: jax.sharding.Mesh, params=None) -> None:
+  """Prints, on process 0, the CUDA-jaxlib warning where it applies, the backend and devices, the mesh
+  and the model (`model_line`)."""
+  if jax.process_index() != 0:
+    return
+  warning = cuda_jaxlib_warning()
+  if warning:
+    print(warning, flush=True)
+  print(backend_line(), flush=True)
+  print(mesh_line(mesh), flush=True)
+  print(model_line(config, params), flush=True)

@@ -1,7 +1,9 @@
 """The device mesh from `config.mesh`, and the shardings of the train state and of global batches.
 
-Mesh axes: `data` (pure data parallelism) and `fsdp` (data parallelism whose members also split the
-large parameter and optimizer leaves). A batch is split along its first axis over both. A state leaf with
+Mesh axes: `data` (pure data parallelism), `fsdp` (data parallelism whose members also split the
+large parameter and optimizer leaves) and `spatial` (the rows of every image split over its devices,
+docs/spatial.md). A batch is split along its first axis over `data` x `fsdp`; images also along their rows
+over `spatial` (with `spatial` 1 they are not, so the programs stay those without it). A state leaf with
 at least `config.mesh.fsdp_min_size` elements (configs/common.py: 2^18, 1 MiB of float32) is split
 along `fsdp` on its largest axis that divides evenly; smaller leaves (biases, norms) are replicated, since
 splitting them saves little and costs a gather each.
@@ -14,17 +16,17 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
 from atlas_jax.errors import AtlasError
+from atlas_jax.models.partitioning import BATCH_AXES, SPATIAL_AXIS
 
-MESH_AXES = ('data', 'fsdp')
-BATCH_AXES = ('data', 'fsdp')
+MESH_AXES = BATCH_AXES + (SPATIAL_AXIS,)
 
 
 class MeshError(AtlasError, ValueError):
   """A mesh that does not fit the devices, or a batch that does not fit the mesh."""
 
 
-def mesh_shape(mesh_config, device_count: int) -> tuple[int, int]:
-  """(data, fsdp) sizes; one -1 takes the devices the other leaves."""
+def mesh_shape(mesh_config, device_count: int) -> tuple[int, int, int]:
+  """(data, fsdp, spatial) sizes; one -1 takes the devices the others leave."""
   sizes = [int(mesh_config[axis]) for axis in MESH_AXES]
   if sizes.count(-1) > 1:
     raise MeshError(f'config.mesh may set at most one axis to -1, got {dict(zip(MESH_AXES, sizes))}')
@@ -49,7 +51,15 @@ def mesh_shape(mesh_config, device_count: int) -> tuple[int, int]:
 def make_mesh(config, devices=None) -> Mesh:
   devices = jax.devices() if devices is None else list(devices)
   shape = mesh_shape(config.mesh, len(devices))
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+  mesh = Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+  if shape[2] > 1 and process_batch_slot(mesh) != (jax.process_index(), jax.process_count()):
+    # The loaders give each process its own examples; a spatial group spread over processes would need
+    # them to load the same examples (process_batch_slot) and is not wired to the loaders (docs/spatial.md).
+    raise MeshError(
+      f'config.mesh.spatial={shape[2]} spreads one image over several processes, which is not supported '
+      "yet: use a spatial size that fits in one process's devices"
+    )
+  return mesh
 
 
 def data_parallel_size(mesh: Mesh) -> int:
@@ -65,9 +75,47 @@ def check_batch_size(batch_size: int, mesh: Mesh, what: str = 'config.batch_size
     )
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Examples split over every device; the other axes whole."""
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+  """A batch leaf of `ndim` dimensions: examples split over the data-parallel axes; an image batch (4-D)
+  also along its rows over `spatial` when that axis is larger than one."""
+  if ndim == 4 and mesh.shape[SPATIAL_AXIS] > 1:
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, SPATIAL_AXIS))
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def batch_shardings(mesh: Mesh, batch):
+  """`batch_sharding` of every leaf of a batch (arrays or ShapeDtypeStructs)."""
+  return jax.tree.map(lambda leaf: batch_sharding(mesh, len(np.shape(leaf))), batch)
+
+
+def micro_batch_shardings(mesh: Mesh, micro_batches):
+  """Shardings of stacked micro-batches (k, B / k, ...): each micro-batch split as `batch_sharding`."""
+
+  def of_leaf(leaf):
+    spec = batch_sharding(mesh, len(np.shape(leaf)) - 1).spec
+    return NamedSharding(mesh, PartitionSpec(None, *spec))
+
+  return jax.tree.map(of_leaf, micro_batches)
+
+
+def process_batch_slot(mesh: Mesh) -> tuple[int, int]:
+  """(index, count): this process loads slot `index` of `count` equal slices of every global batch.
+
+  Processes whose devices hold the same examples (one data-parallel group spread over processes by
+  `spatial`) share a slot and load the same examples, each keeping only its own rows (`global_batch`)."""
+  rows = _batch_block(mesh)
+  size = data_parallel_size(mesh)
+  start, stop = rows
+  return start // (stop - start), size // (stop - start)
+
+
+def _batch_block(mesh: Mesh) -> tuple[int, int]:
+  """[start, stop) of the data-parallel shards this process's devices hold (they hold a contiguous block)."""
+  size = data_parallel_size(mesh)
+  sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+  indices = sharding.addressable_devices_indices_map((size,)).values()
+  starts = sorted({index[0].start or 0 for index in indices})
+  return starts[0], starts[-1] + 1
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -93,8 +141,20 @@ def state_shardings(abstract_state, mesh: Mesh, min_size: int):
 
 
 def global_batch(local_batch, mesh: Mesh):
-  """This process's slice of a global batch (numpy, leading axis) -> global jax.Arrays split over devices."""
-  sharding = batch_sharding(mesh)
-  return jax.tree.map(
-    lambda leaf: jax.make_array_from_process_local_data(sharding, np.asarray(leaf)), local_batch
-  )
+  """This process's slot of a global batch (numpy, leading axis; `process_batch_slot`) -> global
+  jax.Arrays split over devices. With `spatial` spread over processes each one hands over only the rows
+  its devices hold: no host builds the whole global batch."""
+  _, count = process_batch_slot(mesh)
+
+  def to_global(leaf):
+    leaf = np.asarray(leaf)
+    sharding = batch_sharding(mesh, leaf.ndim)
+    global_shape = (leaf.shape[0] * count,) + leaf.shape[1:]
+    if leaf.ndim == 4 and mesh.shape[SPATIAL_AXIS] > 1:
+      rows = [index[1] for index in sharding.addressable_devices_indices_map(global_shape).values()]
+      start = min(row.start or 0 for row in rows)
+      stop = max(leaf.shape[1] if row.stop is None else row.stop for row in rows)
+      leaf = leaf[:, start:stop]
+    return jax.make_array_from_process_local_data(sharding, leaf, global_shape)
+
+  return jax.tree.map(to_global, local_batch)

@@ -17,7 +17,6 @@ import pathlib
 import signal
 import time
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -117,9 +116,10 @@ def make_train_step(config, model, optimizer, mesh=None):
       return (batch_stats, rng), (loss, ()), grads
 
     micro_batches = optim.split_micro_batches(batch, accum_steps)  # leaves (k, B / k, ...)
-    if mesh is not None:
-      micro_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.BATCH_AXES))
-      micro_batches = jax.lax.with_sharding_constraint(micro_batches, micro_sharding)
+    if mesh is not None:  # each micro-batch split as the batch is: examples, and an image's rows (spatial)
+      micro_batches = jax.lax.with_sharding_constraint(
+        micro_batches, sharding.micro_batch_shardings(mesh, micro_batches)
+      )
     step_rng = jax.random.fold_in(state.rng, state.step)
     (batch_stats, _), loss, _, grads = optim.accumulated_grads(
       micro_step, micro_batches, (state.batch_stats, step_rng), trained
@@ -143,7 +143,10 @@ def jit_train_step(setup: run_setup.TrainSetup):
   mesh = setup.mesh
   return jax.jit(
     make_train_step(setup.config, setup.model, setup.optimizer, mesh),
-    in_shardings=(setup.state_sharding, sharding.batch_sharding(mesh)),
+    in_shardings=(
+      setup.state_sharding,
+      sharding.batch_shardings(mesh, abstract_batch(setup.config, setup.config.batch_size)),
+    ),
     out_shardings=(setup.state_sharding, sharding.replicated(mesh)),
     donate_argnums=0,
   )
@@ -218,6 +221,7 @@ def compile_only(config) -> dict:
   mesh = setup.mesh
   check_batch_sizes(config, mesh)  # what run refuses, compile refuses
   device_gib, device_source = device_memory(config)  # before compiling: a missing figure fails in seconds
+  run_setup.print_start_lines(config, mesh, setup.abstract_state.params)
   start = time.perf_counter()
   with jax.set_mesh(mesh):
     compiled = (
@@ -442,7 +446,7 @@ def check_resumable(workdir, config) -> None:
 
 
 class Preemption:
-  """SIGTERM on any process -> every process saves the same step and returns (DESIGN.md).
+  """SIGTERM on any process -> every process saves the same step and returns (docs/design.md).
 
   The handler only sets this process's flag. Processes must stop at the same step, since a checkpoint is
   written collectively, so in a multi-process run they agree every `sync_steps` steps on the maximum of their
@@ -511,13 +515,18 @@ def run(config, workdir) -> TrainState:
     )
   val_source = sources.make_source(config.data, config.image_size, 'validation', config.seed, num_classes)
   check_resumable(workdir, config)
-  if is_main:
+  if is_main:  # after the checks: a workdir of another run is left as it was
     workdir_lib.write_config(workdir, config)
+    workdir_lib.write_labels(workdir, evaluate.source_class_names(config, train_source))
 
   eval_model = build_model(config, dtype=run_setup.compute_dtype(config))
   checkpoints = checkpointing.Checkpoints(
     workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
   )
+  latest = checkpoints.latest_step()
+  complete = latest is not None and latest >= config.total_steps
+  if not complete:
+    run_setup.print_start_lines(config, mesh, setup.abstract_state.params)
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
   loader = None
   preemption = Preemption(config.checkpoint.preemption_sync_steps)
@@ -533,13 +542,18 @@ def run(config, workdir) -> TrainState:
         transform=transforms.train_transform(config),
         max_bad_fraction=config.data.max_bad_fraction,
       )
-      latest = checkpoints.latest_step()
       if latest is not None:
         state, loader_state = restore_state(
           checkpoints, latest, setup.abstract_state, setup.state_sharding, loader.get_state()
         )
         loader.set_state(loader_state)
-        logging.info('resuming from step %d in %s', latest, checkpoints.directory)
+        if complete:  # nothing to train: one line, the workdir left as it is
+          if is_main:
+            past = '' if latest == config.total_steps else f', past total_steps={config.total_steps}'
+            print(
+              f'already complete at step {latest}{past}: checkpoints in {checkpoints.directory}', flush=True
+            )
+          return state
         if is_main:
           print(f'resuming from step {latest} in {checkpoints.directory}', flush=True)
       else:
@@ -554,7 +568,8 @@ def run(config, workdir) -> TrainState:
             ema_params=None if state.ema_params is None else variables['params'],
           )
           state = jax.device_put(state, setup.state_sharding)
-          logging.info('initialized from step %d of %s', source_step, config.init_from)
+          if is_main:
+            print(transfer.init_from_line(config, source_step), flush=True)
       start_step = int(state.step)
       if is_main:
         print(optim.param_overview(state.params), flush=True)
@@ -656,11 +671,7 @@ def _train_loop(
       for weights, result in results.items():
         writer.write(done, 'eval', {**result, 'weights': weights})
         if jax.process_index() == 0:
-          print(
-            f'eval step {done} ({weights} weights): top-1 {result["top1"]:.4f}  '
-            f'top-5 {result["top5"]:.4f}  loss {result["loss"]:.4f}',
-            flush=True,
-          )
+          print(f'eval step {done} ({weights} weights): {evaluate.result_text(config, result)}', flush=True)
       save(done, {'top1': max(result['top1'] for result in results.values())})
       interval_start = time.perf_counter()  # evaluation time is not training speed
     elif done % config.checkpoint.every_steps == 0 or stop:
@@ -669,10 +680,11 @@ def _train_loop(
 
     if stop and not final:
       checkpoints.wait()
-      logging.warning(
-        'SIGTERM: saved step %d in %s; restart the same command to resume', done, checkpoints.directory
+      print(  # one line, by every process: each one stopped (the multi-host launcher shows each)
+        f'preempted: saved step {done}; run the same command again to resume (checkpoints in '
+        f'{checkpoints.directory})',
+        flush=True,
       )
-      print(f'preempted: saved step {done}; run the same command again to resume', flush=True)
       break
   if profiling:
     jax.profiler.stop_trace()

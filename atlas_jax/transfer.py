@@ -68,6 +68,18 @@ def load(config, fresh_variables):
   return variables, step
 
 
+def init_from_line(config, source_step: int) -> str:
+  """The console line of a run started from `init_from`, e.g. 'init_from: step 800 of /runs/a, head
+  re-initialized (10 -> 3 classes)' or '..., all weights loaded (head included)'."""
+  source = config.init_from
+  source_classes = config_lib.resolve(workdir_lib.read_config(source)).model.num_classes
+  if source_classes != config.model.num_classes:
+    head = f'head re-initialized ({source_classes} -> {config.model.num_classes} classes)'
+  else:
+    head = 'all weights loaded (head included)'
+  return f'init_from: step {source_step} of {source}, {head}'
+
+
 def _check_same_tree(loaded, fresh, source) -> None:
   """Same paths and shapes, or InitFromError naming the first difference (e.g. another number of scales)."""
   loaded_leaves = {
@@ -84,8 +96,24 @@ def _check_same_tree(loaded, fresh, source) -> None:
       )
 
 
+def _which_step(workdir, step: int) -> str:
+  """Why `step` of the workdir is the one evaluated: 'the best recorded; the latest is 800', 'the latest, no
+  evaluation recorded' (restore_inference_variables' choice)."""
+  checkpoints = checkpointing.Checkpoints(workdir)
+  try:
+    best, latest = checkpoints.best_step(), checkpoints.latest_step()
+  finally:
+    checkpoints.close()
+  if best is None:
+    return 'the latest; no evaluation recorded'
+  if best == latest:
+    return 'the best recorded and the latest'
+  return f'the best recorded; the latest is {latest}'
+
+
 def weights_to_evaluate(config, workdir, abstract_variables) -> tuple[dict, int, str]:
-  """({'raw': variables[, 'ema': variables]}, step, where from) for mode=eval and mode=linear_eval.
+  """({'raw': variables[, 'ema': variables]}, step, where from) for mode=eval and mode=linear_eval; where
+  from says why that step, e.g. 'step 700 of WORKDIR (the best recorded; the latest is 800)'.
 
   The workdir's best (else latest) checkpoint, with its EMA weights when it has them; a workdir without
   checkpoints falls back to `init_from`; neither is one line saying what to do."""
@@ -102,7 +130,7 @@ def weights_to_evaluate(config, workdir, abstract_variables) -> tuple[dict, int,
       )
     except checkpointing.CheckpointError:
       pass  # no EMA in this run
-    return weights, step, f'step {step} of {workdir}'
+    return weights, step, f'step {step} of {workdir} ({_which_step(workdir, step)})'
   if config.init_from:
     fresh = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), abstract_variables)
     variables, step = load(config, fresh)

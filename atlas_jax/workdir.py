@@ -1,8 +1,9 @@
-"""The workdir layout (DESIGN.md): config.json, checkpoints/<step>/, tb/, metrics.jsonl.
+"""The workdir layout (docs/design.md): config.json, labels.txt, checkpoints/<step>/, tb/, metrics.jsonl.
 
 config.json holds the full, resolved config. JSON has no tuples, so every list read back becomes a tuple
 (no config field is a list), and a field that was a placeholder comes back as a placeholder of its type,
-so `--config.FIELD=VALUE` overrides still apply to a config loaded from a workdir.
+so `--config.FIELD=VALUE` overrides still apply to a config loaded from a workdir. labels.txt holds the
+class names, one a line in index order, where the run knew them (`write_labels`, `read_labels`).
 """
 
 import json
@@ -14,6 +15,7 @@ from ml_collections import config_dict
 from atlas_jax.errors import AtlasError
 
 CONFIG_FILE = 'config.json'
+LABELS_FILE = 'labels.txt'
 
 
 class WorkdirNotFound(AtlasError, FileNotFoundError):
@@ -29,6 +31,10 @@ CHECKPOINTS = 'checkpoints'
 
 def config_path(workdir) -> pathlib.Path:
   return pathlib.Path(workdir) / CONFIG_FILE
+
+
+def labels_path(workdir) -> pathlib.Path:
+  return pathlib.Path(workdir) / LABELS_FILE
 
 
 def checkpoints_dir(workdir) -> pathlib.Path:
@@ -107,3 +113,28 @@ def read_config(workdir) -> ml_collections.ConfigDict:
       f'{path} is not valid JSON ({error}); restore it or rewrite it from the config file'
     ) from None
   return _decode(values)
+
+
+def write_labels(workdir, names) -> pathlib.Path:
+  """Writes WORKDIR/labels.txt atomically: the class names, one a line in index order; returns its path."""
+  names = [str(name) for name in names]
+  unwritable = [name for name in names if not name.strip() or '\n' in name or '\r' in name]
+  if not names or unwritable:
+    raise ValueError(f'class names must be non-empty single lines, got {unwritable or names!r}')
+  path = labels_path(workdir)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  temporary = path.with_suffix('.txt.tmp')
+  temporary.write_text(''.join(f'{name}\n' for name in names), encoding='utf-8')
+  temporary.replace(path)
+  return path
+
+
+def read_labels(workdir) -> list[str] | None:
+  """The class names of WORKDIR/labels.txt in index order; None when the workdir has no labels.txt."""
+  path = labels_path(workdir)
+  if not path.is_file():
+    return None
+  lines = path.read_text(encoding='utf-8').split('\n')
+  if lines[-1] == '':
+    lines.pop()  # the newline that ends the last name
+  return [line.removesuffix('\r') for line in lines]  # also a file saved with Windows line endings

@@ -3,7 +3,10 @@
 python -m atlas_jax.main --config=configs/atlas_s_4096.py --workdir=WORKDIR
 """
 
-from configs import common
+try:  # an installed atlas_jax ships the configs as atlas_jax.configs
+  from atlas_jax.configs import common
+except ModuleNotFoundError:  # a source checkout: the repository's configs/ folder
+  from configs import common
 
 
 def get_config(arg=None):

@@ -76,8 +76,9 @@ def data_config() -> ml_collections.ConfigDict:
 
 
 def augment_config() -> ml_collections.ConfigDict:
-  """The reference's train augmentation (ATLAS.md §4: timm's transform with `rand-m9-mstd0.5-inc1` and random
-  erasing 0.25 in pixel mode) and where the upsampling runs (docs/data.md). Unused by the synthetic task."""
+  """The reference's train augmentation (docs/model.md: timm's transform with `rand-m9-mstd0.5-inc1` and
+  random erasing 0.25 in pixel mode) and where the upsampling runs (docs/data.md). Unused by the synthetic
+  task."""
   augment = ml_collections.ConfigDict()
   augment.crop_scale = (0.08, 1.0)  # random resized crop: fraction of the area
   augment.crop_ratio = (3 / 4, 4 / 3)  # and width / height, log-uniform
@@ -102,7 +103,7 @@ def augment_config() -> ml_collections.ConfigDict:
 
 
 def base_config(variant: str, image_size: int | tuple[int, int]) -> ml_collections.ConfigDict:
-  """The reference recipe (ATLAS.md §4) for `variant` at `image_size` pixels."""
+  """The reference recipe (docs/model.md) for `variant` at `image_size` pixels."""
   if isinstance(image_size, int):
     image_size = (image_size, image_size)
   config = ml_collections.ConfigDict()
@@ -128,8 +129,9 @@ def base_config(variant: str, image_size: int | tuple[int, int]) -> ml_collectio
   config.mixup = ml_collections.ConfigDict(
     {'mixup_alpha': 0.8, 'cutmix_alpha': 1.0, 'switch_prob': 0.5, 'label_smoothing': 0.1}
   )
-  # fsdp_min_size: state leaves with at least this many elements are split over the fsdp axis.
-  config.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'fsdp_min_size': 2**18})
+  # fsdp_min_size: state leaves with at least this many elements are split over the fsdp axis. spatial: the
+  # rows of every image split over this many devices (docs/spatial.md); the batch splits over data x fsdp.
+  config.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'spatial': 1, 'fsdp_min_size': 2**18})
   # preemption_sync_steps: in a multi-process run, how often (in steps) the processes agree whether any of
   # them got SIGTERM; one small all-gather each time. A single process checks every step.
   config.checkpoint = ml_collections.ConfigDict(

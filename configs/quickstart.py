@@ -7,7 +7,10 @@ cores in minutes. `:model=window_vit` trains the same blocks on windows only, th
 relate the two far-apart markers.
 """
 
-from configs import common
+try:  # an installed atlas_jax ships the configs as atlas_jax.configs
+  from atlas_jax.configs import common
+except ModuleNotFoundError:  # a source checkout: the repository's configs/ folder
+  from configs import common
 
 
 def get_config(arg=None):

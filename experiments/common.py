@@ -86,8 +86,11 @@ def configure_jax(config) -> None:
 
 
 def read_metrics(workdir: pathlib.Path) -> list[dict]:
+  """metrics.jsonl's records sorted by step (atlas_jax.metrics.read_metrics), or [] before the first."""
+  from atlas_jax import metrics
+
   path = workdir / 'metrics.jsonl'
-  return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+  return metrics.read_metrics(workdir) if path.exists() else []
 
 
 def check_workdir(config, workdir: pathlib.Path) -> None:

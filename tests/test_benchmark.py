@@ -49,7 +49,7 @@ def _scale_block_without_second_mlp(
 
 
 def test_model_flops_of_atlas_b_1024_match_the_reference_count():
-  # ATLAS.md §10: 785 forward GFLOPs per image for the reference Atlas-B at 1024 px.
+  # docs/model.md (the reference figures): 785 forward GFLOPs per image for the reference Atlas-B at 1024 px.
   assert benchmark.model_flops_per_image(atlas_b_1024.get_config()) / 1e9 == pytest.approx(785.3, abs=0.1)
 
 

@@ -1,5 +1,5 @@
 """The package's arrows point one way: no import cycles in atlas_jax/, models/ knows nothing of training, data
-or orbax, data/ knows nothing of JAX (DESIGN.md)."""
+or orbax, data/ knows nothing of JAX (docs/design.md)."""
 
 import ast
 import pathlib

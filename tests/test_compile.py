@@ -38,7 +38,7 @@ def too_small_report():
 
 def test_a_large_device_fits_with_no_suggestions(fits_report):
   report = fits_report
-  assert report['devices'] == 1 and report['mesh'] == {'data': 1, 'fsdp': 1}
+  assert report['devices'] == 1 and report['mesh'] == {'data': 1, 'fsdp': 1, 'spatial': 1}
   assert report['peak_gib_per_device'] > 0 and report['temp_gib'] > 0
   assert report['device_memory_gib'] == 1000.0 and report['device_memory_source'] == 'config'
   assert report['memory_backend'] == 'cpu'

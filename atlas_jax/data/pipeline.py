@@ -1,6 +1,6 @@
 """The loader: global batches sliced per host, loaded on a thread pool, with a checkpointable position.
 
-Batches are defined globally (DESIGN.md "Batches and equality"): each training epoch is one permutation of
+Batches are defined globally (docs/design.md, "Batches"): each training epoch is one permutation of
 the whole split, drawn from (seed, epoch); global batch b of the run is examples
 `order[j * B:(j + 1) * B]` of epoch `b // batches_per_epoch`, j = b % batches_per_epoch (the remainder of
 an epoch is dropped, epochs go on forever). Process p of P takes the contiguous slice

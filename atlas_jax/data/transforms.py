@@ -1,4 +1,4 @@
-"""The reference's train and eval transforms (ATLAS.md §3-4) on the host: numpy and PIL only, no JAX.
+"""The reference's train and eval transforms (docs/model.md) on the host: numpy and PIL only, no JAX.
 
 Train (`train_transform`), as timm's `create_transform(is_training=True)` with the recipe's settings:
   random resized crop (scale 0.08-1 of the area, aspect ratio 3/4-4/3 log-uniform, 10 attempts, then a

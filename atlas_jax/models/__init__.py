@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from atlas_jax.models.atlas import Atlas
 from atlas_jax.models.baselines import ViT, WindowViT
 
-VARIANTS = {  # dim, num_heads, stem_width (ATLAS.md §9)
+VARIANTS = {  # dim, num_heads, stem_width (docs/model.md, "Variants and sizes")
   'T': (192, 3, 48),
   'S': (384, 6, 96),
   'B': (768, 12, 192),

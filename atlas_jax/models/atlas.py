@@ -1,4 +1,4 @@
-"""Atlas (ATLAS.md §2): stem, scale pyramid, macro-stages of MSA blocks that drop the finest scale, readout.
+"""Atlas (docs/model.md): stem, scale pyramid, macro-stages of MSA blocks that drop the finest scale, readout.
 
 Input of any size (docs/any_size.md): `config.image_size` fixes the number of scales and so the parameters;
 a canvas of another size is padded to whole windows at every scale, and `sizes` says where each image of
@@ -14,6 +14,7 @@ from atlas_jax.models import geometry as geometry_lib
 from atlas_jax.models import layout as layout_lib
 from atlas_jax.models.layers import LayerNorm, Linear
 from atlas_jax.models.msa import drop_path_rates, map_from_windows, pool_scale, stage_blocks, windows_from_map
+from atlas_jax.models.partitioning import spatial_size, split_rows, split_windows
 from atlas_jax.models.stem import ConvStem, PatchifyStem
 
 REMAT_POLICIES = ('none', 'block')
@@ -53,7 +54,7 @@ class Readout(nn.Module):
 
 
 class Atlas(nn.Module):
-  """Atlas on images (batch, H, W, 3), NHWC, normalised; every field as DESIGN.md's model config."""
+  """Atlas on images (batch, H, W, 3), NHWC, normalised; every field as docs/design.md's config table."""
 
   image_size: Sequence[int]
   dim: int
@@ -104,6 +105,8 @@ class Atlas(nn.Module):
   def geometry(self, images, sizes=None):
     """(the canvas's Geometry, the images padded to it): unpadded for a windowable canvas without `sizes`."""
     tokens_hw = geometry_lib.canvas_tokens(images.shape[1:3], self.patch_size)
+    # Spatial parallelism needs rows of windows that divide over its devices: pad rows up to that.
+    tokens_hw = geometry_lib.spatial_tokens(tokens_hw, self.window, spatial_size())
     layouts = layout_lib.canvas_layouts(tokens_hw, len(self.layouts), self.window, self.pool)
     return geometry_lib.canvas_geometry(
       images, sizes, layouts, self.patch_size, self.window, self.pool, self.parent_window, self.dtype
@@ -120,12 +123,12 @@ class Atlas(nn.Module):
   def encode_geometry(self, images, train: bool = False, sizes=None):
     """`encode`'s two results and the Geometry they are laid out in."""
     geometry, images, sizes = self.geometry(images, sizes)
-    stem_map = self.stem(images.astype(self.dtype), train, sizes)
+    stem_map = split_rows(self.stem(split_rows(images.astype(self.dtype)), train, sizes))
     maps = [stem_map]
     for scale in range(1, len(geometry.layouts)):
       maps.append(pool_scale(maps[-1], geometry, scale, self.pool))
     tokens = [
-      windows_from_map(token_map, layout.window_height, layout.window_width)
+      split_windows(windows_from_map(token_map, layout.window_height, layout.window_width), layout.grid[0])
       for token_map, layout in zip(maps, geometry.layouts)
     ]
     stages = []

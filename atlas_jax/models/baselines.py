@@ -20,6 +20,7 @@ from atlas_jax.models import layout as layout_lib
 from atlas_jax.models.atlas import Readout, make_stem
 from atlas_jax.models.layers import PositionMLP
 from atlas_jax.models.msa import drop_path_rates, map_from_windows, stage_blocks, windows_from_map
+from atlas_jax.models.partitioning import spatial_size, split_rows
 
 
 class _SingleScale(nn.Module):
@@ -70,6 +71,9 @@ class _SingleScale(nn.Module):
   def encode_geometry(self, images, train: bool = False, sizes=None):
     """(stem map, [[finest-scale tokens (batch * windows, tokens, dim)]], Geometry), as Atlas's."""
     layout = self._layout(geometry_lib.canvas_tokens(images.shape[1:3], self.patch_size))
+    if isinstance(self, WindowViT):  # rows of windows that divide over the spatial devices (padding)
+      tokens_hw = geometry_lib.spatial_tokens((layout.height, layout.width), self.window, spatial_size())
+      layout = self._layout(tokens_hw)
     geometry, images, sizes = geometry_lib.canvas_geometry(
       images,
       sizes,
@@ -80,7 +84,7 @@ class _SingleScale(nn.Module):
       dtype=self.dtype,
       whole_window=isinstance(self, ViT),
     )
-    stem_map = self.stem(images.astype(self.dtype), train, sizes)
+    stem_map = split_rows(self.stem(split_rows(images.astype(self.dtype)), train, sizes))
     tokens = windows_from_map(
       self._add_global_position(stem_map, geometry, sizes), layout.window_height, layout.window_width
     )

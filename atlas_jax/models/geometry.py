@@ -60,6 +60,18 @@ def canvas_tokens(canvas_hw: Sequence[int], patch_size: int) -> tuple[int, int]:
   return tuple(-(-int(side) // patch_size) for side in canvas_hw)
 
 
+def spatial_tokens(tokens_hw: Sequence[int], window: int, spatial: int) -> tuple[int, int]:
+  """Scale-0 tokens of a canvas whose rows of windows divide by `spatial` (spatial parallelism splits
+  them over devices): the rows rounded up to whole bands of windows, the extra rows padding."""
+  rows, cols = int(tokens_hw[0]), int(tokens_hw[1])
+  if spatial == 1:
+    return rows, cols
+  window_rows = -(-rows // window) if rows > window else 1
+  if window_rows % spatial == 0:
+    return rows, cols
+  return -(-window_rows // spatial) * spatial * window, cols
+
+
 def is_unpadded(layouts: Sequence[layout_lib.ScaleLayout], tokens_hw: Sequence[int], pool: int) -> bool:
   """True when `layouts` pad nothing for a `tokens_hw` map: today's windowable sizes."""
   height, width = tokens_hw

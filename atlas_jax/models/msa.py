@@ -1,4 +1,4 @@
-"""The Multi-Scale Attention block (ATLAS.md §1.3), as the reference codes it.
+"""The Multi-Scale Attention block (docs/model.md, "The MSA block"), as the reference codes it.
 
 One MSA block holds, per scale, a position MLP and a `ScaleBlock` (norms, q/kv/proj, MLP). It runs:
   (a) position MLP added to every scale;
@@ -25,6 +25,7 @@ from atlas_jax.models import layout as layout_lib
 from atlas_jax.models.attention import dot_product_attention
 from atlas_jax.models.geometry import Geometry, attendable
 from atlas_jax.models.layers import DropPath, LayerNorm, Linear, Mlp, PositionMLP, remat_policy
+from atlas_jax.models.partitioning import split_windows
 
 COMMUNICATIONS = ('full', 'top_down', 'bottom_up', 'none')
 
@@ -155,7 +156,8 @@ class MSABlock(nn.Module):
     padded = geometry.padded
     top_down = self.communication in ('full', 'top_down')
     bottom_up = self.communication in ('full', 'bottom_up')
-    scales = list(scales)
+    # Spatial parallelism: every scale split in bands of windows where its rows divide (partitioning.py).
+    scales = [split_windows(tokens, layout.grid[0]) for tokens, layout in zip(scales, layouts)]
     batch = scales[0].shape[0] // layouts[0].num_windows
 
     # (a) window-local position embedding, re-added in every block; with padding, each image's own.
@@ -214,6 +216,7 @@ class MSABlock(nn.Module):
         query_height, query_width = fine.window_height // self.pool, fine.window_width // self.pool
         above = coarse_map[:, :above_height, :above_width]
         queries = windows_from_map(above, query_height, query_width)  # (batch * fine windows, 16, dim)
+        queries = split_windows(queries, fine.grid[0])  # laid out as the fine windows they sit above
         queries = self.scales[s](queries, keys, values, deterministic, drop_path_rate, key_mask)
         above = map_from_windows(queries, above_height, above_width, query_height, query_width)
         if (above_height, above_width) != (coarse.height, coarse.width):
@@ -221,7 +224,7 @@ class MSABlock(nn.Module):
         else:
           coarse_map = above
         scales[s] = windows_from_map(coarse_map, coarse.window_height, coarse.window_width)
-    return scales
+    return [split_windows(tokens, layout.grid[0]) for tokens, layout in zip(scales, layouts)]
 
 
 class StageBlock(MSABlock):

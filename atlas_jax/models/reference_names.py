@@ -130,10 +130,84 @@ def variables_from_reference(state_dict: Mapping[str, np.ndarray], abstract_vari
     converted[path] = array.astype(abstract.dtype)
   unexpected = sorted(name for name in state_dict if name not in used and not is_unused_reference_key(name))
   problems = [
-    f'{label}: {", ".join(names)}'
+    f'{label}: {_first_names(names)}'
     for label, names in (('missing', missing), ('unexpected', unexpected), ('wrong shape', misshaped))
     if names
   ]
   if problems:
     raise ReferenceMismatchError('the state dict does not fit the model; ' + '; '.join(problems))
   return param_tree.stack_blocks(flax.traverse_util.unflatten_dict(converted))
+
+
+def _first_names(names: list[str], shown: int = 5) -> str:
+  """The first `shown` names and how many more: a message stays one readable line for any checkpoint."""
+  more = f' and {len(names) - shown} more' if len(names) > shown else ''
+  return ', '.join(names[:shown]) + more
+
+
+def reference_shapes(abstract_variables) -> dict[str, tuple[int, ...]]:
+  """The state dict the model of `abstract_variables` takes: reference name -> the reference's shape."""
+  flat = flax.traverse_util.flatten_dict(param_tree.unstack_blocks(flax.core.unfreeze(abstract_variables)))
+  return {reference_name(path): _reference_shape(tuple(leaf.shape), path) for path, leaf in flat.items()}
+
+
+def _indices(names, pattern: str) -> list[int]:
+  return sorted({int(match[1]) for name in names if (match := re.match(pattern, name))})
+
+
+def describe_reference(shapes: Mapping[str, tuple[int, ...]]) -> dict:
+  """What a reference state dict (name -> shape) holds, as the config's model fields name it: `dim`,
+  `depths` (blocks per macro-stage), `num_classes`, `scales` (of the first stage: every scale), `mlp_ratio`
+  and the stem (`stem`: 'conv' or 'patchify'; `patch_size`, `stem_in_dim`, `stem_width`). A field the
+  tensors do not show is None. The attention's head count is no tensor's shape: it is not here."""
+  names = list(shapes)
+  first = 'atlas_models.0.levels.0.blocks.0.blocks.0.'
+  dim = next((shapes[name][0] for name in ('fc_norm.weight', 'readout_norm.weight') if name in shapes), None)
+  if dim is None and f'{first}attn.q.weight' in shapes:
+    dim = shapes[f'{first}attn.q.weight'][0]
+  hidden = shapes.get(f'{first}mlp.fc1.weight')
+  stem = 'atlas_models.0.patch_embed.'
+  description = {
+    'dim': dim,
+    'depths': tuple(
+      len(_indices(names, rf'atlas_models\.{stage}\.levels\.0\.blocks\.(\d+)\.'))
+      for stage in _indices(names, r'atlas_models\.(\d+)\.levels\.')
+    )
+    or None,
+    'num_classes': shapes['fc.weight'][0] if 'fc.weight' in shapes else None,
+    'scales': len(_indices(names, r'atlas_models\.0\.levels\.0\.blocks\.0\.blocks\.(\d+)\.')) or None,
+    'mlp_ratio': hidden[0] // dim if hidden and dim and hidden[0] % dim == 0 else None,
+    'stem': None,
+    'patch_size': None,
+    'stem_in_dim': None,
+    'stem_width': None,
+  }
+  if f'{stem}conv0.0.weight' in shapes:  # the reference's conv stem: two convs, residual stages, 16 px
+    description.update(
+      stem='conv',
+      patch_size=16,
+      stem_in_dim=shapes[f'{stem}conv0.0.weight'][0],
+      stem_width=shapes.get(f'{stem}conv0.3.weight', (None,))[0],
+    )
+  else:  # one strided conv over patches: (dim, 3, p, p)
+    kernels = [shape for name, shape in shapes.items() if name.startswith(stem) and len(shape) == 4]
+    if len(kernels) == 1:
+      description.update(stem='patchify', patch_size=kernels[0][2])
+  return description
+
+
+def describe(description: Mapping) -> str:
+  """`describe_reference`'s fields in words: 'dim 32, depths (1, 1), 10 classes, conv stem (...), ...'."""
+  stem = {
+    'conv': (
+      f'conv stem (patch {description["patch_size"]}, stem_in_dim {description["stem_in_dim"]}, '
+      f'stem_width {description["stem_width"]})'
+    ),
+    'patchify': f'patchify stem (patch {description["patch_size"]})',
+  }.get(description['stem'], 'no stem found')
+  depths = description['depths']
+  return (
+    f'dim {description["dim"]}, depths {tuple(depths) if depths else None}, '
+    f'{description["num_classes"]} classes, {stem}, {description["scales"]} scales, '
+    f'mlp_ratio {description["mlp_ratio"]}'
+  )

@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from atlas_jax.models.layers import Conv3x3, gelu, remat_policy, torch_bias_init, torch_weight_init
+from atlas_jax.models.partitioning import split_rows
 
 # PyTorch BatchNorm momentum 0.1 is Flax momentum 0.9. Training statistics in one pass over the activation
 # (E[x^2] - E[x]^2 in float32, beside the mean) instead of two: about 7-10% fewer bytes in the stem's training
@@ -117,12 +118,14 @@ class ConvStem(nn.Module):
         stride: valid_positions(sizes, stride, -(-height // stride), -(-width // stride)) for stride in masks
       }
       images = _zero_padding(images, masks[1])
-    x = to_quarter_resolution(self, images, train, masks[2], masks[4])
+    # Spatial parallelism: each unit's output keeps the image's rows split (partitioning.py); the 3x3
+    # convolutions exchange a halo of rows with the neighbouring devices.
+    x = split_rows(to_quarter_resolution(self, images, train, masks[2], masks[4]))
     for i in range(self.num_residual):
-      x = residual(self.width, self.dtype, name=f'res1_{i}')(x, train, masks[4])
-    x = downsample(self.width, 2 * self.width, self.dtype, name='down1')(x, masks[4], masks[8])
+      x = split_rows(residual(self.width, self.dtype, name=f'res1_{i}')(x, train, masks[4]))
+    x = split_rows(downsample(self.width, 2 * self.width, self.dtype, name='down1')(x, masks[4], masks[8]))
     for i in range(self.num_residual):
-      x = residual(2 * self.width, self.dtype, name=f'res2_{i}')(x, train, masks[8])
+      x = split_rows(residual(2 * self.width, self.dtype, name=f'res2_{i}')(x, train, masks[8]))
     return downsample(2 * self.width, self.dim, self.dtype, name='down2')(x, masks[8], masks[16])
 
 

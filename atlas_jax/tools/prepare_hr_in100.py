@@ -89,8 +89,9 @@ def _folder_plan(source: pathlib.Path, classes: list[str], splits: list[str]) ->
 
 def _tfds_plan(source: pathlib.Path, tfds_name: str, classes_file: str, splits: list[str]) -> list[tuple]:
   """(output split dir, class, file name, (TfdsSource, index)) of every record of the classes."""
-  from configs import common  # pylint: disable=import-outside-toplevel
+  from atlas_jax import config as config_lib  # pylint: disable=import-outside-toplevel
 
+  common = config_lib.common_module()  # the shipped configs' defaults, installed or in the repository
   # The plan copies stored bytes and never decodes, so data.max_pixels only has to be a valid value.
   data_defaults = common.data_config()
   plan = []

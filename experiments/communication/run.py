@@ -30,7 +30,7 @@ VARIANTS = {
   'top_down': ('atlas', {'model.communication': 'top_down'}),
   'full': ('atlas', {'model.communication': 'full'}),
 }
-# Table 4 of the paper (HR-IN100, 256 px, top-1 %): ATLAS.md §5.
+# Table 4 of the paper (HR-IN100, 256 px, top-1 %): docs/model.md.
 PAPER_TOP1 = {'window_vit': 59.39, 'none': 65.14, 'bottom_up': 69.92, 'top_down': 69.04, 'full': 72.02}
 # 800 steps (the quickstart's) x 5 variants x 2 seeds does not fit 30 minutes on 2 shared cores:
 # docs/experiments.md.

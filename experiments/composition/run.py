@@ -26,7 +26,7 @@ VARIANTS = {
   'atlas': ('atlas', {'model.composition': 'atlas'}),
   'stack': ('atlas', {'model.composition': 'stack'}),
 }
-# Table 5 of the paper (HR-IN100, 512 px, 12 Small blocks, top-1 %): ATLAS.md §5. Runtimes 38 and 75 minutes.
+# Table 5 of the paper (HR-IN100, 512 px, 12 Small blocks, top-1 %, docs/model.md). Runtimes 38 and 75 min.
 PAPER_TOP1 = {'atlas': 70.09, 'stack': 69.88}
 PAPER_RUNTIME_MIN = {'atlas': 38, 'stack': 75}
 DEFAULT_STEPS = 200

@@ -72,7 +72,9 @@ def train(checkout: pathlib.Path, flags: list[str], workdir: pathlib.Path) -> li
   result = subprocess.run(command, cwd=checkout, env=env, capture_output=True, text=True, timeout=1800)
   if result.returncode:
     raise SystemExit(f'{checkout}: {" ".join(flags)} failed:\n{result.stderr[-3000:]}')
-  return [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  from atlas_jax import metrics  # the runs are subprocesses; only reading needs the package
+
+  return metrics.read_metrics(workdir)  # sorted by step
 
 
 def differences(ours: list[dict], theirs: list[dict]) -> list[str]:

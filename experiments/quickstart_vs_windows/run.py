@@ -33,7 +33,9 @@ def train(model: str, steps: int, seed: int, workdir: pathlib.Path) -> dict:
   start = time.monotonic()
   subprocess.run(command, cwd=ROOT, check=True, env={**os.environ, 'PYTHONPATH': str(ROOT)})
   wall_s = time.monotonic() - start
-  records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  from atlas_jax import metrics  # the runs are subprocesses; only reading needs the package
+
+  records = metrics.read_metrics(workdir)  # sorted by step
   curve = [(r['step'], r['top1']) for r in records if r['kind'] == 'eval' and r['weights'] == 'raw']
   return {
     'model': model,

@@ -264,7 +264,7 @@ def _mlp_residual(token, scale_params):
 
 
 def _reference_block(params, scales, valid_sides, window_sides, pool, heads):
-  """The MSA block of one image from ATLAS.md's definition: scales[s] (rows, cols, dim) float64 maps, of
+  """The MSA block of one image from docs/model.md's definition: scales[s] (rows, cols, dim) float64 maps, of
   which the top-left `valid_sides[s]` are the image; windows of `window_sides[s]` tokens."""
   scales = [np.array(scale[:rows, :cols]) for scale, (rows, cols) in zip(scales, valid_sides)]
   count = len(scales)

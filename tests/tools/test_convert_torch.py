@@ -1,8 +1,12 @@
 """The PyTorch importer: fixture checkpoints, refusals by name, and the command line end to end."""
 
+import copy
 import json
 import os
 import pathlib
+import shlex
+import subprocess
+import sys
 
 import flax
 import jax
@@ -165,3 +169,74 @@ def test_class_names(tmp_path):
   config.data.classes = str(tmp_path / 'missing.txt')
   with pytest.raises(ValueError, match='does not exist'):
     class_names(config)
+
+
+def test_a_checkpoint_of_another_model_is_reported_in_a_few_lines_with_the_overrides(tmp_path):
+  """From outside the repository, the config by name: what the checkpoint is, what the config is, and the
+  overrides; those overrides then convert it, with --labels writing labels.txt."""
+  checkpoint = FIXTURES / 'atlas_tiny_512_trainer.ckpt'
+  env = {**os.environ, 'PYTHONPATH': str(ROOT)}
+
+  def convert_torch(*flags):
+    return subprocess.run(
+      [sys.executable, '-m', 'atlas_jax.tools.convert_torch', f'--checkpoint={checkpoint}', *flags],
+      cwd=tmp_path,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      env=env,
+    )
+
+  refused = convert_torch('--config=atlas_b_1024', '--output=workdir')
+  assert refused.returncode == 1
+  lines = (refused.stdout + refused.stderr).strip().splitlines()
+  assert len(lines) <= 5, lines
+  assert lines[0] == 'error: the checkpoint holds another model than the config (atlas_b_1024):'
+  assert lines[1] == (
+    '  checkpoint: dim 32, depths (1, 1), 10 classes, conv stem (patch 16, stem_in_dim 64, stem_width 8), '
+    '2 scales, mlp_ratio 4'
+  )
+  assert lines[2].startswith('  config:     dim 768, depths (2, 10), 100 classes, conv stem (patch 16')
+  overrides = shlex.split(lines[3].split('to convert it:', 1)[1].split(' (num_heads', 1)[0])
+  assert sorted(overrides) == sorted(TINY_OVERRIDES)
+  assert not (tmp_path / 'workdir').exists()
+
+  (tmp_path / 'names.txt').write_text(''.join(f'class {index}\n' for index in range(10)))
+  converted = convert_torch('--config=atlas_t_512', *overrides, '--output=workdir', '--labels=names.txt')
+  assert converted.returncode == 0, converted.stderr
+  assert 'labels.txt: 10 class names' in converted.stdout
+  assert workdir_lib.read_labels(tmp_path / 'workdir') == [f'class {index}' for index in range(10)]
+
+
+def test_labels_of_another_count_are_one_line_and_nothing_is_written(tiny, tmp_path):
+  (tmp_path / 'names.txt').write_text('cat\ndog\nfox\n')
+  with pytest.raises(ConversionError) as error:
+    convert(
+      FIXTURES / 'atlas_tiny_512_state_dict.pt', tiny[0], tmp_path / 'workdir', labels=tmp_path / 'names.txt'
+    )
+  assert str(error.value) == (
+    f'--labels={tmp_path / "names.txt"} lists 3 class names but the model has 10 classes (model.num_classes): '
+    'one name a line, in index order'
+  )
+  assert not (tmp_path / 'workdir').exists()
+
+
+def test_labels_come_from_the_configs_class_list(tiny, tmp_path):
+  config = copy.deepcopy(tiny[0])
+  names = [f'n{index:08d}' for index in range(10)]
+  (tmp_path / 'classes.txt').write_text('\n'.join(reversed(names)) + '\n')
+  config.data.classes = str(tmp_path / 'classes.txt')
+  written = convert(FIXTURES / 'atlas_tiny_512_state_dict.pt', config, tmp_path / 'workdir')
+  assert written['labels'] == tmp_path / 'workdir' / 'labels.txt'
+  assert workdir_lib.read_labels(tmp_path / 'workdir') == names  # sorted, as the sources number them
+  assert convert(FIXTURES / 'atlas_tiny_512_state_dict.pt', tiny[0], tmp_path / 'other')['labels'] is None
+
+
+def test_the_readme_names_the_config_and_overrides_of_every_shipped_checkpoint():
+  readme = ' '.join((ROOT / 'README.md').read_text().split())
+  quoted = [
+    flag.replace('=(', "='(") + "'" if '=(' in flag else flag for flag in TINY_OVERRIDES
+  ]  # the shell's
+  assert ' '.join(['--config=atlas_t_512', *quoted]) in readme
+  for checkpoint in sorted([*FIXTURES.glob('*.pt'), *FIXTURES.glob('*.ckpt')]):
+    assert f'| `{checkpoint.name}` |' in readme, checkpoint.name

@@ -169,16 +169,33 @@ def test_directory_is_a_format_error(tmp_path):
 # --- the command line -------------------------------------------------------------------------
 
 
+# The child's own peak RSS: /proc's VmHWM belongs to the memory map the exec created. ru_maxrss from wait4
+# would also count the pages the child shared with this (possibly large) pytest worker before its exec.
+_MEASURED = (
+  'import atexit, runpy, sys\n'
+  'rss_path = sys.argv[1]\n'
+  'def _record():\n'
+  '  with open("/proc/self/status") as status, open(rss_path, "w") as out:\n'
+  '    out.write(next(line.split()[1] for line in status if line.startswith("VmHWM:")))\n'
+  'atexit.register(_record)\n'
+  'sys.argv = [sys.argv[2]] + sys.argv[3:]\n'
+  'runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)\n'
+)
+
+
 def _run_all(runs):
   """Start every (checkpoint, output, *flags) at once; (exit code, output text, peak RSS bytes) each."""
   started = []
   for checkpoint, output, *extra in runs:
     log = pathlib.Path(f'{output}.log')
+    rss = pathlib.Path(f'{output}.rss')
     with open(log, 'w') as stream:
       process = subprocess.Popen(
         [
           sys.executable,
-          '-m',
+          '-c',
+          _MEASURED,
+          str(rss),
           'atlas_jax.tools.convert_torch',
           f'--checkpoint={checkpoint}',
           f'--output={output}',
@@ -190,12 +207,11 @@ def _run_all(runs):
         stderr=subprocess.STDOUT,
         env={**os.environ, 'PYTHONPATH': str(ROOT), 'JAX_PLATFORMS': 'cpu'},
       )
-    started.append((process, log))
+    started.append((process, log, rss))
   results = []
-  for process, log in started:
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    results.append((process.returncode, log.read_text(), usage.ru_maxrss * 1024))  # ru_maxrss is KiB
+  for process, log, rss in started:
+    process.wait()
+    results.append((process.returncode, log.read_text(), int(rss.read_text()) * 1024))  # VmHWM is in kB
   return results
 
 

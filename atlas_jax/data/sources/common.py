@@ -29,8 +29,8 @@ def image_size_pair(image_size: int | Sequence[int]) -> tuple[int, int]:
   return int(height), int(width)
 
 
-# Class lists and labels (DESIGN.md "Labels"): classes are numbered in sorted order of their names, for
-# folders and tfds alike, so the same class gets the same label from either.
+# Class lists and labels (docs/design.md, "Batches, equality, labels"): classes are numbered in sorted
+# order of their names, for folders and tfds alike, so the same class gets the same label from either.
 
 
 def read_class_list(path) -> list[str]:
