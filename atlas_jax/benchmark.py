@@ -5,9 +5,11 @@ run on random images (no data pipeline is imported). Each mode compiles once, wa
 `--steps` steps, each ended with `block_until_ready`, and prints one JSON line (docs/design.md, "Outputs"):
 images/s from the median step, compile time, peak memory, model FLOPs per image (matmuls and convolutions
 of the float32 forward, counted from its jaxpr: once per inference image, three times per training image,
-never the rematerialized recompute), XLA's own count beside it, and MFU against the device's dense bf16
-peak. On GPU each line adds the largest logit difference of the fast path (config dtype, cuDNN attention)
-against the float32 XLA path on the same weights and one image, and whether it is within tolerance.
+never the rematerialized recompute), XLA's own count beside it, MFU against the device's dense bf16
+peak, and `mesh`, the axis sizes of `config.mesh` (with `mesh.spatial` > 1 every image's rows are split
+over that many devices, docs/spatial.md). On GPU each line adds the largest logit difference of the fast
+path (config dtype, cuDNN attention) against the float32 XLA path on the same weights and one image, and
+whether it is within tolerance.
 """
 
 import collections
@@ -311,6 +313,7 @@ def benchmark(
     'attention': config.model.attention,
     'remat': config.model.remat,
     'peak_tflops': peak_tflops,
+    'mesh': {axis: int(size) for axis, size in mesh.shape.items()},  # config.mesh: data, fsdp, spatial
   }
 
   with jax.set_mesh(mesh):

@@ -86,8 +86,9 @@ def evaluate(
   with pipeline.EvalLoader(
     source,
     batch_size,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
+    # Processes of one spatial group load the same examples, each keeping its own rows.
+    process_index=sharding.process_batch_slot(mesh)[0],
+    process_count=sharding.process_batch_slot(mesh)[1],
     workers=workers,
     transform=transform,
     max_bad_fraction=max_bad_fraction,

@@ -18,8 +18,9 @@ data/decode.py, within `data.max_pixels` and `data.max_decode_bytes`), PIL image
             the bottom and right to its largest height and width rounded up to whole patches of windows
             (patch_size * window pixels, so few canvases compile), and the model masks the padding
             (`sizes`), so an image's result does not depend on the others in its group.
-Then ImageNet mean/std. Batches are split over all local devices (a one-axis `data` mesh; one CPU device
-works the same).
+Then ImageNet mean/std. Batches are split over all local devices (one CPU device works the same): by
+images, and with `load(..., spatial=K)` also each image's rows over K devices (docs/spatial.md), for images
+too large for one device; the local devices then form (data = devices / K, fsdp 1, spatial K).
 
 Feature maps (`Atlas.features`): every scale of the pyramid as a spatial map, each taken at the end of the
 last macro-stage that processes it, before the readout's LayerNorm. For the model configs at batch 1:
@@ -47,7 +48,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from atlas_jax import checkpointing, run_setup
+from atlas_jax import checkpointing, run_setup, sharding
 from atlas_jax import config as config_lib
 from atlas_jax import workdir as workdir_lib
 from atlas_jax.data import sources
@@ -56,6 +57,8 @@ from atlas_jax.data.pipeline import normalize_image
 from atlas_jax.data.transforms import eval_resize, eval_resize_options
 from atlas_jax.errors import AtlasError
 from atlas_jax.models import build_model
+from atlas_jax.models import geometry as geometry_lib
+from atlas_jax.models import layout as layout_lib
 from atlas_jax.models.layout import valid_token_sides
 
 RESOURCES = pathlib.Path(__file__).parent / 'resources'
@@ -263,10 +266,13 @@ def top_k_predictions(logits: np.ndarray, labels: Sequence[str], top_k: int) -> 
 class Predictor:
   """A restored model on all local devices: classify images and extract feature maps.
 
-  Unpacks as (model, variables, config). `variables` are replicated over a one-axis `data` mesh of the local
-  devices (or `devices`), and every batch is split over it, padded to a multiple of the device count.
-  `batch_size` (default 8 per device) is the most images one forward pass takes. The class names are
-  `workdir`'s labels.txt when it has one, else what the config's dataset says (`class_names`).
+  Unpacks as (model, variables, config). The local devices (or `devices`) form the mesh (data = devices /
+  `spatial`, fsdp 1, spatial `spatial`); `variables` are replicated over it, and every batch is split over
+  the data-parallel devices by images, padded to a multiple of their count, and with `spatial` > 1 each
+  image's rows also over `spatial` (docs/spatial.md: the model keeps them split; the results are those of
+  one device). `batch_size` (default 8 per data-parallel group: per device when `spatial` is 1) is the most
+  images one forward pass takes. The class names are `workdir`'s labels.txt when it has one, else what the
+  config's dataset says (`class_names`).
   """
 
   def __init__(
@@ -278,11 +284,16 @@ class Predictor:
     batch_size: int | None = None,
     devices=None,
     workdir=None,
+    spatial: int = 1,
   ):
     devices = list(jax.local_devices() if devices is None else devices)
     self.model, self.config, self.step = model, config, step
-    self.mesh = Mesh(np.asarray(devices), ('data',))
-    self.batch_size = _round_up(batch_size or IMAGES_PER_DEVICE * len(devices), len(devices))
+    self.mesh = inference_mesh(devices, spatial)
+    self.spatial = int(spatial)
+    self.data_parallel_size = sharding.data_parallel_size(self.mesh)
+    self.batch_size = _round_up(
+      batch_size or IMAGES_PER_DEVICE * self.data_parallel_size, self.data_parallel_size
+    )
     self.variables = jax.device_put(variables, NamedSharding(self.mesh, PartitionSpec()))
     self.class_names = class_names(config, workdir)  # the workdir's labels.txt first
     self.resize_options = eval_resize_options(config)  # data.resize and data.crop_pct, for eval_resize
@@ -294,8 +305,18 @@ class Predictor:
         return model.apply(variables, images, method=method)
       return model.apply(variables, images, sizes=sizes, method=method)
 
-    self._logits = jax.jit(apply)
-    self._features = jax.jit(lambda variables, images, sizes: apply(variables, images, sizes, 'features'))
+    logits = jax.jit(apply)
+    features = jax.jit(lambda variables, images, sizes: apply(variables, images, sizes, 'features'))
+
+    # Under the mesh, so the model's constraints keep an image's rows split when `spatial` > 1.
+    def on_mesh(function):
+      def call(*args):
+        with jax.set_mesh(self.mesh):
+          return function(*args)
+
+      return call
+
+    self._logits, self._features = on_mesh(logits), on_mesh(features)
 
   def __iter__(self):
     return iter((self.model, self.variables, self.config))
@@ -311,24 +332,41 @@ class Predictor:
 
   def _batches(self, normalised: np.ndarray, padded_size: int, sizes: np.ndarray | None = None):
     """Yields (number of real images, the batch padded to `padded_size` and split over the devices, its
-    sizes likewise or None). Padding rows are zeros sized as the whole canvas; their outputs are dropped."""
-    sharding = NamedSharding(self.mesh, PartitionSpec('data'))
+    sizes likewise or None). Padding rows are zeros sized as the whole canvas; their outputs are dropped.
+
+    With `spatial` > 1, a canvas whose pixel rows do not divide over the spatial devices is padded below
+    to the whole bands of windows the model would pad it to anyway, and `sizes` (default: the canvas)
+    mask the padding."""
+    height = normalised.shape[1]
+    spatial_height = self._spatial_height(height)
+    image_sharding = sharding.batch_sharding(self.mesh, 4)
+    sizes_sharding = sharding.batch_sharding(self.mesh, 2)
     for start in range(0, len(normalised), padded_size):
       chunk = normalised[start : start + padded_size]
-      padded = np.zeros((padded_size,) + normalised.shape[1:], np.float32)
-      padded[: len(chunk)] = chunk
+      padded = np.zeros((padded_size, spatial_height) + normalised.shape[2:], np.float32)
+      padded[: len(chunk), :height] = chunk
       padded_sizes = None
-      if sizes is not None:
+      if sizes is not None or spatial_height != height:
         padded_sizes = np.tile(np.asarray(normalised.shape[1:3], np.int32), (padded_size, 1))
-        padded_sizes[: len(chunk)] = sizes[start : start + padded_size]
-        padded_sizes = jax.device_put(padded_sizes, sharding)
-      yield len(chunk), jax.device_put(padded, sharding), padded_sizes
+        if sizes is not None:
+          padded_sizes[: len(chunk)] = sizes[start : start + padded_size]
+        padded_sizes = jax.device_put(padded_sizes, sizes_sharding)
+      yield len(chunk), jax.device_put(padded, image_sharding), padded_sizes
+
+  def _spatial_height(self, height: int) -> int:
+    """Pixel rows a canvas of `height` rows is given: `height`, unless `spatial` > 1 does not divide it;
+    then whole bands of windows of patches, their count a multiple of `spatial` (the model's own padding,
+    models/geometry.spatial_tokens), so every device gets the same rows."""
+    if height % self.spatial == 0:
+      return height
+    return _round_up(math.ceil(height / self.canvas_multiple), self.spatial) * self.canvas_multiple
 
   def _padded_size(self, count: int) -> int:
-    """Full batches for many images; fewer get the next power of two (few compiled shapes and wasted rows)."""
+    """Full batches for many images; fewer get the next power of two (few compiled shapes and wasted rows),
+    a multiple of the data-parallel size."""
     if count >= self.batch_size:
       return self.batch_size
-    return min(self.batch_size, _round_up(2 ** math.ceil(math.log2(max(count, 1))), len(self.mesh.devices)))
+    return min(self.batch_size, _round_up(2 ** math.ceil(math.log2(max(count, 1))), self.data_parallel_size))
 
   def logits(self, normalised: np.ndarray, pad_to: int | None = None, sizes: np.ndarray | None = None):
     """(n, H, W, 3) normalised images -> (n, classes) float32.
@@ -338,7 +376,7 @@ class Predictor:
     every image fills the canvas.
     """
     padded_size = (
-      self._padded_size(len(normalised)) if pad_to is None else _round_up(pad_to, len(self.mesh.devices))
+      self._padded_size(len(normalised)) if pad_to is None else _round_up(pad_to, self.data_parallel_size)
     )
     outputs = [
       np.asarray(self._logits(self.variables, batch, batch_sizes))[:count]
@@ -404,9 +442,13 @@ class Predictor:
     """
     if self.resize_mode(resize) != 'none':
       normalised = self.prepare(images, resize)
+      rows = self._unsplit_rows(normalised.shape[1:3])
       per_batch = [
-        [np.asarray(scale, np.float32)[:count] for scale in self._features(self.variables, batch, None)]
-        for count, batch, _ in self._batches(normalised, self._padded_size(len(normalised)))
+        [
+          np.asarray(scale, np.float32)[:count, :scale_rows]
+          for scale, scale_rows in zip(self._features(self.variables, batch, batch_sizes), rows)
+        ]
+        for count, batch, batch_sizes in self._batches(normalised, self._padded_size(len(normalised)))
       ]
       return [np.concatenate(scales) for scales in zip(*per_batch)]
     patch_size, pool = int(self.config.model.patch_size), int(self.config.model.pool)
@@ -421,6 +463,31 @@ class Predictor:
         per_image.append([scale[index, :rows, :cols].copy() for scale, (rows, cols) in zip(maps, sides)])
     return per_image
 
+  def _unsplit_rows(self, canvas_hw) -> list[int]:
+    """Rows of each scale's map for a canvas of `canvas_hw` pixels on one device: the maps a split
+    canvas gives are cropped to them (its padding rows hold zeros)."""
+    model = self.config.model
+    patch_size, window, pool = int(model.patch_size), int(model.window), int(model.pool)
+    num_scales = len(layout_lib.check_image_size(self.image_size, patch_size, window, pool))
+    tokens_hw = geometry_lib.canvas_tokens(canvas_hw, patch_size)
+    return [layout.height for layout in layout_lib.canvas_layouts(tokens_hw, num_scales, window, pool)]
+
+
+def inference_mesh(devices, spatial: int = 1) -> Mesh:
+  """The mesh (data = len(devices) / spatial, fsdp 1, spatial) of `devices`; one InferenceError line
+  unless `spatial` is a positive integer dividing their count."""
+  count = len(devices)
+  if (
+    isinstance(spatial, bool) or not isinstance(spatial, (int, np.integer)) or spatial < 1 or count % spatial
+  ):
+    divisors = ', '.join(str(size) for size in range(1, count + 1) if count % size == 0)
+    raise InferenceError(
+      f'spatial={spatial!r} must be a positive integer dividing the {count} local device(s): use one of '
+      f'{divisors}'
+    )
+  spatial = int(spatial)
+  return Mesh(np.asarray(devices).reshape(count // spatial, 1, spatial), sharding.MESH_AXES)
+
 
 def _round_up(value: int, multiple: int) -> int:
   return math.ceil(value / multiple) * multiple
@@ -433,21 +500,25 @@ def load(
   use_ema: bool = False,
   config: ml_collections.ConfigDict | None = None,
   batch_size: int | None = None,
+  spatial: int = 1,
 ) -> Predictor:
   """A workdir (trained or converted) -> a Predictor; unpacks as (model, variables, config).
 
   Restores params and batch_stats of `step` (default: the best by validation top-1 when recorded, else the
   latest), EMA weights with `use_ema`. `config` replaces the workdir's config.json; `dtype` the compute
   dtype (default: float32 on CPU, the config's on accelerators). `batch_size` is images per forward pass
-  over all local devices (default 8 per device). The class names come from the workdir's labels.txt when
-  it has one, so they do not depend on the dataset still being where it was (`class_names`).
+  over all local devices (default 8 per data-parallel group). `spatial` splits each image's rows over that
+  many devices (it must divide the local device count; docs/spatial.md). The class names come from the
+  workdir's labels.txt when it has one, so they do not depend on the dataset still being where it was
+  (`class_names`).
   """
+  inference_mesh(jax.local_devices(), spatial)  # a bad `spatial` is refused before anything is restored
   config = config_lib.resolve(config if config is not None else workdir_lib.read_config(workdir))
   model = build_model(config, dtype=run_setup.compute_dtype(config, dtype))
   abstract = run_setup.abstract_variables(model, config.image_size)
   variables, step = checkpointing.restore_inference_variables(workdir, abstract, step, use_ema)
   check_finite_weights(variables, workdir, step)
-  return Predictor(model, variables, config, step, batch_size, workdir=workdir)
+  return Predictor(model, variables, config, step, batch_size, workdir=workdir, spatial=spatial)
 
 
 def check_finite_weights(variables, workdir, step: int) -> None:

@@ -53,8 +53,9 @@ def extract_features(model, variables, source, config, mesh) -> tuple[np.ndarray
   with pipeline.EvalLoader(
     source,
     config.eval.batch_size,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
+    # Processes of one spatial group load the same examples, each keeping its own rows.
+    process_index=sharding.process_batch_slot(mesh)[0],
+    process_count=sharding.process_batch_slot(mesh)[1],
     workers=options['workers'],
     transform=options['transform'],
     max_bad_fraction=options['max_bad_fraction'],

@@ -2,7 +2,7 @@ r"""Classifies image files and folders with a trained or converted Atlas.
 
 python -m atlas_jax.predict --checkpoint=WORKDIR [--config=NAME|FILE] [--output=preds.jsonl] \
     [--step=N] [--top_k=5] [--batch_size=N] [--dtype=float32|bfloat16] [--ema] \
-    [--resize=squash|crop|none] [--crop_pct=F] IMAGE_OR_FOLDER...
+    [--resize=squash|crop|none] [--crop_pct=F] [--spatial=K] IMAGE_OR_FOLDER...
 
 Folders are walked recursively for image files (sorted). Each image goes through the evaluation transform
 (data/decode.py's decoding: EXIF orientation applied, which the reference does not do, reduced to
@@ -12,7 +12,9 @@ Folders are walked recursively for image files (sorted). Each image goes through
 batches split over all local devices, while worker threads decode the next batch. With `none` each batch
 is padded to its largest height and width rounded up to whole windows of patches and the model masks the
 padding (inference.pad_to_canvas), so every image is classified as it would be alone. Computes in float32
-on CPU and in the config's dtype on accelerators unless `--dtype` says.
+on CPU and in the config's dtype on accelerators unless `--dtype` says. `--spatial=K` splits each image's
+rows over K devices (K dividing the local device count; the batch then splits over the devices / K
+data-parallel groups, docs/spatial.md): for images too large for one device, with the same predictions.
 `--output` gets one JSON line per readable image: {"path", "top_k": [{"index", "label", "prob"}, ...],
 "logits"}; without it each image gets a line on stdout. A progress bar goes to stderr when there is more
 than one batch. Unreadable files are reported on stderr, counted at the end and skipped; the exit code is 0
@@ -51,7 +53,7 @@ class PredictError(AtlasError, ValueError):
 def define_flags():
   """The command line's flags; defined only when run as a program, so the module imports anywhere."""
   global _CONFIG, _CHECKPOINT, _OUTPUT, _STEP, _TOP_K, _BATCH_SIZE, _DTYPE, _EMA, _WORKERS
-  global _RESIZE, _CROP_PCT
+  global _RESIZE, _CROP_PCT, _SPATIAL
   _CONFIG = config_flags.DEFINE_config_file(
     'config', None, "Config file; default: the workdir's config.json.", lock_config=True
   )
@@ -62,8 +64,8 @@ def define_flags():
   _BATCH_SIZE = flags.DEFINE_integer(
     'batch_size',
     None,
-    'Images per forward pass over all local devices, '
-    'rounded up to a multiple of their count; default: 8 per device.',
+    'Images per forward pass over all local devices, rounded up to a multiple of the data-parallel '
+    'groups (devices / --spatial); default: 8 per group.',
   )
   _DTYPE = flags.DEFINE_enum(
     'dtype',
@@ -85,6 +87,12 @@ def define_flags():
     None,
     "With --resize=crop: the centre crop's share of the resized side, in (0, 1]; "
     "default: the config's data.crop_pct.",
+  )
+  _SPATIAL = flags.DEFINE_integer(
+    'spatial',
+    1,
+    "Split each image's rows over this many devices (it must divide the local device count; "
+    'docs/spatial.md); the batch splits over the rest.',
   )
 
 
@@ -233,9 +241,17 @@ def main(argv):
   if _RESIZE.value is not None and _RESIZE.value not in inference.RESIZE_CHOICES:
     raise PredictError(f'--resize must be one of squash, crop or none, got {_RESIZE.value!r}')
   crop_pct = None if _CROP_PCT.value is None else parse_crop_pct(_CROP_PCT.value)
+  if _SPATIAL.value < 1:
+    raise PredictError(f'--spatial must be at least 1, got {_SPATIAL.value}')
   paths = image_paths(inputs)
   predictor = inference.load(
-    _CHECKPOINT.value, _STEP.value, _DTYPE.value, _EMA.value, _CONFIG.value, _BATCH_SIZE.value
+    _CHECKPOINT.value,
+    _STEP.value,
+    _DTYPE.value,
+    _EMA.value,
+    _CONFIG.value,
+    _BATCH_SIZE.value,
+    spatial=_SPATIAL.value,
   )
   resize_options = transforms.eval_resize_options(predictor.config)  # the defaults: data.resize, crop_pct
   resize_options['resize'] = predictor.resize_mode(_RESIZE.value)
@@ -253,9 +269,10 @@ def main(argv):
     if output is not None:
       output.close()
   devices = predictor.mesh.devices
+  split = f', each image split over {predictor.spatial}' if predictor.spatial > 1 else ''
   print(
     f'classified {classified} images with step {predictor.step} on {devices.size} '
-    f'{devices.flat[0].platform} device(s); {unreadable} unreadable skipped',
+    f'{devices.flat[0].platform} device(s){split}; {unreadable} unreadable skipped',
     file=sys.stderr,
   )
   sys.exit(0 if classified else 1)

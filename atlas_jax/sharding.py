@@ -52,13 +52,6 @@ def make_mesh(config, devices=None) -> Mesh:
   devices = jax.devices() if devices is None else list(devices)
   shape = mesh_shape(config.mesh, len(devices))
   mesh = Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
-  if shape[2] > 1 and process_batch_slot(mesh) != (jax.process_index(), jax.process_count()):
-    # The loaders give each process its own examples; a spatial group spread over processes would need
-    # them to load the same examples (process_batch_slot) and is not wired to the loaders (docs/spatial.md).
-    raise MeshError(
-      f'config.mesh.spatial={shape[2]} spreads one image over several processes, which is not supported '
-      "yet: use a spatial size that fits in one process's devices"
-    )
   return mesh
 
 

@@ -536,8 +536,9 @@ def run(config, workdir) -> TrainState:
         train_source,
         config.batch_size,
         seed=config.seed,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
+        # Processes of one spatial group load the same examples, each keeping its own rows.
+        process_index=sharding.process_batch_slot(mesh)[0],
+        process_count=sharding.process_batch_slot(mesh)[1],
         workers=config.data.workers,
         transform=transforms.train_transform(config),
         max_bad_fraction=config.data.max_bad_fraction,

@@ -7,6 +7,7 @@ part of the recipe is on: drop path, Mixup/CutMix, accumulation 2, EMA.
 """
 
 import json
+import re
 import sys
 import tempfile
 
@@ -14,8 +15,8 @@ import jax
 import numpy as np
 import optax
 
+from atlas_jax import checkpointing, run_setup, sharding, train
 from atlas_jax import config as config_lib
-from atlas_jax import run_setup, sharding, train
 from atlas_jax.data import pipeline, sources
 from tests.train_configs import FULL_RECIPE, tiny_config
 
@@ -24,10 +25,11 @@ STEMS = {
   'patchify': dict(image_size=(64, 32), model__patch_size=4),
 }
 MESHES = {'data2_spatial4': (2, 1, 4), 'spatial8': (1, 1, 8), 'one_device': (1, 1, 1)}
-CASES = [('conv', 'data2_spatial4'), ('patchify', 'spatial8')]  # each stem on one split mesh
+# Each stem on one split mesh, with the batch that gives each data-parallel group one image per micro-batch.
+CASES = [('conv', 'data2_spatial4', 4), ('patchify', 'spatial8', 2)]
 
 
-def config_for(stem: str):
+def config_for(stem: str, batch_size: int = 4):
   overrides = {key.replace('.', '__'): value for key, value in FULL_RECIPE.items()}
   return config_lib.resolve(
     tiny_config(
@@ -35,7 +37,8 @@ def config_for(stem: str):
       **STEMS[stem],
       model__window=2,
       model__depths=(1,),
-      batch_size=4,
+      batch_size=batch_size,
+      mesh__fsdp_min_size=256,  # so that fsdp really splits the tiny model's larger leaves
       warmup_steps=0,
       optimizer__eps=1e-3,  # as tests/data_parallel_check.py: zero-in-exact-arithmetic gradients stay small
     )
@@ -101,12 +104,7 @@ def differences(got, want) -> dict:
 
 
 def run(config, mesh_shape):
-  data, fsdp, spatial = mesh_shape
-  run_config = config.copy_and_resolve_references()
-  run_config.mesh.update(data=data, fsdp=fsdp, spatial=spatial)
-  devices = jax.devices()[: data * fsdp * spatial]
-  setup = run_setup.train_setup(run_config, sharding.make_mesh(run_config, devices))
-  step = train.jit_train_step(setup)
+  setup, step = setup_for(config, mesh_shape)
   source = sources.make_source(config.data, config.image_size, 'train', 0)
   with pipeline.TrainLoader(source, config.batch_size, seed=0, max_bad_fraction=1.0) as loader:
     local_batch = next(loader)
@@ -115,8 +113,13 @@ def run(config, mesh_shape):
   with jax.set_mesh(mesh):
     state = setup.init_state(jax.random.PRNGKey(0))
     batch = sharding.global_batch(local_batch, mesh)
-    temporary = step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
-    state, metrics = step(state, batch)
+    compiled = step.lower(state, batch).compile()  # compiled once: its memory analysis, then the step
+    temporary = compiled.memory_analysis().temp_size_in_bytes
+    # The largest all-gather against one micro-batch's scale-0 activation (tokens x dim).
+    height, width = (side // config.model.patch_size for side in config.image_size)
+    scale0 = config.batch_size // config.grad_accum_steps * height * width * config.model.dim
+    largest_gather = max(all_gathers(compiled.as_text()), default=0) / scale0
+    state, metrics = compiled(state, batch)
     variables = run_setup.model_variables(state.params, state.batch_stats)
 
     @jax.jit
@@ -124,7 +127,7 @@ def run(config, mesh_shape):
       return model.apply(variables, images), model.apply(variables, images, method='features')
 
     logits, features = evaluate(variables, batch['image'])
-  return temporary, jax.device_get(
+  return (temporary, largest_gather), jax.device_get(
     {
       'loss': metrics['loss'],
       'params': state.params,
@@ -137,21 +140,141 @@ def run(config, mesh_shape):
   )
 
 
+def setup_for(config, mesh_shape):
+  """(setup, jitted step) of `config` on a (data, fsdp, spatial) mesh of the first devices."""
+  data, fsdp, spatial = mesh_shape
+  run_config = config.copy_and_resolve_references()
+  run_config.mesh.update(data=data, fsdp=fsdp, spatial=spatial)
+  devices = jax.devices()[: data * fsdp * spatial]
+  setup = run_setup.train_setup(run_config, sharding.make_mesh(run_config, devices))
+  return setup, train.jit_train_step(setup)
+
+
+def restore_elsewhere(config) -> dict:
+  """A step on (fsdp 2, spatial 4) saved; restored on (spatial 8) and on one device, one more step each:
+  each must continue as the (fsdp 2, spatial 4) run does."""
+  source = sources.make_source(config.data, config.image_size, 'train', 0)
+  with pipeline.TrainLoader(source, config.batch_size, seed=0, max_bad_fraction=1.0) as loader:
+    local_batches = [next(loader), next(loader)]
+  loader_state = {'batches_consumed': np.asarray(1, np.int64)}
+  differences = {}
+  with tempfile.TemporaryDirectory() as workdir:
+    checkpoints = checkpointing.Checkpoints(workdir)
+    setup, step = setup_for(config, (1, 2, 4))
+    with jax.set_mesh(setup.mesh):
+      state = setup.init_state(jax.random.PRNGKey(0))
+      state, _ = step(state, sharding.global_batch(local_batches[0], setup.mesh))
+      checkpoints.save(1, train.checkpoint_items(state, loader_state))
+      checkpoints.wait()
+      state, _ = step(state, sharding.global_batch(local_batches[1], setup.mesh))
+      reference = jax.device_get((state.params, state.ema_params, state.batch_stats))
+    for name in ('spatial8', 'one_device'):
+      setup, step = setup_for(config, MESHES[name])
+      with jax.set_mesh(setup.mesh):
+        state, _ = train.restore_state(
+          checkpoints, 1, setup.abstract_state, setup.state_sharding, loader_state
+        )
+        state, _ = step(state, sharding.global_batch(local_batches[1], setup.mesh))
+        got = jax.device_get((state.params, state.ema_params, state.batch_stats))
+      differences[f'restored_on_{name}'] = relative_difference(got, reference)
+    checkpoints.close()
+  return differences
+
+
+def _optimized_hlo(config, mesh_shape) -> str:
+  setup, step = setup_for(config, mesh_shape)
+  with jax.set_mesh(setup.mesh):
+    abstract = train.abstract_batch(setup.config, setup.config.batch_size)
+    batch = {
+      key: jax.ShapeDtypeStruct(
+        leaf.shape, leaf.dtype, sharding=sharding.batch_sharding(setup.mesh, leaf.ndim)
+      )
+      for key, leaf in abstract.items()
+    }
+    state = jax.tree.map(
+      lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
+      setup.abstract_state,
+      setup.state_sharding,
+    )
+    text = step.lower(state, batch).compile().as_text()
+  # Without the debug information (op metadata, the table of source locations): the program alone.
+  text = re.sub(r', metadata=\{[^}]*\}', '', text)
+  return '\n'.join(
+    line for line in text.splitlines() if 'file_name_id=' not in line and 'file_location_id=' not in line
+  )
+
+
+def unused_split_costs_nothing(config, mesh_shape=(1, 1, 1)) -> bool:
+  """The optimized HLO of the train step with spatial 1 equals the step built without any of spatial
+  parallelism's annotations (the constraints off, the batch shardings as one prefix)."""
+  # Both compiled here, not read back from the persistent cache, whose executables print another text.
+  cache_enabled = jax.config.jax_enable_compilation_cache
+  jax.config.update('jax_enable_compilation_cache', False)
+  try:
+    return _with_and_without_annotations(config, mesh_shape)
+  finally:
+    jax.config.update('jax_enable_compilation_cache', cache_enabled)
+
+
+def _with_and_without_annotations(config, mesh_shape) -> bool:
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  from atlas_jax.models import atlas, baselines, msa, stem
+
+  with_axis = _optimized_hlo(config, mesh_shape)
+  identity = lambda tokens, *args: tokens  # noqa: E731
+  patched = {
+    (msa, 'split_windows'): identity,
+    (msa, 'split_rows'): identity,
+    (atlas, 'split_rows'): identity,
+    (atlas, 'split_windows'): identity,
+    (stem, 'split_rows'): identity,
+    (baselines, 'split_rows'): identity,
+    (sharding, 'batch_shardings'): lambda mesh, batch: NamedSharding(
+      mesh, PartitionSpec(sharding.BATCH_AXES)
+    ),
+    (sharding, 'micro_batch_shardings'): lambda mesh, batches: NamedSharding(
+      mesh, PartitionSpec(None, sharding.BATCH_AXES)
+    ),
+  }
+  saved = {key: getattr(*key) for key in patched}
+  try:
+    for (module, name), value in patched.items():
+      setattr(module, name, value)
+    without = _optimized_hlo(config, mesh_shape)
+  finally:
+    for (module, name), value in saved.items():
+      setattr(module, name, value)
+  return with_axis == without
+
+
+def all_gathers(hlo: str) -> list[int]:
+  """Elements of the result of every all-gather in an optimized HLO text."""
+  sizes = []
+  for match in re.finditer(r'= \w+\[([\d,]*)\][^=]*? all-gather(?:-start)?\(', hlo):
+    dims = [int(d) for d in match.group(1).split(',') if d]
+    sizes.append(int(np.prod(dims)) if dims else 1)
+  return sizes
+
+
 def main():
   cache_dir = tempfile.mkdtemp(prefix='atlas_spatial_check_cache_')
   jax.config.update('jax_compilation_cache_dir', cache_dir)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   results = {}
-  for stem, name in CASES:
+  for stem, name, batch_size in CASES:
     if sys.argv[1:] and stem not in sys.argv[1:]:
       continue
-    config = config_for(stem)
-    reference_temporary, reference = run(config, MESHES['one_device'])
-    temporary, got = run(config, MESHES[name])
+    config = config_for(stem, batch_size)
+    (reference_temporary, _), reference = run(config, MESHES['one_device'])
+    (temporary, largest_gather), got = run(config, MESHES[name])
     results[f'{stem}/{name}'] = {
       **differences(got, reference),
       'temporary_ratio': temporary / reference_temporary,
+      'largest_all_gather_vs_scale0': largest_gather,
     }
+  if not sys.argv[1:] or 'restore' in sys.argv[1:]:
+    results['restore'] = restore_elsewhere(config_for('conv'))
   print(json.dumps(results))
 
 

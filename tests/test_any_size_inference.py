@@ -7,17 +7,14 @@ saved as a checkpoint (no training: the numbers only have to be informative, not
 
 import math
 
-import jax
 import numpy as np
 from PIL import Image
 import pytest
 
-from atlas_jax import checkpointing, inference, predict, run_setup
-from atlas_jax import workdir as workdir_lib
+from atlas_jax import inference, predict
 from atlas_jax.config import resolve
 from atlas_jax.data.decode import BadImageError
-from atlas_jax.models import build_model
-from tests.train_configs import run_module, tiny_config
+from tests.train_configs import random_weights_workdir, run_module, tiny_config
 
 # Three sizes no side of which is a whole number of windows; A is larger than the config's 32 x 32.
 SIZE_A, SIZE_B, SIZE_C = (45, 70), (21, 37), (50, 19)
@@ -27,15 +24,7 @@ SIZE_A, SIZE_B, SIZE_C = (45, 70), (21, 37), (50, 19)
 def workdir(tmp_path_factory):
   """The tiny quickstart's config and random weights large enough to give probabilities far from uniform."""
   config = resolve(tiny_config())
-  abstract = run_setup.abstract_variables(build_model(config), config.image_size)
-  rng = np.random.default_rng(0)
-  variables = jax.tree.map(lambda leaf: (0.3 * rng.normal(size=leaf.shape)).astype(leaf.dtype), abstract)
-  workdir = tmp_path_factory.mktemp('any_size') / 'workdir'
-  workdir_lib.write_config(workdir, config)
-  checkpoints = checkpointing.Checkpoints(workdir)
-  checkpoints.save(0, {'params': variables['params'], 'batch_stats': variables.get('batch_stats')})
-  checkpoints.close()
-  return workdir
+  return random_weights_workdir(tmp_path_factory.mktemp('any_size') / 'workdir', config)
 
 
 @pytest.fixture(scope='module')

@@ -133,6 +133,7 @@ def test_command_line_prints_the_design_fields_without_the_data_pipeline(tmp_pat
   }
   for line in lines:
     assert fields <= set(line) and line['images_per_s'] > 0 and line['peak_mem_gib'] > 0
+    assert line['mesh'] == {'data': 1, 'fsdp': 1, 'spatial': 1}  # config.mesh's axes on one device
   assert lines[1]['model_flops_per_image'] == 3 * lines[0]['model_flops_per_image']
 
 

@@ -52,6 +52,7 @@ def test_the_expected_config_files_exist():
     'atlas_b_1024',
     'atlas_b_2048',
     'atlas_b_4096',
+    'atlas_b_16384',
   } <= names
 
 

@@ -48,15 +48,16 @@ def _free_port() -> int:
     return probe.getsockname()[1]
 
 
-def _start(workdir, cache, devices: int, process_id: int | None = None, port: int | None = None):
+def _start(workdir, cache, devices: int, process_id: int | None = None, port: int | None = None, flags=None):
+  flags = RUN_FLAGS if flags is None else flags
   command = [
     sys.executable,
     '-m',
     'atlas_jax.main',
-    *RUN_FLAGS,
+    *flags,
     f'--workdir={workdir}',
   ]
-  assert f'--config.compilation_cache_dir={cache}' in RUN_FLAGS  # given once: a field given twice is refused
+  assert f'--config.compilation_cache_dir={cache}' in flags  # given once: a field given twice is refused
   if process_id is not None:
     command += [f'--coordinator_address=localhost:{port}', '--num_processes=2', f'--process_id={process_id}']
   env = {
@@ -83,9 +84,9 @@ def _finish(processes, timeout=240):
   return results
 
 
-def _start_pair(workdir, cache):
+def _start_pair(workdir, cache, flags=None):
   port = _free_port()
-  return [_start(workdir, cache, 2, process_id, port) for process_id in (0, 1)]
+  return [_start(workdir, cache, 2, process_id, port, flags) for process_id in (0, 1)]
 
 
 def _train_losses(workdir):
@@ -215,6 +216,49 @@ def test_two_processes_train_as_one_and_a_sigterm_to_either_stops_both_at_one_st
   for got, want in zip(evals, reference, strict=True):
     assert (got['weights'], got['top1']) == (want['weights'], want['top1'])
     assert got['loss'] == pytest.approx(want['loss'], rel=1e-5)
+
+
+# One image's rows split over the four devices of both processes (docs/spatial.md): 8x8 tokens in 2x2
+# windows give 4 rows of windows; the batch is one data-parallel group, so both processes load the same
+# examples and each hands over only its two devices' rows.
+SPATIAL_STEPS = 3
+SPATIAL_FLAGS = [
+  '--config=configs/quickstart.py:steps=%d' % SPATIAL_STEPS,
+  *command_line_overrides(
+    **{key.replace('.', '__'): value for key, value in FULL_RECIPE.items()},
+    model__window=2,
+    mesh__data=1,
+    mesh__spatial=4,
+    checkpoint__every_steps=SPATIAL_STEPS,
+    log__every_steps=1,
+    eval__every_steps=1000,
+    optimizer__eps=1e-3,  # as tests/spatial_check.py: zero-in-exact-arithmetic gradients stay small
+  ),
+]
+
+
+def test_two_processes_split_each_image_over_both_and_train_as_one(cache, tmp_path):
+  pair_dir, one_dir = tmp_path / 'pair', tmp_path / 'one'
+  processes = _start_pair(pair_dir, cache, SPATIAL_FLAGS) + [_start(one_dir, cache, 4, flags=SPATIAL_FLAGS)]
+  for result in _finish(processes):
+    assert result.returncode == 0, result.stderr[-3000:]
+  got, want = _train_losses(pair_dir), _train_losses(one_dir)
+  assert sorted(got) == list(range(1, SPATIAL_STEPS + 1))
+  for step, loss in want.items():
+    assert got[step] == pytest.approx(loss, rel=1e-5), step
+  checkpointer = ocp.StandardCheckpointer()
+  on_one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  params = []
+  for workdir in (pair_dir, one_dir):
+    step_dir = workdir / 'checkpoints' / str(SPATIAL_STEPS) / 'params'
+    target = jax.tree.map(
+      lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=on_one_device),
+      checkpointer.metadata(step_dir).item_metadata,
+    )
+    params.append(checkpointer.restore(step_dir, target))
+  for got_leaf, want_leaf in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1]), strict=True):
+    # Adam's first steps move each parameter by about lr; summation order moves them by far less.
+    assert np.abs(np.asarray(got_leaf) - np.asarray(want_leaf)).max() <= 1e-5
 
 
 def test_multihost_outside_a_cluster_fails_in_one_line(tmp_path):

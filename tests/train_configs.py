@@ -71,3 +71,23 @@ def run_module(*args, env=None) -> subprocess.CompletedProcess:
     timeout=300,
     env={**os.environ, 'PYTHONPATH': str(ROOT), **(env or {})},
   )
+
+
+def random_weights_workdir(workdir, config):
+  """A workdir of `config` (resolved) holding step 0 with random weights large enough to give probabilities
+  far from uniform: predict and the API read it without any training."""
+  import jax
+  import numpy as np
+
+  from atlas_jax import checkpointing, run_setup
+  from atlas_jax import workdir as workdir_lib
+  from atlas_jax.models import build_model
+
+  abstract = run_setup.abstract_variables(build_model(config), config.image_size)
+  rng = np.random.default_rng(0)
+  variables = jax.tree.map(lambda leaf: (0.3 * rng.normal(size=leaf.shape)).astype(leaf.dtype), abstract)
+  workdir_lib.write_config(workdir, config)
+  checkpoints = checkpointing.Checkpoints(workdir)
+  checkpoints.save(0, {'params': variables['params'], 'batch_stats': variables.get('batch_stats')})
+  checkpoints.close()
+  return workdir

@@ -126,7 +126,7 @@ class Atlas(nn.Module):
     stem_map = split_rows(self.stem(split_rows(images.astype(self.dtype)), train, sizes))
     maps = [stem_map]
     for scale in range(1, len(geometry.layouts)):
-      maps.append(pool_scale(maps[-1], geometry, scale, self.pool))
+      maps.append(split_rows(pool_scale(maps[-1], geometry, scale, self.pool)))  # pooled where it lies
     tokens = [
       split_windows(windows_from_map(token_map, layout.window_height, layout.window_width), layout.grid[0])
       for token_map, layout in zip(maps, geometry.layouts)

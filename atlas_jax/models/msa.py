@@ -25,7 +25,7 @@ from atlas_jax.models import layout as layout_lib
 from atlas_jax.models.attention import dot_product_attention
 from atlas_jax.models.geometry import Geometry, attendable
 from atlas_jax.models.layers import DropPath, LayerNorm, Linear, Mlp, PositionMLP, remat_policy
-from atlas_jax.models.partitioning import split_windows
+from atlas_jax.models.partitioning import split_rows, split_windows
 
 COMMUNICATIONS = ('full', 'top_down', 'bottom_up', 'none')
 
@@ -175,13 +175,15 @@ class MSABlock(nn.Module):
     for s in range(len(layouts) - 1):
       fine, coarse = layouts[s], layouts[s + 1]
       fine_map = map_from_windows(scales[s], fine.height, fine.width, fine.window_height, fine.window_width)
-      pooled = pool_scale(fine_map, geometry, s + 1, self.pool)
+      pooled = split_rows(pool_scale(fine_map, geometry, s + 1, self.pool))  # pooled where it lies
       scales[s + 1] = scales[s + 1] + windows_from_map(pooled, coarse.window_height, coarse.window_width)
 
     # (c) top-down, coarse to fine; `updated_kv[t]` caches scale t's K/V after its own update.
     updated_kv = {}
     for s in reversed(range(len(layouts))):
-      keys, values = self.scales[s].keys_values(scales[s])
+      keys, values = (
+        split_windows(part, layouts[s].grid[0]) for part in self.scales[s].keys_values(scales[s])
+      )
       key_mask = geometry.valid_windows[s] if padded else None
       if top_down:
         key_parts, value_parts, mask_parts = [keys], [values], [key_mask]
@@ -208,6 +210,8 @@ class MSABlock(nn.Module):
       for s in range(1, len(layouts)):
         fine, coarse = layouts[s - 1], layouts[s]
         keys, values = self.scales[s - 1].keys_values(scales[s - 1])
+        # The fine windows' keys stay where their windows are, beside the queries above them.
+        keys, values = (split_windows(part, fine.grid[0]) for part in (keys, values))
         key_mask = attendable(geometry.valid_windows[s - 1]) if padded else None
         coarse_map = map_from_windows(
           scales[s], coarse.height, coarse.width, coarse.window_height, coarse.window_width

@@ -11,7 +11,8 @@ constrains them here:
   split as the map's, so no data moves between the two forms;
 - a coarser scale whose rows of windows do not divide is replicated over `spatial`: it is at least 16
   times smaller than the scale below it (4 x 4 pooling), so the gather is cheap and no device idles on an
-  uneven split.
+  uneven split. It is pooled from the finer scale while still split (its map constrained to row bands
+  before it is windowed), so what is gathered is the pooled map, never the finer one.
 Without such a mesh, or with `spatial` 1, nothing is constrained and the program is the one it was.
 """
 
@@ -36,8 +37,10 @@ def _batch_axes() -> tuple:
 
 
 def split_rows(token_map):
-  """(batch, H, W, C) -> the same, constrained to batch over data-parallel axes and rows over `spatial`."""
-  if spatial_size() == 1:
+  """(batch, H, W, C) -> the same, constrained to batch over data-parallel axes and rows over `spatial`
+  (left to propagation where the rows do not divide)."""
+  size = spatial_size()
+  if size == 1 or token_map.shape[1] % size:
     return token_map
   return jax.lax.with_sharding_constraint(token_map, PartitionSpec(_batch_axes(), SPATIAL_AXIS))
 
