@@ -181,7 +181,10 @@ def restore_elsewhere(config) -> dict:
   return differences
 
 
-def _optimized_hlo(config, mesh_shape) -> str:
+def _program_text(config, mesh_shape) -> str:
+  """The train step's lowered program (StableHLO, no debug locations): what XLA compiles, so equal texts
+  give equal optimized programs. Lowering has no cache, unlike compiled executables, which the persistent
+  compilation cache may hand back printed otherwise."""
   setup, step = setup_for(config, mesh_shape)
   with jax.set_mesh(setup.mesh):
     abstract = train.abstract_batch(setup.config, setup.config.batch_size)
@@ -196,24 +199,13 @@ def _optimized_hlo(config, mesh_shape) -> str:
       setup.abstract_state,
       setup.state_sharding,
     )
-    text = step.lower(state, batch).compile().as_text()
-  # Without the debug information (op metadata, the table of source locations): the program alone.
-  text = re.sub(r', metadata=\{[^}]*\}', '', text)
-  return '\n'.join(
-    line for line in text.splitlines() if 'file_name_id=' not in line and 'file_location_id=' not in line
-  )
+    return step.lower(state, batch).as_text()
 
 
 def unused_split_costs_nothing(config, mesh_shape=(1, 1, 1)) -> bool:
-  """The optimized HLO of the train step with spatial 1 equals the step built without any of spatial
-  parallelism's annotations (the constraints off, the batch shardings as one prefix)."""
-  # Both compiled here, not read back from the persistent cache, whose executables print another text.
-  cache_enabled = jax.config.jax_enable_compilation_cache
-  jax.config.update('jax_enable_compilation_cache', False)
-  try:
-    return _with_and_without_annotations(config, mesh_shape)
-  finally:
-    jax.config.update('jax_enable_compilation_cache', cache_enabled)
+  """The train step with spatial 1 is the program built without any of spatial parallelism's annotations
+  (the constraints off, the batch shardings as one prefix)."""
+  return _with_and_without_annotations(config, mesh_shape)
 
 
 def _with_and_without_annotations(config, mesh_shape) -> bool:
@@ -221,7 +213,7 @@ def _with_and_without_annotations(config, mesh_shape) -> bool:
 
   from atlas_jax.models import atlas, baselines, msa, stem
 
-  with_axis = _optimized_hlo(config, mesh_shape)
+  with_axis = _program_text(config, mesh_shape)
   identity = lambda tokens, *args: tokens  # noqa: E731
   patched = {
     (msa, 'split_windows'): identity,
@@ -241,7 +233,7 @@ def _with_and_without_annotations(config, mesh_shape) -> bool:
   try:
     for (module, name), value in patched.items():
       setattr(module, name, value)
-    without = _optimized_hlo(config, mesh_shape)
+    without = _program_text(config, mesh_shape)
   finally:
     for (module, name), value in saved.items():
       setattr(module, name, value)

@@ -54,8 +54,8 @@ def test_a_split_image_trains_evaluates_and_restores_as_on_one_device():
 
 
 def test_spatial_one_compiles_the_program_without_the_annotations():
-  """With spatial 1 the optimized HLO of the (conv stem, full recipe) train step is the one built with every
-  split annotation removed: the split costs nothing when unused."""
+  """With spatial 1 the (conv stem, full recipe) train step lowers to the program built with every split
+  annotation removed, so XLA optimizes the same program: the split costs nothing when unused."""
   from tests import spatial_check
 
   assert spatial_check.unused_split_costs_nothing(spatial_check.config_for('conv'))
