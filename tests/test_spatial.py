@@ -20,10 +20,12 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 def test_a_split_image_trains_evaluates_and_restores_as_on_one_device():
   """tests/spatial_check.py on 8 faked CPU devices: conv stem on (data 2, spatial 4), patchify stem on
   (spatial 8), one full-recipe step each against one device; the compiled steps' memory and all-gathers;
-  a (fsdp 2, spatial 4) checkpoint continued on (spatial 8) and on one device."""
+  a (fsdp 2, spatial 4) checkpoint of the patchify model continued on (spatial 8) and on one device."""
   env = {
     **os.environ,
-    'XLA_FLAGS': '--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0',
+    # XLA's CPU fusion emitters off: the compiles, which are most of this test, take half as long.
+    'XLA_FLAGS': '--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0'
+    ' --xla_cpu_use_fusion_emitters=false',
     'PYTHONPATH': str(ROOT),
   }
   result = subprocess.run(
@@ -39,18 +41,17 @@ def test_a_split_image_trains_evaluates_and_restores_as_on_one_device():
     differences = report[case]
     for key in ('loss', 'params', 'opt_state', 'ema', 'batch_stats', 'logits', 'features'):
       # The conv stem's BatchNorm biases start at zero, so after one step they are one Adam update whose
-      # gradient sums many cancelling terms: the split's other summation order left 8.6e-6 to 2.2e-5
+      # gradient sums many cancelling terms: the split's other summation order left up to 2.2e-5
       # relative there, depending on where XLA reduces (every other leaf is well within 1e-5).
       bound = 5e-5 if case.startswith('conv') and key in ('params', 'ema') else 1e-5
       assert differences[key] < bound, (case, key, differences)
-  # (data 2, spatial 4): no all-gather rebuilds anything as large as a micro-batch's scale-0 activation,
-  # and each device keeps under a fifth of one device's temporaries.
-  assert report['conv/data2_spatial4']['largest_all_gather_vs_scale0'] < 1.0, report['conv/data2_spatial4']
-  assert report['conv/data2_spatial4']['temporary_ratio'] <= 0.2, report['conv/data2_spatial4']
-  # (spatial 8) splits too, but XLA still gathers scale 0's keys and values once (docs/spatial.md).
-  assert report['patchify/spatial8']['temporary_ratio'] < 1.0, report['patchify/spatial8']
+  # No all-gather rebuilds anything as large as a micro-batch's scale-0 activation, and each device keeps
+  # at most a fifth of one device's temporaries, on (data 2, spatial 4) and on (spatial 8) alike.
+  for case in ('conv/data2_spatial4', 'patchify/spatial8'):
+    assert report[case]['largest_all_gather_vs_scale0'] < 1.0, report[case]
+    assert report[case]['temporary_ratio'] <= 0.2, report[case]
   for name, difference in report['restore'].items():
-    assert difference < 5e-5, (name, report['restore'])  # the same BatchNorm-bias bound as above
+    assert difference < 1e-5, (name, report['restore'])
 
 
 def test_spatial_one_compiles_the_program_without_the_annotations():

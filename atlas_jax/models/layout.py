@@ -119,15 +119,28 @@ def scale_layouts(tokens_hw: tuple[int, int], window: int = 16, pool: int = 4) -
     height, width = height // pool, width // pool
 
 
-def _valid_side_lengths(patch_size: int, limit: int, window: int, pool: int) -> list[int]:
-  sides = []
-  for side in range(patch_size, limit + 1, patch_size):
-    try:
-      scale_layouts((side // patch_size, side // patch_size), window, pool)
-    except LayoutError:
-      continue
-    sides.append(side)
-  return sides
+def _nearest_working_sizes(height: int, width: int, patch_size: int, window: int, pool: int) -> list[str]:
+  """Up to two (H, W) near `height` x `width` whose pyramid fits: the nearest no larger in area and the
+  nearest no smaller. Sides are searched together, since whether one side fits depends on how many times
+  the longer side is pooled."""
+
+  def near(side):  # the 48 multiples of the patch size nearest to `side`
+    candidates = range(patch_size, 4 * side + 48 * patch_size, patch_size)
+    return sorted(candidates, key=lambda c: abs(c - side))[:48]
+
+  fitting = []
+  for h in near(height):
+    for w in near(width):
+      try:
+        scale_layouts((h // patch_size, w // patch_size), window, pool)
+      except LayoutError:
+        continue
+      fitting.append((abs(h - height) + abs(w - width), h, w))
+  area = height * width
+  smaller = min((f for f in fitting if f[1] * f[2] <= area), default=None)
+  larger = min((f for f in fitting if f[1] * f[2] >= area), default=None)
+  picked = sorted({f for f in (smaller, larger) if f is not None}, key=lambda f: f[1] * f[2])
+  return [f'{h}x{w}' for _, h, w in picked]
 
 
 def check_image_size(
@@ -144,13 +157,7 @@ def check_image_size(
     return scale_layouts((height // patch_size, width // patch_size), window, pool)
   except LayoutError:
     pass
-  nearest = []
-  sides = _valid_side_lengths(patch_size, 2 * max(height, width) + 16 * patch_size, window, pool)
-  for side in (height, width):
-    below = [s for s in sides if s <= side]
-    above = [s for s in sides if s >= side]
-    nearest.append(sorted({below[-1] if below else above[0], above[0] if above else below[-1]}))
-  suggestions = ', '.join(f'{h}x{w}' for h in nearest[0] for w in nearest[1])
+  suggestions = ', '.join(_nearest_working_sizes(height, width, patch_size, window, pool)) or 'none near'
   raise LayoutError(
     f'image size {height}x{width} does not fit the scale pyramid (patch {patch_size}, {window}x{window} '
     f'windows, {pool}x{pool} pooling: at every scale each side in tokens must be at most {window} or a '

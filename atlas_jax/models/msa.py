@@ -187,14 +187,17 @@ class MSABlock(nn.Module):
       key_mask = geometry.valid_windows[s] if padded else None
       if top_down:
         key_parts, value_parts, mask_parts = [keys], [values], [key_mask]
+        rows = layouts[s].grid[0]
         for t in range(s + 1, len(layouts)):
           parents = layout_lib.parent_windows(
             layouts[s], layouts[t], self.parent_window, self.pool ** (t - s)
           )
-          key_parts.append(_gather_windows(updated_kv[t][0], parents, batch))
-          value_parts.append(_gather_windows(updated_kv[t][1], parents, batch))
+          # Each fine window's parents, gathered where that window lies (a coarse scale may be replicated
+          # over `spatial`, but what it hands each fine window must not be gathered whole).
+          key_parts.append(split_windows(_gather_windows(updated_kv[t][0], parents, batch), rows))
+          value_parts.append(split_windows(_gather_windows(updated_kv[t][1], parents, batch), rows))
           if padded:
-            mask_parts.append(_gather_windows(geometry.valid_windows[t], parents, batch))
+            mask_parts.append(split_windows(_gather_windows(geometry.valid_windows[t], parents, batch), rows))
         keys, values = jnp.concatenate(key_parts, axis=1), jnp.concatenate(value_parts, axis=1)
         if padded:
           key_mask = jnp.concatenate(mask_parts, axis=1)

@@ -68,7 +68,8 @@ def test_scale_shapes(variant, dim, size):
   assert all(tokens.shape[2] == dim for scales in stages for tokens in scales)
 
 
-@pytest.mark.parametrize('size', [1000, (1024, 1000), 1280, 100])
+# (2048, 128): each side fits as a square's, but not together (128 tokens are pooled twice, 8 tokens not).
+@pytest.mark.parametrize('size', [1000, (1024, 1000), 1280, 100, (2048, 128)])
 def test_unwindowable_size_is_refused_naming_sizes_that_work(size):
   config = common.base_config('S', size)
   with pytest.raises(LayoutError, match='nearest sizes that work: ') as error:
