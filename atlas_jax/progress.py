@@ -79,3 +79,26 @@ class Progress:
         parts.append(_format_metric(key, value))
     parts.append(f'ETA {format_duration(self.eta_seconds(step))}')
     return '  '.join(parts)
+
+
+def closing_lines(
+  records: list[Mapping[str, Any]], total_steps: int, num_classes: int, checkpoint_dir, workdir
+) -> list[str]:
+  """What a finished run prints last: the final validation top-1 against chance, the best step and its
+  checkpoint (the one predict and mode=eval restore by default), and the command that classifies with it.
+  `records` are metrics.jsonl's; [] when the run has no evaluation at `total_steps` (it stopped early)."""
+  evals = {}  # step -> the best top-1 of its weights (raw, EMA): what the checkpoint was saved with
+  for record in records:
+    if record.get('kind') == 'eval' and 'top1' in record:
+      evals[record['step']] = max(evals.get(record['step'], -1.0), float(record['top1']))
+  if total_steps not in evals:
+    return []
+  final = [r for r in records if r.get('kind') == 'eval' and r['step'] == total_steps and 'top1' in r]
+  final_top1 = next((float(r['top1']) for r in final if r.get('weights') == 'raw'), evals[total_steps])
+  best_top1, best_step = max((top1, step) for step, top1 in evals.items())  # ties: the later step
+  chance = f' (chance {100.0 / num_classes:.1f}%)' if num_classes > 1 else ''
+  return [
+    f'final validation top-1 {100 * final_top1:.1f}%{chance} at step {total_steps}; '
+    f'best {100 * best_top1:.1f}% at step {best_step}, checkpoint {checkpoint_dir}/{best_step}',
+    f'classify images with: python -m atlas_jax.predict --checkpoint={workdir} IMAGE_OR_FOLDER...',
+  ]

@@ -69,6 +69,10 @@ def data_config() -> ml_collections.ConfigDict:
   # image at its own size, padded to a batch canvas the model masks; one process only).
   data.resize = 'squash'
   data.crop_pct = 0.875
+  # The built-in synthetic task (data.source=synthetic, docs/synthetic_task.md): colour_pairs (label = the XOR
+  # of two far-apart squares' 2-bit colour codes, 4 classes) or markers_v1 (the first version: colours
+  # differ + 2 * halves differ).
+  data.synthetic_task = 'colour_pairs'
   data.synthetic_train_size = 50_000  # examples of the built-in synthetic task
   data.synthetic_val_size = 2_000
   data.augment = augment_config()

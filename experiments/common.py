@@ -13,6 +13,7 @@ import os
 import pathlib
 import statistics
 import sys
+import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -37,6 +38,11 @@ QUICK_OVERRIDES = {
   'compilation_cache_dir': '',
 }
 QUICK_STEPS = 2
+
+
+def default_output(name: str) -> pathlib.Path:
+  """Where experiment NAME writes unless told: outside the repository, never over its committed results."""
+  return pathlib.Path(tempfile.gettempdir()) / 'atlas_jax_experiments' / name
 
 
 class ExperimentError(Exception):
@@ -236,7 +242,10 @@ def accuracy_parser(doc: str, name: str, variants: dict, default_steps: int, def
   parser.add_argument('--seeds', default=default_seeds, help='comma-separated seeds')
   parser.add_argument('--variants', default=','.join(variants), help='comma-separated subset of the variants')
   parser.add_argument(
-    '--output', default=str(ROOT / 'experiments' / name), help='where the CSVs, the PNG and the workdirs go'
+    '--output',
+    default=str(default_output(name)),
+    help='where the CSVs, the PNG and the workdirs go (default outside the repository; the committed '
+    'results under experiments/NAME/ are only written when this names that folder)',
   )
   parser.add_argument(
     '--quick', action='store_true', help='seconds-long smoke run (tiny model, 2 steps, 1 seed)'

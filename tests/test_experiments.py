@@ -72,6 +72,17 @@ def test_communication_refuses_an_unknown_variant(tmp_path):
     load_command('communication').main(['--variants=full,global', f'--output={tmp_path}'])
 
 
+def test_quickstart_vs_windows_refuses_an_unknown_model_and_writes_outside_the_repository(tmp_path):
+  command = load_command('quickstart_vs_windows')
+  with pytest.raises(SystemExit, match='unknown --variants'):
+    command.main(['--variants=atlas,vit', f'--output={tmp_path}'])
+  from experiments import common
+
+  for name in ('communication', 'quickstart_vs_windows'):
+    default = pathlib.Path(common.accuracy_parser('x', name, {}, 1, '0').parse_args([]).output).resolve()
+    assert ROOT.resolve() not in default.parents and default.name == name
+
+
 def test_composition_quick_reuses_a_finished_run_of_the_same_config(quick_full_run, tmp_path):
   # Quick `full` (communication) and quick `atlas` (composition) are the same config: the finished run is
   # accepted and read back; the timing is left out (--bench_steps=0) to keep the test short.

@@ -1,11 +1,11 @@
 """Table 4 (communication between scales) on the synthetic long-range task, quickstart geometry.
 
-python experiments/communication/run.py [--steps=200] [--seeds=0,1,2] [--variants=A,B] [--output=DIR]
+python experiments/communication/run.py [--steps=300] [--seeds=0,1,2] [--variants=A,B] [--output=DIR]
     [--quick]
 
 Trains five variants of `configs/quickstart.py` (64 px, patch 4, windows 4 x 4, pool 4: two scales) for the
-same steps, seeds and recipe, each through the real trainer, and writes under --output (default: this
-folder): results.csv (final validation top-1, median step time and wall time per run), summary.csv (per
+same steps, seeds and recipe, each through the real trainer, and writes under --output (default outside
+the repository: experiments/common.py's default_output): results.csv (final validation top-1, median step time and wall time per run), summary.csv (per
 variant: mean, min, max over seeds, beside the paper's number), curves.csv and communication.png.
 The variants, as the paper's rows:
   window_vit  single scale, windows that never communicate (WindowViT)
@@ -32,9 +32,9 @@ VARIANTS = {
 }
 # Table 4 of the paper (HR-IN100, 256 px, top-1 %): docs/model.md.
 PAPER_TOP1 = {'window_vit': 59.39, 'none': 65.14, 'bottom_up': 69.92, 'top_down': 69.04, 'full': 72.02}
-# 800 steps (the quickstart's) x 5 variants x 2 seeds does not fit 30 minutes on 2 shared cores:
-# docs/experiments.md.
-DEFAULT_STEPS = 200
+# 300 steps (the quickstart's 500 shortened) x 5 variants x 3 seeds: about 15 minutes on 2 shared cores
+# (docs/experiments.md).
+DEFAULT_STEPS = 300
 
 
 def main(argv=None):

@@ -5,13 +5,15 @@
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}" "${BUCKET:?set BUCKET (a GCS bucket name)}" "${REPO:?set REPO}"
 on_every_host() { gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command="$1"; }
-# The workdir must be one directory every host sees (checkpoints are written collectively) and atlas_jax
-# writes it through the local filesystem: mount the bucket with gcsfuse at the same path on every host.
+# The workdir is one place every host sees (checkpoints are written collectively): gs://$BUCKET/..., written
+# directly (atlas_jax[gcs]: google-cloud-storage and gcsfs; the TPU VM's service account is the credential).
+# The dataset is read from a local copy on each host (data.data_dir on gs:// is not supported yet).
 on_every_host "
   set -e
-  mkdir -p \$HOME/bucket && (mountpoint -q \$HOME/bucket || gcsfuse --implicit-dirs $BUCKET \$HOME/bucket)
   [ -d atlas_jax ] || git clone $REPO atlas_jax
-  cd atlas_jax && python3 -m pip install -q -r requirements.txt 'jax[tpu]' && python3 -m pip install -q --no-deps -e ."
+  cd atlas_jax && python3 -m pip install -q -r requirements.txt 'jax[tpu]' 'google-cloud-storage>=3.0,<4' 'gcsfs>=2025.3' \
+    && python3 -m pip install -q --no-deps -e .
+  mkdir -p \$HOME/tensorflow_datasets && gcloud storage rsync -r gs://$BUCKET/tensorflow_datasets \$HOME/tensorflow_datasets"
 # First check that the step fits: compiles for the pod's mesh without data, prints the memory per chip.
 on_every_host "
   cd atlas_jax && python3 -m atlas_jax.main --config=configs/atlas_b_2048.py --config.mode=compile \
@@ -21,5 +23,5 @@ on_every_host "
 # this line again resumes.
 on_every_host "
   cd atlas_jax && nohup python3 -m atlas_jax.main --config=configs/atlas_b_2048.py \
-    --config.data.data_dir=\$HOME/bucket/tensorflow_datasets --config.mesh.fsdp=4 \
-    --workdir=\$HOME/bucket/atlas_runs/atlas_b_2048 --multihost > train.log 2>&1 &"
+    --config.data.data_dir=\$HOME/tensorflow_datasets --config.mesh.fsdp=4 \
+    --workdir=gs://$BUCKET/atlas_runs/atlas_b_2048 --multihost > train.log 2>&1 &"

@@ -1,104 +1,39 @@
 """The quickstart against the same model on windows only: does the synthetic task need long range?
 
-python experiments/quickstart_vs_windows/run.py [--steps=N] [--seeds=0,1] [--out=DIR]
+python experiments/quickstart_vs_windows/run.py [--steps=N] [--seeds=0,1,2] [--output=DIR] [--quick]
 
 Trains `configs/quickstart.py` (Atlas) and `configs/quickstart.py:model=window_vit` (the same stem, blocks
-and readout, windows that never communicate) with the same steps, seeds and settings, each through the
-real command line, and writes results.csv (final validation top-1, wall time per run) and a learning-curve
-PNG when matplotlib is installed.
+and readout, windows that never communicate) for the same steps (default: the quickstart's), seeds and
+recipe, each through the real trainer, and writes under --output (default outside the repository:
+experiments/common.py's default_output): results.csv (final validation top-1, median step time and wall
+time per run), summary.csv (per model: mean, min, max over seeds), curves.csv and quickstart_vs_windows.png.
+The `atlas` and `window_vit` runs are the `full` and `window_vit` runs of experiments/communication at the
+same steps and seeds: copied into WORKDIRS they are read back, not trained again.
 """
 
-import argparse
-import csv
-import json
-import os
 import pathlib
-import subprocess
 import sys
-import time
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-MODELS = ('atlas', 'window_vit')
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+from configs import quickstart  # noqa: E402 (after the path is set)
+from experiments import common  # noqa: E402
 
-
-def train(model: str, steps: int, seed: int, workdir: pathlib.Path) -> dict:
-  command = [
-    sys.executable,
-    '-m',
-    'atlas_jax.main',
-    f'--config=configs/quickstart.py:model={model},steps={steps}',
-    f'--config.seed={seed}',
-    f'--workdir={workdir}',
-  ]
-  start = time.monotonic()
-  subprocess.run(command, cwd=ROOT, check=True, env={**os.environ, 'PYTHONPATH': str(ROOT)})
-  wall_s = time.monotonic() - start
-  from atlas_jax import metrics  # the runs are subprocesses; only reading needs the package
-
-  records = metrics.read_metrics(workdir)  # sorted by step
-  curve = [(r['step'], r['top1']) for r in records if r['kind'] == 'eval' and r['weights'] == 'raw']
-  return {
-    'model': model,
-    'seed': seed,
-    'steps': steps,
-    'top1': curve[-1][1],
-    'wall_s': round(wall_s, 1),
-    'curve': curve,
-  }
+VARIANTS = {'window_vit': ('window_vit', {}), 'atlas': ('atlas', {})}
+# Table 4 of the paper (HR-IN100, 256 px, top-1 %): WindowViT and MSA (docs/model.md).
+PAPER_TOP1 = {'window_vit': 59.39, 'atlas': 72.02}
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--steps', type=int, default=None, help="optimizer steps (default: the config's)")
-  parser.add_argument('--seeds', default='0', help='comma-separated seeds')
-  parser.add_argument('--out', default=str(ROOT / 'experiments' / 'quickstart_vs_windows'))
-  args = parser.parse_args()
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  if args.steps is None:
-    sys.path.insert(0, str(ROOT))
-    from configs import quickstart
-
-    args.steps = quickstart.get_config().total_steps
-  results = []
-  for seed in (int(seed) for seed in args.seeds.split(',')):
-    for model in MODELS:
-      workdir = out / 'workdirs' / f'{model}_seed{seed}'
-      if workdir.exists():
-        raise SystemExit(f'{workdir} exists: remove it or pass another --out')
-      results.append(train(model, args.steps, seed, workdir))
-      print(json.dumps({key: value for key, value in results[-1].items() if key != 'curve'}), flush=True)
-  with open(out / 'results.csv', 'w', newline='') as file:
-    writer = csv.DictWriter(file, ['model', 'seed', 'steps', 'top1', 'wall_s'])
-    writer.writeheader()
-    writer.writerows({key: value for key, value in result.items() if key != 'curve'} for result in results)
-  with open(out / 'curves.csv', 'w', newline='') as file:
-    writer = csv.writer(file)
-    writer.writerow(['model', 'seed', 'step', 'top1'])
-    for result in results:
-      writer.writerows((result['model'], result['seed'], step, top1) for step, top1 in result['curve'])
-  try:
-    import matplotlib
-
-    matplotlib.use('Agg')
-    from matplotlib import pyplot
-  except ImportError:
-    print('matplotlib is not installed: curves.csv only, no PNG')
-    return
-  figure, axes = pyplot.subplots(figsize=(6, 4))
-  for result in results:
-    steps, top1 = zip(*result['curve'])
-    axes.plot(steps, top1, marker='o', label=f'{result["model"]} (seed {result["seed"]})')
-  axes.axhline(0.25, color='gray', linestyle='--', label='chance')
-  axes.set(
-    xlabel='optimizer step',
-    ylabel='validation top-1',
-    ylim=(0, 1),
-    title='Synthetic long-range task, 2 CPU cores',
+def main(argv=None):
+  parser = common.accuracy_parser(
+    __doc__, 'quickstart_vs_windows', VARIANTS, quickstart.get_config().total_steps, '0,1,2'
   )
-  axes.legend()
-  figure.tight_layout()
-  figure.savefig(out / 'curves.png', dpi=120)
+  args = parser.parse_args(argv)
+  try:
+    common.run_accuracy_experiment(
+      args, 'quickstart_vs_windows', VARIANTS, PAPER_TOP1, 'Quickstart vs windows'
+    )
+  except common.ExperimentError as error:
+    sys.exit(f'error: {error}')
 
 
 if __name__ == '__main__':

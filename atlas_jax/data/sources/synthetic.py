@@ -1,8 +1,10 @@
-"""The built-in synthetic task: `SyntheticLongRange`, which needs long-range communication.
+"""The built-in synthetic tasks, which need long-range communication (docs/synthetic_task.md).
 
-Two coloured squares far apart, the label whether their colours differ and whether they lie in different
-halves of the whole image (two XORs), which no sum of per-window evidence can represent
-(docs/synthetic_task.md). It needs no files, works at any resolution and renders an example in about a
+`SyntheticColourPairs` (`data.synthetic_task='colour_pairs'`, the quickstart's): two squares far apart,
+each one of 4 colours, the label the XOR of their 2-bit colour codes. `SyntheticLongRange` (`markers_v1`,
+the first version): two red or blue squares, the label whether their colours differ and whether they lie
+in different halves of the whole image (two XORs). No sum of per-window evidence can represent either
+label. It needs no files, works at any resolution and renders an example in about a
 millisecond per megapixel.
 """
 
@@ -48,6 +50,12 @@ class SyntheticLongRange:
   """
 
   num_classes = 4
+  classes = (
+    'same colour, same half',
+    'colours differ, same half',
+    'same colour, halves differ',
+    'colours differ, halves differ',
+  )
   PALETTE = np.array(
     [
       [220, 40, 40],  # red
@@ -118,6 +126,14 @@ class SyntheticLongRange:
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     rng = self._rng(index)
     example = self._draw_parameters(rng)
+    markers = (
+      (example.colour_a, example.top_a, example.left_a),
+      (example.colour_b, example.top_b, example.left_b),
+    )
+    return {'image': self._render(rng, markers, example.side), 'label': np.int32(example.label)}
+
+  def _render(self, rng: np.random.Generator, markers, side: int) -> np.ndarray:
+    """The noisy background with a side x side square of PALETTE[colour] at each (colour, top, left)."""
     height, width, _ = self.image_shape
     tile_height, tile_width = self.NOISE_TILE
     tile = rng.integers(
@@ -131,20 +147,79 @@ class SyntheticLongRange:
     image = np.ascontiguousarray(
       np.tile(tile, repeats)[phase_row : phase_row + height, phase_col : phase_col + width]
     )  # (H, W, 3)
-    side = example.side
-    for colour, top, left in (
-      (example.colour_a, example.top_a, example.left_a),
-      (example.colour_b, example.top_b, example.left_b),
-    ):
+    for colour, top, left in markers:
       patch = image[top : top + side, left : left + side].astype(np.int16)
       # The marker keeps the background's noise around its colour: solid to the eye, not a constant patch.
       image[top : top + side, left : left + side] = np.clip(
         patch - self.BACKGROUND + self.PALETTE[colour], 0, 255
       ).astype(np.uint8)
-    return {'image': image, 'label': np.int32(example.label)}
+    return image
+
+
+@dataclasses.dataclass(frozen=True)
+class ColourPairExample:
+  """The generation parameters of one SyntheticColourPairs example (pixel boxes are [top, top + side))."""
+
+  colour_a: int  # palette index 0-3 of marker A (left part of the image)
+  colour_b: int  # palette index of marker B (right part of the image)
+  top_a: int
+  left_a: int
+  top_b: int
+  left_b: int
+  side: int  # both markers are side x side squares
+  label: int  # colour_a XOR colour_b
+
+
+class SyntheticColourPairs(SyntheticLongRange):
+  """Two squares far apart, each one of 4 colours; label = colour_a XOR colour_b (4 classes).
+
+  Layout of an (H, W) image, side s = max(4, min(H, W) // 4), background as SyntheticLongRange's:
+    marker A: an s x s square anywhere inside columns [0, floor(3W/8)), any rows;
+    marker B: an s x s square anywhere inside columns [ceil(5W/8), W), any rows;
+    colours: 0 red, 1 green, 2 blue, 3 white, four corners of the RGB cube, each pair equally far apart.
+  label = colour_a XOR colour_b (as 2-bit numbers): 0 the same colour, 1 red and green or blue and white,
+  2 red and blue or green and white, 3 red and white or green and blue; in channels, which of R, G, B the
+  two markers share (all three, only B, only G, only R). The colours are uniform and independent, so the
+  label is uniform and independent of either marker alone: of any part of the image that does not hold
+  both (docs/synthetic_task.md). Example i of a split depends only on (seed, split, i).
+  """
+
+  num_classes = 4
+  PALETTE = np.array([[240, 15, 15], [15, 240, 15], [15, 15, 240], [240, 240, 240]], dtype=np.int16)
+  PALETTE_NAMES = ('red', 'green', 'blue', 'white')
+  classes = ('same colour', 'red-green or blue-white', 'red-blue or green-white', 'red-white or green-blue')
+
+  def _draw_parameters(self, rng: np.random.Generator) -> ColourPairExample:
+    height, width, _ = self.image_shape
+    side = self.side
+    colour_a, colour_b = (int(v) for v in rng.integers(0, 4, size=2))
+    top_a = int(rng.integers(0, height - side + 1))
+    left_a = int(rng.integers(0, (3 * width) // 8 - side + 1))
+    top_b = int(rng.integers(0, height - side + 1))
+    left_b = int(rng.integers(math.ceil(5 * width / 8), width - side + 1))
+    return ColourPairExample(colour_a, colour_b, top_a, left_a, top_b, left_b, side, colour_a ^ colour_b)
+
+
+# data.synthetic_task -> the source class; docs/synthetic_task.md describes both.
+TASKS = {'colour_pairs': SyntheticColourPairs, 'markers_v1': SyntheticLongRange}
+
+
+def class_names(data_config) -> tuple[str, ...]:
+  """The class names of `data.synthetic_task`, in label order."""
+  return _task(data_config).classes
+
+
+def _task(data_config):
+  task = data_config.get('synthetic_task', 'markers_v1')  # a config.json from before the field: markers_v1
+  if task not in TASKS:
+    raise DataSourceError(f'data.synthetic_task must be one of {", ".join(TASKS)}, got {task!r}')
+  return TASKS[task]
 
 
 def from_config(data_config, image_size, split: str, seed: int) -> SyntheticLongRange:
-  """The split of `data.synthetic_train_size` or `data.synthetic_val_size` examples."""
+  """The split of `data.synthetic_train_size` or `data.synthetic_val_size` examples of `data.synthetic_task`."""
+  task = data_config.get('synthetic_task', 'markers_v1')  # a config.json from before the field: markers_v1
+  if task not in TASKS:
+    raise DataSourceError(f'data.synthetic_task must be one of {", ".join(TASKS)}, got {task!r}')
   size = data_config.synthetic_train_size if split == 'train' else data_config.synthetic_val_size
-  return SyntheticLongRange(image_size, int(size), seed=seed, split=split)
+  return TASKS[task](image_size, int(size), seed=seed, split=split)
