@@ -6,11 +6,15 @@ version (atlas_jax.models.param_tree): a step of version 1 (one subtree per bloc
 today's tree; any other version is refused with a message instead of mis-loaded. A step whose parameters
 differ in names or shapes from the model being restored (another model's config) is refused in one line
 naming the differing leaves, before orbax reads anything.
+
+A gs:// workdir's checkpoints are written by orbax itself (tensorstore for the arrays, etils.epath for the
+rest; atlas_jax/storage.py bounds tensorstore's retries). A save or restore that fails there is one
+`storage.StorageError` line; orbax marks a step complete only once every item is written (a
+commit_success.txt on object storage), so the previous step stays the latest.
 """
 
 import contextlib
 import logging
-import pathlib
 from typing import Any, Mapping
 
 from absl import logging as absl_logging
@@ -18,6 +22,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
+from atlas_jax import storage
 from atlas_jax import workdir as workdir_lib
 from atlas_jax.errors import AtlasError
 from atlas_jax.models import param_tree
@@ -60,6 +65,37 @@ def _best_metric(metrics) -> float:
   return float(metrics[BEST_METRIC])
 
 
+_UNREACHABLE_HINTS = (
+  'unavailable',
+  'deadline',
+  'connect',
+  'timed out',
+  'timeout',
+  'refused',
+  'reset by peer',
+  'retries',
+)
+
+
+@contextlib.contextmanager
+def _storage_errors(directory, operation: str):
+  """On object storage, what orbax raises becomes one StorageError line (StorageUnavailable when the
+  storage did not answer); local checkpoints keep orbax's exceptions."""
+  try:
+    yield
+  except AtlasError:
+    raise
+  except Exception as error:
+    if not storage.is_remote(directory):
+      raise
+    text = ' '.join(str(error).split())
+    if any(hint in text.lower() for hint in _UNREACHABLE_HINTS) or isinstance(
+      error, (ConnectionError, TimeoutError)
+    ):
+      raise storage.unavailable(directory, operation, error) from None
+    raise storage.StorageError(f'{operation} {directory}: {type(error).__name__}: {text[:300]}') from None
+
+
 class Checkpoints:
   """Save and restore the items of a step; the last `keep` steps (None: all) and the best one are kept.
 
@@ -68,7 +104,8 @@ class Checkpoints:
   """
 
   def __init__(self, workdir, keep: int | None = None, async_save: bool = False):
-    self.directory = workdir_lib.checkpoints_dir(workdir).absolute()
+    directory = workdir_lib.checkpoints_dir(workdir)
+    self.directory = directory if storage.is_remote(workdir) else directory.absolute()
     policies = [
       preservation_policy.LatestN(n=keep),
       preservation_policy.BestN(get_metric_fn=_best_metric, n=1, keep_checkpoints_without_metrics=False),
@@ -80,9 +117,12 @@ class Checkpoints:
       best_mode='max',
       preservation_policy=preservation_policy.AnyPreservationPolicy(policies),
     )
-    self.manager = ocp.CheckpointManager(
-      self.directory, options=options, item_handlers={name: ocp.StandardCheckpointHandler() for name in ITEMS}
-    )
+    with _storage_errors(self.directory, 'opening checkpoints in'):
+      self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=options,
+        item_handlers={name: ocp.StandardCheckpointHandler() for name in ITEMS},
+      )
 
   def save(self, step: int, items: Mapping[str, Any], metrics: Mapping[str, float] | None = None) -> None:
     """Saves the non-empty items of `items` (names from ITEMS) as step `step`, ranked by `metrics`."""
@@ -96,19 +136,23 @@ class Checkpoints:
     }
     metadata = {'atlas_jax_version': __version__, 'param_tree_version': PARAM_TREE_VERSION}
     metrics = None if metrics is None else {name: float(value) for name, value in metrics.items()}
-    with _without_no_metrics_warning():  # emitted by the call itself, before any asynchronous part
+    with _storage_errors(self.directory, f'saving step {step} to'), _without_no_metrics_warning():
+      # the warning is emitted by the call itself, before any asynchronous part
       self.manager.save(
         step, args=ocp.args.Composite(**present), custom_metadata=metadata, metrics=metrics, force=True
       )
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    with _storage_errors(self.directory, 'saving a checkpoint to'):
+      self.manager.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.close()
+    with _storage_errors(self.directory, 'closing the checkpoints in'):
+      self.manager.close()
 
   def latest_step(self) -> int | None:
-    return self.manager.latest_step()
+    with _storage_errors(self.directory, 'listing the checkpoints in'):
+      return self.manager.latest_step()
 
   def best_step(self) -> int | None:
     """The step saved with the highest validation top-1; None when no step was saved with metrics."""
@@ -125,7 +169,7 @@ class Checkpoints:
 
   def items_at(self, step: int) -> set[str]:
     step_dir = self.directory / str(step)
-    return {name for name in ITEMS if (step_dir / name).is_dir()}
+    return {name for name in ITEMS if storage.isdir(step_dir / name)}
 
   def tree_version(self, step: int) -> int:
     """The parameter-tree version step `step` was written with; CheckpointError if this code cannot read it."""
@@ -155,9 +199,11 @@ class Checkpoints:
       for name, tree in wanted.items()
     }
     self._check_shapes(step, stored)
-    restored = self.manager.restore(
-      step, args=ocp.args.Composite(**{name: ocp.args.StandardRestore(tree) for name, tree in stored.items()})
-    )
+    with _storage_errors(self.directory, f'restoring step {step} from'):
+      restored = self.manager.restore(
+        step,
+        args=ocp.args.Composite(**{name: ocp.args.StandardRestore(tree) for name, tree in stored.items()}),
+      )
     restored = {name: restored[name] for name in wanted}
     if version == 1:
       for name in PARAMETER_ITEMS:
@@ -269,7 +315,7 @@ def restore_inference_variables(
     variables['batch_stats'] = restored['batch_stats']
   elif abstract_variables.get('batch_stats'):
     raise CheckpointError(
-      f'step {step} under {pathlib.Path(workdir)} has no batch_stats but the model has '
+      f'step {step} under {workdir} has no batch_stats but the model has '
       'BatchNorm: was it saved for another model?'
     )
   return variables, step

@@ -9,9 +9,12 @@ writers replace the file atomically (temp file + rename); the caller writes on p
 import csv
 import os
 import pathlib
+import tempfile
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from atlas_jax import storage
 
 EVAL_DIR = 'eval'
 MAX_CELL = 24  # px of a cell for few classes
@@ -31,7 +34,7 @@ GRID_SHADE = 0.92  # the lines between cells: their colour a little darker
 def report_paths(workdir, step: int, weights: str = 'raw') -> tuple[pathlib.Path, pathlib.Path]:
   """(per-class CSV, confusion PNG) of an evaluation at `step` of `weights` ('raw' or 'ema')."""
   prefix = f'{int(step)}' if weights == 'raw' else f'{int(step)}_{weights}'
-  directory = pathlib.Path(workdir) / EVAL_DIR
+  directory = storage.join(workdir, EVAL_DIR)
   return directory / f'{prefix}_per_class.csv', directory / f'{prefix}_confusion.png'
 
 
@@ -45,7 +48,15 @@ def _check(confusion, class_names) -> np.ndarray:
 
 
 def _replace_atomically(path, write) -> None:
-  """write(file) into a temp file beside `path`, renamed over it: no reader sees half a file."""
+  """write(file) into a temp file beside `path`, renamed over it: no reader sees half a file (on gs://
+  the file is written locally, then uploaded as one object)."""
+  if storage.is_remote(path):
+    with tempfile.TemporaryFile() as file:
+      write(file)
+      file.flush()
+      file.seek(0)
+      storage.write_bytes(path, file.read())
+    return
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   temp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')  # open(), not mkstemp: the umask's permissions

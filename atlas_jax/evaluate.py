@@ -16,7 +16,6 @@ and _confusion.png (eval_report.py). They stay out of metrics.jsonl and TensorBo
 """
 
 import json
-import pathlib
 
 from absl import logging
 import jax
@@ -25,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from atlas_jax import config as config_lib
-from atlas_jax import eval_report, run_setup, sharding, transfer
+from atlas_jax import eval_report, run_setup, sharding, storage, transfer
 from atlas_jax import metrics as metrics_lib
 from atlas_jax.models import build_model
 
@@ -136,7 +135,7 @@ def source_class_names(config, source) -> list[str]:
 
   names = list(getattr(source, 'classes', None) or ())
   if not names and config.data.source == 'synthetic':
-    names = list(inference.SYNTHETIC_CLASS_NAMES)
+    names = list(inference.sources.synthetic.class_names(config.data))
   names = [str(name) for name in names[: config.model.num_classes]]
   return names + [str(index) for index in range(len(names), config.model.num_classes)]
 
@@ -227,7 +226,7 @@ def run(config, workdir) -> dict:
 
   config = config_lib.resolve(config)
   check_eval_resize(config)
-  workdir = pathlib.Path(workdir)
+  workdir = storage.path(workdir)  # local, or gs:// (atlas_jax/storage.py)
   mesh = sharding.make_mesh(config)
   sharding.check_batch_size(config.eval.batch_size, mesh, 'config.eval.batch_size')
   source = sources.make_source(

@@ -48,7 +48,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from atlas_jax import checkpointing, run_setup, sharding
+from atlas_jax import checkpointing, run_setup, sharding, storage
 from atlas_jax import config as config_lib
 from atlas_jax import workdir as workdir_lib
 from atlas_jax.data import sources
@@ -64,13 +64,9 @@ from atlas_jax.models.layout import valid_token_sides
 RESOURCES = pathlib.Path(__file__).parent / 'resources'
 HR_IN100_CLASSES = sources.HR_IN100_CLASSES
 IMAGENET_NAMES = RESOURCES / 'imagenet100_names.tsv'
-# The built-in task's label is (colours differ) + 2 * (halves differ): docs/synthetic_task.md.
-SYNTHETIC_CLASS_NAMES = (
-  'same colour, same half',
-  'colours differ, same half',
-  'same colour, halves differ',
-  'colours differ, halves differ',
-)
+# The default built-in task's class names (docs/synthetic_task.md); a config's own come from
+# `synthetic_class_names`.
+SYNTHETIC_CLASS_NAMES = sources.synthetic.SyntheticColourPairs.classes
 IMAGES_PER_DEVICE = 8
 RESIZE_CHOICES = ('squash', 'crop', 'none')  # data.resize, and 'none' whatever the config allows
 
@@ -100,14 +96,14 @@ def class_names(config, workdir=None) -> list[str]:
   data = config.data
   folder_train = pathlib.Path(data.data_dir).expanduser() / 'train' if data.data_dir else None
   if data.classes:
-    if not pathlib.Path(data.classes).is_file():
+    if not storage.isfile(data.classes):
       raise InferenceError(
         f'data.classes names {data.classes}, which does not exist: point it at the '
         'class-list file the model was trained with'
       )
     names, source = sources.read_class_list(data.classes), data.classes
-  elif data.source == 'synthetic' and num_classes == len(SYNTHETIC_CLASS_NAMES):
-    return list(SYNTHETIC_CLASS_NAMES)
+  elif data.source == 'synthetic' and num_classes == len(sources.synthetic.class_names(data)):
+    return list(sources.synthetic.class_names(data))
   elif data.source == 'folder' and folder_train is not None and folder_train.is_dir():
     source = folder_train
     names = sorted(
@@ -536,7 +532,7 @@ def checkpoint_origin(workdir) -> str:
   """One sentence saying what a workdir holds: a run on the synthetic task (as the quickstart), another run of
   atlas_jax, or a converted reference checkpoint (tools/convert_torch writes config.json and step 0, and no
   metrics.jsonl)."""
-  workdir = pathlib.Path(workdir)
+  workdir = storage.path(workdir)
   config = config_lib.resolve(workdir_lib.read_config(workdir))
   model = config.model
   size = 'x'.join(str(side) for side in config.image_size)
@@ -550,7 +546,7 @@ def checkpoint_origin(workdir) -> str:
       'its classes are relations between two coloured squares, not objects, so what it says of a '
       'photograph means nothing'
     )
-  if (workdir / 'metrics.jsonl').is_file():
+  if storage.isfile(workdir / 'metrics.jsonl'):
     return f'a run of atlas_jax: {described}, trained on data.source={config.data.source}'
   return (
     f'a converted reference checkpoint (tools/convert_torch, no training run): {described}, '

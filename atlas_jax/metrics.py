@@ -17,6 +17,12 @@ record and join the tag path, so {"weights": "ema", "top1": ...} of kind "eval" 
 'eval/ema/top1'. tensorboardX writes events from a background thread: they reach the file within
 `TENSORBOARD_FLUSH_SECS` and on close(); metrics.jsonl, written synchronously, is the record to trust.
 The console progress line is atlas_jax/progress.py's.
+
+On object storage (a gs:// workdir; atlas_jax/storage.py) an object cannot be appended to: metrics.jsonl
+is kept in memory and uploaded whole, every `REMOTE_SYNC_SECS` and at every `sync()` (the trainer calls
+it at every checkpoint) and close(); the events file is written to a local staging folder and uploaded
+whole at the same times. A preempted run loses at most the records after its last sync, which its
+resume (from the last checkpoint, where it synced) writes again.
 """
 
 from collections.abc import Mapping
@@ -24,28 +30,36 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import socket
+import tempfile
+import time
 from typing import Any
 
 import numpy as np
 import tensorboardX
 from tensorboardX.proto import event_pb2, summary_pb2
 
+from atlas_jax import storage
+
 METRICS_FILE = 'metrics.jsonl'
 TENSORBOARD_DIR = 'tb'
 # Longest a TensorBoard point waits in tensorboardX's queue before it is on disk (a killed run loses those).
 TENSORBOARD_FLUSH_SECS = 5
+# Longest a record waits in memory before a gs:// workdir's metrics.jsonl and events are uploaded again
+# (they are also uploaded at every checkpoint and on close).
+REMOTE_SYNC_SECS = 60.0
 _RESERVED_KEYS = ('step', 'kind')
 # JSON has no NaN or infinity: non-finite floats travel as these strings (float() parses them back).
 _NON_FINITE_STRINGS = {'nan': math.nan, 'inf': math.inf, '-inf': -math.inf}
 
 
 def metrics_path(workdir) -> pathlib.Path:
-  return pathlib.Path(workdir) / METRICS_FILE
+  return storage.join(workdir, METRICS_FILE)
 
 
 def tensorboard_dir(workdir) -> pathlib.Path:
-  return pathlib.Path(workdir) / TENSORBOARD_DIR
+  return storage.join(workdir, TENSORBOARD_DIR)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -115,7 +129,7 @@ def scalar_tags(kind: str, record: Mapping[str, Any]) -> dict[str, float]:
   }
 
 
-def _events_file_suffix(directory: pathlib.Path) -> str:
+def _events_file_suffix(directory) -> str:
   """A `filename_suffix` for tensorboardX that no events file of this host in `directory` ends with:
   '.<pid>.atlas_jax', numbered ('.<pid>.atlas_jax.1', ...) when taken.
 
@@ -123,7 +137,7 @@ def _events_file_suffix(directory: pathlib.Path) -> str:
   so a second writer of this process in the same second needs a number; it sorts after the first, and
   TensorBoard reads a directory's files in name order (a resumed run's purge comes after the killed run).
   """
-  names = [path.name for path in directory.iterdir()]
+  names = storage.listdir(directory) if storage.isdir(directory) else []
   number = 0
   while True:
     suffix = f'.{os.getpid()}.atlas_jax' + (f'.{number}' if number else '')
@@ -136,10 +150,11 @@ def _events_file_suffix(directory: pathlib.Path) -> str:
 # The writer.
 
 
-def _parse_lines(path: pathlib.Path) -> list[dict]:
-  """Records of a metrics.jsonl; a last line without its newline is a write in progress and is skipped."""
+def _parse_lines(path, text: str | None = None) -> list[dict]:
+  """Records of a metrics.jsonl (or of its `text`); a last line without its newline is a write in progress
+  and is skipped."""
   records = []
-  text = path.read_text(encoding='utf-8')
+  text = storage.read_text(path) if text is None else text
   complete_lines = text.split('\n')[:-1]  # the last piece is '' or a line still being written
   for number, line in enumerate(complete_lines, start=1):
     if not line.strip():
@@ -158,7 +173,7 @@ def read_metrics(workdir) -> list[dict]:
   """The records of WORKDIR/metrics.jsonl sorted by step (file order within a step: a later mode=eval of an
   earlier step is appended after later steps), with "nan"/"inf"/"-inf" turned back into floats."""
   path = metrics_path(workdir)
-  if not path.is_file():
+  if not storage.isfile(path):
     raise FileNotFoundError(f'{path} not found: has a run with this workdir logged any metrics yet?')
   records = sorted(_parse_lines(path), key=lambda record: record['step'])  # stable
   return [{key: _from_json_value(value) for key, value in record.items()} for record in records]
@@ -174,7 +189,7 @@ class MetricWriter:
   """
 
   def __init__(self, workdir, enabled: bool = True, tensorboard: bool = True):
-    self.workdir = pathlib.Path(workdir)
+    self.workdir = storage.path(workdir)
     self.enabled = enabled
     self.path = metrics_path(workdir)
     self.events_path: pathlib.Path | None = None
@@ -182,13 +197,37 @@ class MetricWriter:
     self._events: tensorboardX.FileWriter | None = None
     self._tensorboard = False
     self._closed = False
+    self._remote = storage.is_remote(workdir)
+    self._lines: list[str] = []  # a gs:// workdir's metrics.jsonl, uploaded whole by sync()
+    self._staging: str | None = None  # where a gs:// workdir's events file is written before its upload
+    self._local_events: str | None = None
+    self._last_sync = time.monotonic()
     if not enabled:
+      return
+    self._tensorboard = tensorboard
+    self._purge_step: int | None = None  # truncate_after's restart, for an events file not yet opened
+    if self._remote:
+      if storage.isfile(self.path):
+        text = storage.read_text(self.path)
+        self._lines = [line + '\n' for line in text.split('\n')[:-1]]
       return
     self.workdir.mkdir(parents=True, exist_ok=True)
     self._drop_partial_last_line()
     self._jsonl = open(self.path, 'a', encoding='utf-8')
-    self._tensorboard = tensorboard
-    self._purge_step: int | None = None  # truncate_after's restart, for an events file not yet opened
+
+  def sync(self) -> None:
+    """On a gs:// workdir, uploads metrics.jsonl and this writer's events file as they are now; locally a
+    flush (records are on disk after each write already)."""
+    if not self.enabled or self._closed:
+      return
+    if not self._remote:
+      self.flush()
+      return
+    storage.write_text(self.path, ''.join(self._lines))
+    if self._events is not None:
+      self._events.flush()
+      storage.upload_file(self._local_events, self.events_path)
+    self._last_sync = time.monotonic()
 
   def _drop_partial_last_line(self) -> None:
     if not self.path.is_file() or self.path.stat().st_size == 0:
@@ -202,13 +241,19 @@ class MetricWriter:
     """One new events file per writer, opened at its first scalar (an invocation that logs none, such as
     a re-run of a finished workdir, leaves none); tensorboardX writes its file_version event first."""
     directory = tensorboard_dir(self.workdir)
-    directory.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(directory)
     suffix = _events_file_suffix(directory)
+    local = directory
+    if self._remote:
+      self._staging = tempfile.mkdtemp(prefix='atlas_jax_tb_')
+      local = pathlib.Path(self._staging)
     self._events = tensorboardX.FileWriter(
-      str(directory), flush_secs=TENSORBOARD_FLUSH_SECS, filename_suffix=suffix
+      str(local), flush_secs=TENSORBOARD_FLUSH_SECS, filename_suffix=suffix
     )
     ending = f'.{socket.gethostname()}{suffix}'
-    [self.events_path] = [path for path in directory.iterdir() if path.name.endswith(ending)]
+    [written] = [path for path in local.iterdir() if path.name.endswith(ending)]
+    self.events_path = directory / written.name
+    self._local_events = str(written)
     if self._purge_step is not None:
       self._add_restart(self._purge_step)
       self._purge_step = None
@@ -239,8 +284,11 @@ class MetricWriter:
       raise TypeError(f'step must be an integer, got {step!r}')
     record.update((str(key), to_python_scalar(value, str(key))) for key, value in metrics.items())
     line = json.dumps({key: _json_value(value) for key, value in record.items()}, allow_nan=False)
-    self._jsonl.write(line + '\n')  # one write call per record, so a kill leaves at most one partial line
-    self._jsonl.flush()
+    if self._remote:
+      self._lines.append(line + '\n')
+    else:
+      self._jsonl.write(line + '\n')  # one write call per record, so a kill leaves at most one partial line
+      self._jsonl.flush()
     if self._tensorboard:
       scalars = scalar_tags(kind, record)
       if scalars:  # one event per record, float32 values as TensorBoard stores them (beyond range: +-inf)
@@ -250,6 +298,8 @@ class MetricWriter:
           value=[summary_pb2.Summary.Value(tag=tag, simple_value=value) for tag, value in scalars.items()]
         )
         self._events.add_summary(summary, record['step'])
+    if self._remote and time.monotonic() - self._last_sync >= REMOTE_SYNC_SECS:
+      self.sync()
     return record
 
   def truncate_after(self, step: int) -> None:
@@ -266,6 +316,18 @@ class MetricWriter:
       return
     self._check_open()
     step = int(step)
+    if self._remote:
+      kept = [record for record in _parse_lines(self.path, ''.join(self._lines)) if record['step'] <= step]
+      self._lines = [json.dumps(record, allow_nan=False) + '\n' for record in kept]
+      storage.write_text(self.path, ''.join(self._lines))
+    else:
+      self._truncate_local_file(step)
+    if self._events is not None:
+      self._add_restart(step + 1)
+    elif self._tensorboard:
+      self._purge_step = step + 1  # the first event of the file this writer opens, if it opens one
+
+  def _truncate_local_file(self, step: int) -> None:
     self._jsonl.close()
     try:
       kept = [record for record in _parse_lines(self.path) if record['step'] <= step]
@@ -278,22 +340,31 @@ class MetricWriter:
       os.replace(temporary, self.path)
     finally:
       self._jsonl = open(self.path, 'a', encoding='utf-8')  # still usable after a corrupt-file error
-    if self._events is not None:
-      self._add_restart(step + 1)
-    elif self._tensorboard:
-      self._purge_step = step + 1  # the first event of the file this writer opens, if it opens one
 
   def flush(self) -> None:
     """Flushes metrics.jsonl and the TensorBoard events that tensorboardX's thread has written so far."""
     if not self.enabled or self._closed:
       return
-    self._jsonl.flush()
+    if self._jsonl is not None:
+      self._jsonl.flush()
     if self._events is not None:
       self._events.flush()
 
   def close(self) -> None:
     """Closes the files, once every queued TensorBoard event is written; closing twice is harmless."""
     if not self.enabled or self._closed:
+      return
+    if self._remote:
+      try:
+        if self._events is not None:
+          self._events.close()  # every queued event in the staged file, then the last upload
+          self._events = None
+          storage.upload_file(self._local_events, self.events_path)
+        storage.write_text(self.path, ''.join(self._lines))
+      finally:
+        self._closed = True
+        if self._staging is not None:
+          shutil.rmtree(self._staging, ignore_errors=True)
       return
     self._closed = True
     self._jsonl.close()

@@ -13,7 +13,6 @@ the benchmark) without the image and dataset libraries.
 import json
 import math
 import os
-import pathlib
 import signal
 import time
 
@@ -22,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from atlas_jax import augment, checkpointing, evaluate, losses, optim, run_setup, sharding, transfer
+from atlas_jax import augment, checkpointing, evaluate, losses, optim, run_setup, sharding, storage, transfer
 from atlas_jax import config as config_lib
 from atlas_jax import metrics as metrics_lib
 from atlas_jax import progress as progress_lib
@@ -426,7 +425,7 @@ def restore_state(checkpoints, step: int, abstract_state: TrainState, state_shar
 
 def check_resumable(workdir, config) -> None:
   """Refuses to resume a workdir written with another model, batch or seed, naming the field."""
-  if not workdir_lib.config_path(workdir).exists():
+  if not storage.isfile(workdir_lib.config_path(workdir)):
     return
   # Resolved: a config.json written before a field existed holds its default, as the run had.
   stored = config_lib.resolve(workdir_lib.read_config(workdir))
@@ -500,7 +499,7 @@ def run(config, workdir) -> TrainState:
 
   config = config_lib.resolve(config)
   evaluate.check_eval_resize(config)  # the periodic evaluation's data.resize, before anything is built
-  workdir = pathlib.Path(workdir)
+  workdir = storage.path(workdir)  # a pathlib.Path, or an etils.epath.Path for gs://
   is_main = jax.process_index() == 0
   setup = run_setup.train_setup(config)
   mesh = setup.mesh
@@ -599,6 +598,16 @@ def run(config, workdir) -> TrainState:
     checkpoints.wait()
     checkpoints.close()
     writer.close()
+  if is_main:  # a finished run ends with its result, its best checkpoint and how to use it
+    try:
+      records = metrics_lib.read_metrics(workdir)
+    except FileNotFoundError:  # nothing logged
+      records = []
+    closing = progress_lib.closing_lines(
+      records, config.total_steps, num_classes, checkpoints.directory, workdir
+    )
+    for line in closing:
+      print(line, flush=True)
   return state
 
 
@@ -626,6 +635,7 @@ def _train_loop(
   def save(step, eval_metrics=None):
     nonlocal last_saved
     checkpoints.save(step, checkpoint_items(state, loader.get_state()), metrics=eval_metrics)
+    writer.sync()  # on object storage metrics.jsonl and the events are uploaded whole, here at the latest
     last_saved = step
 
   if start_step < total_steps and preemption.stop_after(start_step):  # SIGTERM while the run started up

@@ -9,7 +9,7 @@ computes something else would train or evaluate silently wrong.
 import jax
 import jax.numpy as jnp
 
-from atlas_jax import checkpointing, run_setup
+from atlas_jax import checkpointing, run_setup, storage
 from atlas_jax import config as config_lib
 from atlas_jax import workdir as workdir_lib
 from atlas_jax.errors import AtlasError
@@ -46,7 +46,7 @@ def load(config, fresh_variables):
   The head keeps its fresh initialization when the source has another number of classes.
   """
   source = config.init_from
-  if not workdir_lib.config_path(source).exists():
+  if not storage.isfile(workdir_lib.config_path(source)):
     raise InitFromError(
       f'init_from={source} has no config.json: point it at a workdir written by '
       'atlas_jax.main or atlas_jax.tools.convert_torch'

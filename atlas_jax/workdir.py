@@ -4,6 +4,7 @@ config.json holds the full, resolved config. JSON has no tuples, so every list r
 (no config field is a list), and a field that was a placeholder comes back as a placeholder of its type,
 so `--config.FIELD=VALUE` overrides still apply to a config loaded from a workdir. labels.txt holds the
 class names, one a line in index order, where the run knew them (`write_labels`, `read_labels`).
+A workdir may be local or on Cloud Storage (`gs://bucket/run`): every file goes through atlas_jax/storage.py.
 """
 
 import json
@@ -12,6 +13,7 @@ import pathlib
 import ml_collections
 from ml_collections import config_dict
 
+from atlas_jax import storage
 from atlas_jax.errors import AtlasError
 
 CONFIG_FILE = 'config.json'
@@ -30,15 +32,15 @@ CHECKPOINTS = 'checkpoints'
 
 
 def config_path(workdir) -> pathlib.Path:
-  return pathlib.Path(workdir) / CONFIG_FILE
+  return storage.join(workdir, CONFIG_FILE)
 
 
 def labels_path(workdir) -> pathlib.Path:
-  return pathlib.Path(workdir) / LABELS_FILE
+  return storage.join(workdir, LABELS_FILE)
 
 
 def checkpoints_dir(workdir) -> pathlib.Path:
-  return pathlib.Path(workdir) / CHECKPOINTS
+  return storage.join(workdir, CHECKPOINTS)
 
 
 def _encode(config: ml_collections.ConfigDict) -> dict:
@@ -93,21 +95,18 @@ def _decode(values: dict) -> ml_collections.ConfigDict:
 def write_config(workdir, config: ml_collections.ConfigDict) -> pathlib.Path:
   """Writes WORKDIR/config.json atomically (a temporary file renamed), returns its path."""
   path = config_path(workdir)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  temporary = path.with_suffix('.json.tmp')
-  temporary.write_text(json.dumps(_encode(config), indent=2, sort_keys=True) + '\n')
-  temporary.replace(path)
+  storage.write_text(path, json.dumps(_encode(config), indent=2, sort_keys=True) + '\n')
   return path
 
 
 def read_config(workdir) -> ml_collections.ConfigDict:
   path = config_path(workdir)
-  if not path.is_file():
+  if not storage.isfile(path):
     raise WorkdirNotFound(
       f'{path} not found: is {workdir} a workdir written by atlas_jax (main or tools.convert_torch)?'
     )
   try:
-    values = json.loads(path.read_text())
+    values = json.loads(storage.read_text(path))
   except json.JSONDecodeError as error:
     raise ConfigFileError(
       f'{path} is not valid JSON ({error}); restore it or rewrite it from the config file'
@@ -122,19 +121,16 @@ def write_labels(workdir, names) -> pathlib.Path:
   if not names or unwritable:
     raise ValueError(f'class names must be non-empty single lines, got {unwritable or names!r}')
   path = labels_path(workdir)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  temporary = path.with_suffix('.txt.tmp')
-  temporary.write_text(''.join(f'{name}\n' for name in names), encoding='utf-8')
-  temporary.replace(path)
+  storage.write_text(path, ''.join(f'{name}\n' for name in names))
   return path
 
 
 def read_labels(workdir) -> list[str] | None:
   """The class names of WORKDIR/labels.txt in index order; None when the workdir has no labels.txt."""
   path = labels_path(workdir)
-  if not path.is_file():
+  if not storage.isfile(path):
     return None
-  lines = path.read_text(encoding='utf-8').split('\n')
+  lines = storage.read_text(path).split('\n')
   if lines[-1] == '':
     lines.pop()  # the newline that ends the last name
   return [line.removesuffix('\r') for line in lines]  # also a file saved with Windows line endings

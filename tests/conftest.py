@@ -30,3 +30,6 @@ def pytest_sessionfinish(session, exitstatus):
   del exitstatus
   if not hasattr(session.config, 'workerinput'):  # the controller (or a plain run), after every worker
     shutil.rmtree(CACHE_DIR, ignore_errors=True)
+
+
+from tests.gcs_server import gcs_dir, gcs_server  # noqa: E402,F401  (fixtures: a fake-gcs-server per session)

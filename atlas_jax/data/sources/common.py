@@ -10,6 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
+from atlas_jax import storage
 from atlas_jax.errors import AtlasError
 
 SPLITS = ('train', 'validation')
@@ -34,14 +35,15 @@ def image_size_pair(image_size: int | Sequence[int]) -> tuple[int, int]:
 
 
 def read_class_list(path) -> list[str]:
-  """A class-list file (one name a line; blank lines and text after '#' ignored) -> the names, sorted."""
-  path = pathlib.Path(path)
-  if not path.is_file():
+  """A class-list file (one name a line; blank lines and text after '#' ignored) -> the names, sorted.
+  The file may be local or on gs:// (atlas_jax/storage.py)."""
+  path = storage.path(path)
+  if not storage.isfile(path):
     raise DataSourceError(
       f'data.classes={str(path)!r} is not a file: point it at a file of class names, one '
       f'a line (HR-IN100: {HR_IN100_CLASSES})'
     )
-  names = [line.split('#', 1)[0].strip() for line in path.read_text().splitlines()]
+  names = [line.split('#', 1)[0].strip() for line in storage.read_text(path).splitlines()]
   names = [name for name in names if name]
   if not names:
     raise DataSourceError(f'data.classes={str(path)!r} lists no class names: write one name a line')
