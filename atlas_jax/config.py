@@ -331,6 +331,15 @@ def _resolve_training(config) -> None:
     raise ConfigError('config.mesh: at most one of data, fsdp and spatial may be -1 (the devices left)')
   if config.checkpoint.keep is not None:  # None keeps them all
     _integer_at_least('checkpoint.keep', config.checkpoint.keep, 1)
+  heartbeat, stale = config.checkpoint.lock_heartbeat_s, config.checkpoint.lock_stale_s
+  if not _is_number(heartbeat) or not heartbeat > 0:
+    raise ConfigError(
+      f'config.checkpoint.lock_heartbeat_s must be a number of seconds > 0, got {heartbeat!r}'
+    )
+  if not _is_number(stale) or not stale > heartbeat:
+    raise ConfigError(
+      f'config.checkpoint.lock_stale_s must be more than lock_heartbeat_s={heartbeat!r} (seconds), got {stale!r}'
+    )
   _integer_at_least('profile.start_step', config.profile.start_step, -1)  # -1 = off
   _integer_at_least('profile.num_steps', config.profile.num_steps, 1)
 

@@ -219,9 +219,9 @@ def each_replicated(weights: dict, mesh):
       yield name, jax.device_put(variables, sharding.replicated(mesh))
 
 
-def run(config, workdir) -> dict:
+def run(config, workdir, force_unlock: bool = False) -> dict:
   """`--config.mode=eval`: evaluates, appends the results to WORKDIR/metrics.jsonl and writes the per-class
-  reports to WORKDIR/eval/."""
+  reports to WORKDIR/eval/, holding WORKDIR/lock meanwhile (`force_unlock` takes it over)."""
   from atlas_jax.data import sources
 
   config = config_lib.resolve(config)
@@ -235,7 +235,14 @@ def run(config, workdir) -> dict:
   model = build_model(config, dtype=run_setup.compute_dtype(config))
   abstract = run_setup.abstract_variables(model, config.image_size)
   run_setup.print_start_lines(config, mesh, abstract['params'])
+  lock = run_setup.take_workdir_lock(config, workdir, 'evaluation', force_unlock)
+  try:
+    return _evaluate_workdir(config, workdir, mesh, source, model, abstract)
+  finally:
+    lock.release()
 
+
+def _evaluate_workdir(config, workdir, mesh, source, model, abstract) -> dict:
   weights, step, source_name = transfer.weights_to_evaluate(config, workdir, abstract)
 
   eval_step = jax.jit(make_eval_step(model, config.model.num_classes))

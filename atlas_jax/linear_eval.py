@@ -115,8 +115,9 @@ def choose_and_fit(
   return weights, bias, best, scores
 
 
-def run(config, workdir) -> dict:
-  """Linear evaluation of the workdir's (or init_from's) weights; {'raw': result[, 'ema': result]}."""
+def run(config, workdir, force_unlock: bool = False) -> dict:
+  """Linear evaluation of the workdir's (or init_from's) weights; {'raw': result[, 'ema': result]}. Holds
+  WORKDIR/lock meanwhile, as mode=eval does."""
   from atlas_jax.data import sources
 
   config = config_lib.resolve(config)
@@ -134,10 +135,12 @@ def run(config, workdir) -> dict:
     splits['train'] = Subset(splits['train'], np.sort(chosen))
   model = build_model(config, dtype=run_setup.compute_dtype(config))
   abstract = run_setup.abstract_variables(model, config.image_size)
-  weights, step, where = transfer.weights_to_evaluate(config, workdir, abstract)
-  writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  lock = run_setup.take_workdir_lock(config, workdir, 'linear evaluation', force_unlock)
+  writer = None
   results = {}
   try:
+    weights, step, where = transfer.weights_to_evaluate(config, workdir, abstract)
+    writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
     for name, variables in evaluate.each_replicated(weights, mesh):
       train_features, train_labels = extract_features(model, variables, splits['train'], config, mesh)
       val_features, val_labels = extract_features(model, variables, splits['validation'], config, mesh)
@@ -161,6 +164,8 @@ def run(config, workdir) -> dict:
       if jax.process_index() == 0:
         print(json.dumps({'step': step, **results[name]}), flush=True)
   finally:
-    writer.close()
+    if writer is not None:
+      writer.close()
+    lock.release()
   logging.info('linear evaluation of %s', where)
   return results

@@ -4,7 +4,8 @@
 `eval` (the workdir's best or latest checkpoint, or `init_from`), `linear_eval` (a closed-form linear
 classifier on that checkpoint's frozen features, top-1 on the validation split), or `compile` (compile the train step for
 the configured mesh and batch, report the memory it needs per device and whether that fits
-`device_memory_gib`; exit code 1 when it does not; needs no `--workdir`).
+`device_memory_gib`; exit code 1 when it does not; needs no `--workdir`). Training and the evaluations hold
+WORKDIR/lock while they run; `--force_unlock` takes it over from a job that is gone (docs/workdir_integrity.md).
 
 A config mistake on the command line (a config file that does not exist, a bad `:ARG`, a misspelt
 `--config.FIELD`, with the nearest field named, or one given twice) is one `error:` line and exit code 1,
@@ -53,6 +54,11 @@ flags.DEFINE_bool(
   'Initialize jax.distributed from the cluster environment (SLURM, Cloud '
   'TPU, Open MPI) instead of --coordinator_address/--num_processes/--process_id.',
 )
+flags.DEFINE_bool(
+  'force_unlock',
+  False,
+  'Take WORKDIR/lock over from the job holding it (training, mode=eval): only when that job is gone.',
+)
 flags.mark_flags_as_required(['config'])  # --workdir too, except for mode=compile: checked in main
 
 
@@ -79,7 +85,9 @@ def main(argv):
     )
   _start_distributed(jax)
   if config.compilation_cache_dir:
-    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(config.compilation_cache_dir))
+    from atlas_jax import storage  # a gs:// cache: JAX writes it through etils.epath (gcsfs)
+
+    jax.config.update('jax_compilation_cache_dir', storage.expand(config.compilation_cache_dir))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
   logging.info(
     'JAX %s on %d %s devices, process %d of %d',
@@ -92,15 +100,15 @@ def main(argv):
   from atlas_jax import evaluate, train  # after distributed initialization
 
   if config.mode == 'eval':
-    evaluate.run(config, FLAGS.workdir)
+    evaluate.run(config, FLAGS.workdir, force_unlock=FLAGS.force_unlock)
   elif config.mode == 'linear_eval':
     from atlas_jax import linear_eval
 
-    linear_eval.run(config, FLAGS.workdir)
+    linear_eval.run(config, FLAGS.workdir, force_unlock=FLAGS.force_unlock)
   elif config.mode == 'compile':
     return 0 if train.compile_only(config)['fits'] else 1  # absl exits with it: 1 = does not fit
   else:
-    train.run(config, FLAGS.workdir)
+    train.run(config, FLAGS.workdir, force_unlock=FLAGS.force_unlock)
 
 
 def _start_distributed(jax) -> None:

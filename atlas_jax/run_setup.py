@@ -8,7 +8,8 @@ optimizer -> abstract state -> shardings chain through `train_setup`, so the cha
   setup.abstract_state                              # the same tree of jax.ShapeDtypeStruct, nothing computed
 
 `print_start_lines` prints what a run runs on and what it builds (backend and devices, mesh, the model), the
-first lines of training, mode=eval and mode=compile.
+first lines of training, mode=eval and mode=compile. `take_workdir_lock` and `check_free_space` guard the
+workdir of a job that writes one (training, mode=eval).
 """
 
 import dataclasses
@@ -22,10 +23,12 @@ from typing import Any, Callable
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from atlas_jax import config as config_lib
-from atlas_jax import optim, sharding
+from atlas_jax import optim, sharding, storage, workdir_lock
+from atlas_jax.errors import AtlasError
 from atlas_jax.models import DTYPES, build_model
 
 
@@ -189,3 +192,78 @@ def print_start_lines(config, mesh: jax.sharding.Mesh, params=None) -> None:
   print(backend_line(), flush=True)
   print(mesh_line(mesh), flush=True)
   print(model_line(config, params), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The workdir's guards.
+
+
+def sync_processes(name: str) -> None:
+  """Every process waits here for the others (a no-op in a single-process run)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
+def take_workdir_lock(
+  config, workdir, purpose: str, force: bool = False, abstract_state=None
+) -> workdir_lock.WorkdirLock:
+  """WORKDIR/lock taken by process 0 (workdir_lock.py), then, with `abstract_state`, the disk's room for one
+  checkpoint checked (`check_free_space`); the outcome is shared with every process: the others stop too, in
+  one line, when process 0 could not go on. Returns the lock (held by process 0 only)."""
+  lock = workdir_lock.WorkdirLock(
+    workdir,
+    purpose,
+    heartbeat_s=config.checkpoint.lock_heartbeat_s,
+    stale_s=config.checkpoint.lock_stale_s,
+    force=force,
+  )
+
+  def take():
+    lock.acquire()
+    if abstract_state is not None:
+      try:
+        check_free_space(workdir, abstract_state)
+      except BaseException:
+        lock.release()
+        raise
+
+  if jax.process_count() == 1:
+    take()
+    return lock
+  from jax.experimental import multihost_utils
+
+  failure = None
+  if jax.process_index() == 0:
+    try:
+      take()
+    except AtlasError as error:
+      failure = error
+  taken = multihost_utils.broadcast_one_to_all(np.int32(failure is None))
+  if failure is not None:
+    raise failure
+  if not int(taken):
+    raise workdir_lock.LockHeld(f'process 0 could not take the workdir {workdir}: its output says why')
+  return lock
+
+
+def state_bytes(abstract_state) -> int:
+  """Bytes of the whole train state (every process's share), about what one checkpoint takes."""
+  return sum(
+    math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(abstract_state)
+  )
+
+
+def check_free_space(workdir, abstract_state) -> None:
+  """WorkdirUnwritable, at start, when a local workdir's file system has less room than one checkpoint of
+  `abstract_state` (a full disk; object storage has no such limit to read)."""
+  if storage.is_remote(workdir) or jax.process_index() != 0:
+    return
+  needed = state_bytes(abstract_state)
+  free = shutil.disk_usage(workdir).free
+  if free < needed:
+    raise workdir_lock.WorkdirUnwritable(
+      f'the workdir {workdir} has {free / 2**20:.1f} MiB free but one checkpoint needs about '
+      f'{needed / 2**20:.1f} MiB: free space or give another --workdir'
+    )

@@ -10,6 +10,8 @@ with one line saying what to install when it is missing). orbax writes and lists
 Object storage has no directories, no appends and no rename: a "directory" is a name prefix, `write_*`
 uploads a whole object (an upload is atomic: readers see the old object or the new one), `replace` copies
 and deletes, `create_if_absent` uploads with the precondition `ifGenerationMatch=0` (locally: `O_EXCL`).
+Data read at random (tfds shards) is copied whole into a local cache once per machine (`local_copy`,
+$ATLAS_JAX_GCS_CACHE) and read from there.
 
 Bounded retries and timeouts (the policy, `Policy`): each request waits at most `timeout_s` for an answer,
 and a request that fails transiently (connection refused or reset, 408, 429, 5xx) is retried with
@@ -132,6 +134,16 @@ def path(location):
 
     return epath.Path(str(location))
   return pathlib.Path(location)
+
+
+def expand(location) -> str:
+  """The location as a string for a library that takes one: a local path with `~` expanded; a gs:// one as
+  given, once the clients it needs are known to be installed (JAX's persistent compilation cache reads and
+  writes a gs:// directory through etils.epath, that is gcsfs)."""
+  if is_remote(location):
+    _require_clients()
+    return str(location)
+  return os.path.expanduser(str(location))
 
 
 def join(base, *parts):
@@ -330,10 +342,14 @@ def create_if_absent(location, data: bytes) -> bool:
       descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except FileExistsError:
       return False
-    with os.fdopen(descriptor, 'wb') as file:
-      file.write(data)
-      file.flush()
-      os.fsync(file.fileno())
+    try:
+      with os.fdopen(descriptor, 'wb') as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+    except BaseException:
+      target.unlink(missing_ok=True)  # a full disk: no empty file left behind for others to read
+      raise
     return True
   from google.api_core import exceptions
 
@@ -431,6 +447,27 @@ def rmtree(location) -> None:
       pass  # deleted by another process meanwhile
 
 
+def move_tree(source, target) -> None:
+  """Moves the directory `source` to `target`, which must not exist (on gs://: each object under the prefix
+  copied server-side, then deleted)."""
+  if not is_remote(source) and not is_remote(target):
+    os.rename(path(source), path(target))
+    return
+  source_bucket, source_name = split(source)
+  target_bucket, target_name = split(target)
+  client = _gcs_client()
+  files, _ = _list(source, delimiter=False)
+  for file in files:
+    blob = client.bucket(source_bucket).blob(f'{source_name}/{file}')
+    destination = client.bucket(target_bucket)
+    _call(
+      target,
+      'copying',
+      lambda **kw: client.bucket(source_bucket).copy_blob(blob, destination, f'{target_name}/{file}', **kw),
+    )
+  rmtree(source)
+
+
 def replace(source, target) -> None:
   """Moves the file `source` over `target` (on gs://: a server-side copy, then the source deleted; the
   target's object is replaced atomically)."""
@@ -470,6 +507,135 @@ def download_file(location, local_file) -> None:
     return
   blob = _blob(location)
   _call(location, 'reading', lambda **kw: blob.download_to_filename(str(local_file), **kw))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading data from gs:// (data.data_dir): listings, and a local cache of whole objects.
+
+
+def scan(location) -> tuple[list[str], list[str]]:
+  """(the sorted names of the files, the sorted names of the directories) directly under `location`; on
+  gs:// one prefix listing with a `/` delimiter (a directory is a prefix with objects under it)."""
+  if not is_remote(location):
+    entries = list(os.scandir(path(location)))
+    return (
+      sorted(entry.name for entry in entries if entry.is_file()),
+      sorted(entry.name for entry in entries if entry.is_dir()),
+    )
+  files, folders = _list(location)
+  return sorted(name for name in files if name), sorted(name for name in folders if name)
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectInfo:
+  size: int
+  generation: int  # Cloud Storage's version number of the object: a rewrite gets a new one
+
+
+def list_tree(location) -> dict[str, ObjectInfo]:
+  """Every object under the gs:// prefix `location`, at any depth, by its name relative to `location`, with
+  its size and generation: one listing (paginated by the client)."""
+  bucket, name = split(location)
+  prefix = f'{name}/' if name else ''
+
+  def listing(**kw):
+    return {
+      blob.name[len(prefix) :]: ObjectInfo(int(blob.size or 0), int(blob.generation or 0))
+      for blob in _gcs_client().list_blobs(bucket, prefix=prefix, **kw)
+      if not blob.name.endswith('/')  # a folder placeholder some tools create
+    }
+
+  return _call(location, 'listing', listing)
+
+
+CACHE_ENV = 'ATLAS_JAX_GCS_CACHE'
+
+
+def cache_root() -> pathlib.Path:
+  """Where `local_copy` keeps objects: $ATLAS_JAX_GCS_CACHE, else ~/.cache/atlas_jax/gcs."""
+  configured = os.environ.get(CACHE_ENV, '').strip()
+  return pathlib.Path(configured or '~/.cache/atlas_jax/gcs').expanduser()
+
+
+def local_copy(location, info: ObjectInfo | None = None) -> pathlib.Path:
+  """The local file holding the gs:// object `location`: downloaded whole, once, into
+  `cache_root()/objects/BUCKET/NAME`, and reused while the object's generation is the one downloaded
+  (`info` from `list_tree` saves a lookup). A download goes to a temporary file renamed over the target, under
+  an flock shared by the processes of one machine, so a reader never sees part of a file and concurrent
+  processes download each object once."""
+  import fcntl
+
+  bucket, name = split(location)
+  if not name:
+    raise StorageError(f'{location} names a bucket, not an object')
+  root = cache_root()
+  target = root / 'objects' / bucket / name
+  marker = root / 'generations' / bucket / name  # "<generation> <size>" of the object in `target`
+  blob = _blob(location)
+  if info is None:
+    _call(location, 'looking up', lambda **kw: blob.reload(**kw))
+    info = ObjectInfo(int(blob.size or 0), int(blob.generation or 0))
+  stamp = f'{info.generation} {info.size}'
+
+  def current() -> bool:
+    try:
+      return marker.read_text() == stamp and target.stat().st_size == info.size
+    except OSError:
+      return False
+
+  if current():
+    return target
+  target.parent.mkdir(parents=True, exist_ok=True)
+  marker.parent.mkdir(parents=True, exist_ok=True)
+  with open(marker.with_name(f'.{marker.name}.lock'), 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if current():  # another process downloaded it meanwhile
+      return target
+    temporary = target.with_name(f'.{target.name}.{os.getpid()}.{threading.get_ident()}.tmp')
+    try:
+      # The generation listed: a rewrite of the object in the middle of a download fails it (412)
+      # instead of mixing two versions.
+      _call(
+        location,
+        'reading',
+        lambda **kw: blob.download_to_filename(
+          str(temporary), if_generation_match=info.generation or None, **kw
+        ),
+      )
+      os.replace(temporary, target)
+    finally:
+      if temporary.exists():
+        temporary.unlink()
+    marker.write_text(stamp)
+  return target
+
+
+def local_copies(items: dict[str, ObjectInfo | None], workers: int = 8) -> dict[str, pathlib.Path]:
+  """`local_copy` of each gs:// location (with its ObjectInfo when known), `workers` downloads at a time."""
+  import concurrent.futures
+
+  if len(items) <= 1:
+    return {location: local_copy(location, info) for location, info in items.items()}
+  with concurrent.futures.ThreadPoolExecutor(min(workers, len(items))) as pool:
+    futures = {location: pool.submit(local_copy, location, info) for location, info in items.items()}
+    return {location: future.result() for location, future in futures.items()}
+
+
+def upload_tree(local_dir, location) -> list[str]:
+  """Copies every file under the local directory `local_dir` to `location` (local or gs://) at the same
+  relative path; returns the relative paths copied, sorted."""
+  local_dir = pathlib.Path(local_dir)
+  copied = []
+  for file in sorted(local_dir.rglob('*')):
+    if not file.is_file():
+      continue
+    relative = file.relative_to(local_dir).as_posix()
+    target = join(location, relative)
+    if not is_remote(location):
+      target.parent.mkdir(parents=True, exist_ok=True)
+    upload_file(file, target)
+    copied.append(relative)
+  return copied
 
 
 # ----------------------------------------------------------------------------------------------------------

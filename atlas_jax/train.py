@@ -24,6 +24,7 @@ import optax
 from atlas_jax import augment, checkpointing, evaluate, losses, optim, run_setup, sharding, storage, transfer
 from atlas_jax import config as config_lib
 from atlas_jax import metrics as metrics_lib
+from atlas_jax import profiling as profiling_lib
 from atlas_jax import progress as progress_lib
 from atlas_jax import workdir as workdir_lib
 from atlas_jax.errors import AtlasError
@@ -170,6 +171,22 @@ def abstract_batch(config, batch_size: int):
   if has_sizes(config):
     batch['size'] = jax.ShapeDtypeStruct((batch_size, 2), jnp.int32)
   return batch
+
+
+def abstract_step_arguments(setup: run_setup.TrainSetup):
+  """(state, batch) of `jit_train_step(setup)` as jax.ShapeDtypeStructs placed as the step takes them: what
+  to lower it with, on the setup's mesh, without any data."""
+  abstract = abstract_batch(setup.config, setup.config.batch_size)
+  batch = {
+    key: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding.batch_sharding(setup.mesh, leaf.ndim))
+    for key, leaf in abstract.items()
+  }
+  state = jax.tree.map(
+    lambda leaf, placed: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=placed),
+    setup.abstract_state,
+    setup.state_sharding,
+  )
+  return state, batch
 
 
 def has_sizes(config) -> bool:
@@ -479,13 +496,49 @@ class Preemption:
     signal.signal(signal.SIGTERM, self._previous)
 
 
-def check_finite(step: int, metrics, last_good: int | None, checkpoints_dir) -> None:
-  loss = float(metrics['loss'])
-  if not np.isfinite(loss):
-    where = f'step {last_good} in {checkpoints_dir}' if last_good is not None else 'none was saved'
+class DivergenceGuard:
+  """Which checkpoint is good: a step's checkpoint counts as good only once the loss computed from its
+  weights (the next step's loss) is known finite, so the update that blew up is never the one resumed from.
+
+  `check(step, metrics)` takes the metrics of step `step`, whose loss was computed from the weights of step
+  `step - 1`. A non-finite loss sets the checkpoint of step `step - 1`, if one was saved, aside as
+  `<step>.diverged` and raises TrainingDiverged naming the newest good step. Every saved step older than the
+  newest was confirmed before the newest was saved, and retention keeps the two newest
+  (checkpointing.Checkpoints), so the newest remaining step after the set-aside is good.
+  """
+
+  def __init__(self, checkpoints, last_saved: int | None):
+    self.checkpoints = checkpoints
+    self.last_saved = last_saved
+
+  def saved(self, step: int) -> None:
+    self.last_saved = step
+
+  def check(self, step: int, metrics) -> None:
+    loss = float(metrics['loss'])
+    if np.isfinite(loss):
+      return
+    directory = self.checkpoints.directory
+    set_aside = ''
+    if self.last_saved is not None and self.last_saved == step - 1:
+      if jax.process_index() == 0:
+        target = self.checkpoints.set_aside(step - 1, 'diverged')
+        set_aside = f" Step {step - 1}'s checkpoint, whose weights gave that loss, was set aside as {target}."
+      run_setup.sync_processes(f'set aside step {step - 1}')
+      if jax.process_index() != 0:
+        self.checkpoints.manager.reload()
+    good = self.checkpoints.latest_step()
+    fix = 'a lower --config.lr or with --config.optimizer.clip_grad_norm=1.0'
+    if good is None:
+      advice = f'No checkpoint is known good: run the same command with {fix} to start again.'
+    else:
+      advice = (
+        f'The newest good checkpoint is step {good} in {directory}: run the same command with {fix} to '
+        'resume from it.'
+      )
     raise TrainingDiverged(
-      f'the loss is {loss} at step {step}; stopped. The last good checkpoint is {where}. '
-      'Lower --config.lr or set --config.optimizer.clip_grad_norm'
+      f'the loss is {loss} at step {step} (computed from the weights of step {step - 1}); stopped.'
+      f'{set_aside} {advice}'
     )
 
 
@@ -493,8 +546,9 @@ def check_finite(step: int, metrics, last_good: int | None, checkpoints_dir) -> 
 # The loop.
 
 
-def run(config, workdir) -> TrainState:
-  """Trains from scratch, from `init_from`, or from the workdir's latest checkpoint; returns the final state."""
+def run(config, workdir, force_unlock: bool = False) -> TrainState:
+  """Trains from scratch, from `init_from`, or from the workdir's newest good checkpoint; returns the final
+  state. `force_unlock` takes the workdir's lock over from whoever holds it."""
   from atlas_jax.data import pipeline, sources, transforms  # the data libraries: kept out of module scope
 
   config = config_lib.resolve(config)
@@ -513,23 +567,18 @@ def run(config, workdir) -> TrainState:
       f'{num_classes}: set --config.model.num_classes={train_source.num_classes}'
     )
   val_source = sources.make_source(config.data, config.image_size, 'validation', config.seed, num_classes)
-  check_resumable(workdir, config)
-  if is_main:  # after the checks: a workdir of another run is left as it was
-    workdir_lib.write_config(workdir, config)
-    workdir_lib.write_labels(workdir, evaluate.source_class_names(config, train_source))
-
-  eval_model = build_model(config, dtype=run_setup.compute_dtype(config))
-  checkpoints = checkpointing.Checkpoints(
-    workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
-  )
-  latest = checkpoints.latest_step()
-  complete = latest is not None and latest >= config.total_steps
-  if not complete:
-    run_setup.print_start_lines(config, mesh, setup.abstract_state.params)
-  writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+  check_resumable(workdir, config)  # reads only: a workdir of another run is left as it was
+  lock = run_setup.take_workdir_lock(config, workdir, 'training', force_unlock, setup.abstract_state)
+  checkpoints = None
+  writer = None
   loader = None
-  preemption = Preemption(config.checkpoint.preemption_sync_steps)
+  preemption = None
   try:
+    eval_model = build_model(config, dtype=run_setup.compute_dtype(config))
+    checkpoints = checkpointing.Checkpoints(
+      workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
+    )
+    preemption = Preemption(config.checkpoint.preemption_sync_steps)
     with jax.set_mesh(mesh):
       loader = pipeline.TrainLoader(
         train_source,
@@ -542,10 +591,16 @@ def run(config, workdir) -> TrainState:
         transform=transforms.train_transform(config),
         max_bad_fraction=config.data.max_bad_fraction,
       )
+      restored, latest = restore_newest_good(checkpoints, setup, loader.get_state())
+      complete = latest is not None and latest >= config.total_steps
+      if is_main:  # only now, the config checked against the workdir's checkpoints too
+        workdir_lib.write_config(workdir, config)
+        workdir_lib.write_labels(workdir, evaluate.source_class_names(config, train_source))
+      if not complete:
+        run_setup.print_start_lines(config, mesh, setup.abstract_state.params)
+      writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
       if latest is not None:
-        state, loader_state = restore_state(
-          checkpoints, latest, setup.abstract_state, setup.state_sharding, loader.get_state()
-        )
+        state, loader_state = restored
         loader.set_state(loader_state)
         if complete:  # nothing to train: one line, the workdir left as it is
           if is_main:
@@ -590,14 +645,21 @@ def run(config, workdir) -> TrainState:
         writer,
         preemption,
         start_step,
+        lock,
       )
   finally:
-    preemption.restore()
+    if preemption is not None:
+      preemption.restore()
     if loader is not None:
       loader.close()
-    checkpoints.wait()
-    checkpoints.close()
-    writer.close()
+    try:
+      if checkpoints is not None:
+        checkpoints.wait()
+        checkpoints.close()
+    finally:
+      if writer is not None:
+        writer.close()
+      lock.release()
   if is_main:  # a finished run ends with its result, its best checkpoint and how to use it
     try:
       records = metrics_lib.read_metrics(workdir)
@@ -609,6 +671,26 @@ def run(config, workdir) -> TrainState:
     for line in closing:
       print(line, flush=True)
   return state
+
+
+def restore_newest_good(checkpoints, setup: run_setup.TrainSetup, loader_state):
+  """((state, loader state), step) of the newest step that restores whole and matches its fingerprints, or
+  (None, None) without checkpoints. A damaged step is reported in one line and set aside as
+  `<step>.damaged` (renamed, never deleted: a newer save of that step needs the name), by process 0."""
+
+  def set_aside(step, error):
+    del error
+    if jax.process_index() == 0:
+      target = checkpoints.set_aside(step, 'damaged')
+      print(f'set step {step} aside as {target}', flush=True)
+    run_setup.sync_processes(f'set aside step {step}')
+    if jax.process_index() != 0:
+      checkpoints.manager.reload()
+
+  return checkpoints.restore_newest_good(
+    lambda step: restore_state(checkpoints, step, setup.abstract_state, setup.state_sharding, loader_state),
+    on_damaged=set_aside,
+  )
 
 
 def _train_loop(
@@ -624,19 +706,20 @@ def _train_loop(
   writer,
   preemption,
   start_step,
+  lock,
 ):
   total_steps = config.total_steps
   progress = progress_lib.Progress(total_steps, start_step)
-  last_saved = checkpoints.latest_step()
+  guard = DivergenceGuard(checkpoints, checkpoints.latest_step())
   previous = None  # (step, metrics) checked one step late: keeps dispatch asynchronous
   interval_start, interval_steps = time.perf_counter(), 0
   profiling = False
 
   def save(step, eval_metrics=None):
-    nonlocal last_saved
+    lock.check()  # never write into a workdir another job has taken over
     checkpoints.save(step, checkpoint_items(state, loader.get_state()), metrics=eval_metrics)
     writer.sync()  # on object storage metrics.jsonl and the events are uploaded whole, here at the latest
-    last_saved = step
+    guard.saved(step)
 
   if start_step < total_steps and preemption.stop_after(start_step):  # SIGTERM while the run started up
     if jax.process_index() == 0:
@@ -647,24 +730,26 @@ def _train_loop(
     return state
   for step in range(start_step, total_steps):
     if step == config.profile.start_step:
-      jax.profiler.start_trace(str(workdir / 'profile'))
+      profiling_lib.start_trace(workdir)  # WORKDIR/profile, through a local folder for gs://
       profiling = True
     batch = sharding.global_batch(next(loader), mesh)
     state, step_metrics = train_step(state, batch)
     done = step + 1
     interval_steps += 1
     if previous is not None:
-      check_finite(*previous, last_saved, checkpoints.directory)
+      guard.check(*previous)
     previous = (done, step_metrics)
+    checkpoints.check_for_errors()  # an asynchronous save that failed: one line at this step boundary
+    lock.check()
     if profiling and done == config.profile.start_step + config.profile.num_steps:
       jax.block_until_ready(state)
-      jax.profiler.stop_trace()
+      profiling_lib.stop_trace()
       profiling = False
 
     final = done == total_steps
     stop = preemption.stop_after(done)  # the same answer on every process
     if done % config.log.every_steps == 0 or final:
-      check_finite(*previous, last_saved, checkpoints.directory)
+      guard.check(*previous)
       elapsed = time.perf_counter() - interval_start
       record = {key: float(value) for key, value in jax.device_get(step_metrics).items()}
       record['step_time_s'] = elapsed / interval_steps
@@ -675,7 +760,7 @@ def _train_loop(
       interval_start, interval_steps = time.perf_counter(), 0
 
     if done % config.eval.every_steps == 0 or final:
-      check_finite(*previous, last_saved, checkpoints.directory)
+      guard.check(*previous)
       results = evaluate.evaluate_state(
         config, eval_step, state, val_source, mesh, workdir=workdir, step=done
       )
@@ -686,7 +771,7 @@ def _train_loop(
       save(done, {'top1': max(result['top1'] for result in results.values())})
       interval_start = time.perf_counter()  # evaluation time is not training speed
     elif done % config.checkpoint.every_steps == 0 or stop:
-      check_finite(*previous, last_saved, checkpoints.directory)
+      guard.check(*previous)
       save(done)
 
     if stop and not final:
@@ -698,5 +783,5 @@ def _train_loop(
       )
       break
   if profiling:
-    jax.profiler.stop_trace()
+    profiling_lib.stop_trace()
   return state

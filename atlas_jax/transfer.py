@@ -128,6 +128,8 @@ def weights_to_evaluate(config, workdir, abstract_variables) -> tuple[dict, int,
       weights['ema'], _ = checkpointing.restore_inference_variables(
         workdir, abstract_variables, step, use_ema=True
       )
+    except checkpointing.DamagedCheckpoint:
+      raise
     except checkpointing.CheckpointError:
       pass  # no EMA in this run
     return weights, step, f'step {step} of {workdir} ({_which_step(workdir, step)})'

@@ -138,8 +138,17 @@ def base_config(variant: str, image_size: int | tuple[int, int]) -> ml_collectio
   config.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'spatial': 1, 'fsdp_min_size': 2**18})
   # preemption_sync_steps: in a multi-process run, how often (in steps) the processes agree whether any of
   # them got SIGTERM; one small all-gather each time. A single process checks every step.
+  # lock_heartbeat_s, lock_stale_s: WORKDIR/lock's heartbeat interval, and the heartbeat age after which
+  # another host's job may take the lock over (atlas_jax/workdir_lock.py).
   config.checkpoint = ml_collections.ConfigDict(
-    {'every_steps': 1000, 'keep': 3, 'async_save': True, 'preemption_sync_steps': 10}
+    {
+      'every_steps': 1000,
+      'keep': 3,
+      'async_save': True,
+      'preemption_sync_steps': 10,
+      'lock_heartbeat_s': 30.0,
+      'lock_stale_s': 120.0,
+    }
   )
   # batch_size 0 = the training micro-batch (batch_size / grad_accum_steps).
   config.eval = ml_collections.ConfigDict({'every_steps': 1000, 'batch_size': 0})

@@ -10,8 +10,10 @@ import json
 import re
 import sys
 import tempfile
+import time
 
 import jax
+from jax.sharding import PartitionSpec
 import numpy as np
 import optax
 
@@ -109,41 +111,59 @@ def differences(got, want) -> dict:
   return result
 
 
-def run(config, mesh_shape):
-  setup, step = setup_for(config, mesh_shape)
+def local_batches(config, count: int) -> list:
+  """The first `count` training batches of `config`'s synthetic task, as the loader gives them."""
   source = sources.make_source(config.data, config.image_size, 'train', 0)
   with pipeline.TrainLoader(source, config.batch_size, seed=0, max_bad_fraction=1.0) as loader:
-    local_batch = next(loader)
-  mesh = setup.mesh
-  model = setup.model
-  with jax.set_mesh(mesh):
-    state = setup.init_state(jax.random.PRNGKey(0))
-    batch = sharding.global_batch(local_batch, mesh)
-    compiled = step.lower(state, batch).compile()  # compiled once: its memory analysis, then the step
-    temporary = compiled.memory_analysis().temp_size_in_bytes
-    # The largest all-gather against one micro-batch's scale-0 activation (tokens x dim).
-    height, width = (side // config.model.patch_size for side in config.image_size)
-    scale0 = config.batch_size // config.grad_accum_steps * height * width * config.model.dim
-    largest_gather = max(all_gathers(compiled.as_text()), default=0) / scale0
-    state, metrics = compiled(state, batch)
-    variables = run_setup.model_variables(state.params, state.batch_stats)
+    return [next(loader) for _ in range(count)]
 
-    @jax.jit
-    def evaluate(variables, images):
-      return model.apply(variables, images), model.apply(variables, images, method='features')
 
-    logits, features = evaluate(variables, batch['image'])
-  return (temporary, largest_gather), jax.device_get(
-    {
-      'loss': metrics['loss'],
-      'params': state.params,
-      'opt_state': state.opt_state,
-      'ema': state.ema_params,
-      'batch_stats': state.batch_stats,
-      'logits': logits,
-      'features': features,
-    }
-  )
+class Run:
+  """One train step of `config` on a (data, fsdp, spatial) mesh from `initial` (host arrays: the one-device
+  run's fresh state; None: initialised on this mesh), then eval logits and features. Keeps the compiled
+  step, its memory and largest all-gather, and the state after the step (on the mesh) for more steps."""
+
+  def __init__(self, config, mesh_shape, batches, initial=None):
+    self.setup, step = setup_for(config, mesh_shape)
+    mesh, model = self.setup.mesh, self.setup.model
+    with jax.set_mesh(mesh):
+      if initial is None:
+        state = self.setup.init_state(jax.random.PRNGKey(0))
+      else:  # the same numbers placed on this mesh: no second init program to compile
+        state = jax.device_put(initial, self.setup.state_sharding)
+      self.fresh = jax.device_get(state) if initial is None else initial
+      batch = sharding.global_batch(batches[0], mesh)
+      self.step = step.lower(state, batch).compile()  # compiled once: its memory analysis, then the step
+      self.temporary = self.step.memory_analysis().temp_size_in_bytes
+      # The largest all-gather against one micro-batch's scale-0 activation (tokens x dim).
+      height, width = (side // config.model.patch_size for side in config.image_size)
+      scale0 = config.batch_size // config.grad_accum_steps * height * width * config.model.dim
+      self.largest_gather = max(all_gathers(self.step.as_text()), default=0) / scale0
+      self.state, metrics = self.step(state, batch)
+      variables = run_setup.model_variables(self.state.params, self.state.batch_stats)
+
+      @jax.jit
+      def evaluate(variables, images):
+        return model.apply(variables, images), model.apply(variables, images, method='features')
+
+      logits, features = evaluate(variables, batch['image'])
+    self.result = jax.device_get(
+      {
+        'loss': metrics['loss'],
+        'params': self.state.params,
+        'opt_state': self.state.opt_state,
+        'ema': self.state.ema_params,
+        'batch_stats': self.state.batch_stats,
+        'logits': logits,
+        'features': features,
+      }
+    )
+
+  def next_step(self, state, batch):
+    """The compiled step once more, from `state` (placed as this run's state is)."""
+    with jax.set_mesh(self.setup.mesh):
+      state, _ = self.step(state, sharding.global_batch(batch, self.setup.mesh))
+    return jax.device_get((state.params, state.ema_params, state.batch_stats))
 
 
 def setup_for(config, mesh_shape):
@@ -156,33 +176,28 @@ def setup_for(config, mesh_shape):
   return setup, train.jit_train_step(setup)
 
 
-def restore_elsewhere(config) -> dict:
-  """A step on (fsdp 2, spatial 4) saved; restored on (spatial 8) and on one device, one more step each:
-  each must continue as the (fsdp 2, spatial 4) run does."""
-  source = sources.make_source(config.data, config.image_size, 'train', 0)
-  with pipeline.TrainLoader(source, config.batch_size, seed=0, max_bad_fraction=1.0) as loader:
-    local_batches = [next(loader), next(loader)]
+def restore_elsewhere(config, runs: dict, batch) -> dict:
+  """The state after the one-device run's step, placed as a run on (fsdp 2, spatial 4) holds it (each leaf
+  split over fsdp where large enough, replicated over spatial) and saved, is restored on (spatial 8) and on
+  one device; one more step each (the runs' compiled steps) must give what the one-device run's next step
+  from its unsaved state gives."""
   loader_state = {'batches_consumed': np.asarray(1, np.int64)}
+  writer, _ = setup_for(config, (1, 2, 4))  # only its shardings: nothing compiled for it
   differences = {}
   with tempfile.TemporaryDirectory() as workdir:
     checkpoints = checkpointing.Checkpoints(workdir)
-    setup, step = setup_for(config, (1, 2, 4))
-    with jax.set_mesh(setup.mesh):
-      state = setup.init_state(jax.random.PRNGKey(0))
-      state, _ = step(state, sharding.global_batch(local_batches[0], setup.mesh))
-      checkpoints.save(1, train.checkpoint_items(state, loader_state))
+    with jax.set_mesh(writer.mesh):
+      written = jax.device_put(jax.device_get(runs['one_device'].state), writer.state_sharding)
+      assert any(leaf.sharding.spec != PartitionSpec() for leaf in jax.tree.leaves(written.params))
+      checkpoints.save(1, train.checkpoint_items(written, loader_state))
       checkpoints.wait()
-      state, _ = step(state, sharding.global_batch(local_batches[1], setup.mesh))
-      reference = jax.device_get((state.params, state.ema_params, state.batch_stats))
-    for name in ('spatial8', 'one_device'):
-      setup, step = setup_for(config, MESHES[name])
-      with jax.set_mesh(setup.mesh):
+    reference = runs['one_device'].next_step(runs['one_device'].state, batch)
+    for name, run in runs.items():
+      with jax.set_mesh(run.setup.mesh):
         state, _ = train.restore_state(
-          checkpoints, 1, setup.abstract_state, setup.state_sharding, loader_state
+          checkpoints, 1, run.setup.abstract_state, run.setup.state_sharding, loader_state
         )
-        state, _ = step(state, sharding.global_batch(local_batches[1], setup.mesh))
-        got = jax.device_get((state.params, state.ema_params, state.batch_stats))
-      differences[f'restored_on_{name}'] = relative_difference(got, reference)
+      differences[f'restored_on_{name}'] = relative_difference(run.next_step(state, batch), reference)
     checkpoints.close()
   return differences
 
@@ -193,19 +208,7 @@ def _program_text(config, mesh_shape) -> str:
   compilation cache may hand back printed otherwise."""
   setup, step = setup_for(config, mesh_shape)
   with jax.set_mesh(setup.mesh):
-    abstract = train.abstract_batch(setup.config, setup.config.batch_size)
-    batch = {
-      key: jax.ShapeDtypeStruct(
-        leaf.shape, leaf.dtype, sharding=sharding.batch_sharding(setup.mesh, leaf.ndim)
-      )
-      for key, leaf in abstract.items()
-    }
-    state = jax.tree.map(
-      lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
-      setup.abstract_state,
-      setup.state_sharding,
-    )
-    return step.lower(state, batch).as_text()
+    return step.lower(*train.abstract_step_arguments(setup)).as_text()
 
 
 def unused_split_costs_nothing(config, mesh_shape=(1, 1, 1)) -> bool:
@@ -264,16 +267,19 @@ def main():
     if sys.argv[1:] and stem not in sys.argv[1:]:
       continue
     config = config_for(stem, batch_size)
-    (reference_temporary, _), reference = run(config, MESHES['one_device'])
-    (temporary, largest_gather), got = run(config, MESHES[name])
+    batches = local_batches(config, 2)
+    start = time.perf_counter()
+    runs = {'one_device': Run(config, MESHES['one_device'], batches)}
+    runs[name] = Run(config, MESHES[name], batches, runs['one_device'].fresh)
+    reference, split = runs['one_device'], runs[name]
     results[f'{stem}/{name}'] = {
-      **differences(got, reference),
-      'temporary_ratio': temporary / reference_temporary,
-      'largest_all_gather_vs_scale0': largest_gather,
+      **differences(split.result, reference.result),
+      'temporary_ratio': split.temporary / reference.temporary,
+      'largest_all_gather_vs_scale0': split.largest_gather,
     }
-  if not sys.argv[1:] or 'restore' in sys.argv[1:]:
-    # The patchify model of its case: the steps on (spatial 8) and one device come from the compilation cache.
-    results['restore'] = restore_elsewhere(config_for('patchify', 4))
+    if stem == 'patchify':  # a checkpoint written as (fsdp 2, spatial 4) holds it, restored on both meshes
+      results['restore'] = restore_elsewhere(config, runs, batches[1])
+    print(f'{stem}: {time.perf_counter() - start:.1f} s', file=sys.stderr, flush=True)
   print(json.dumps(results))
 
 

@@ -190,18 +190,21 @@ def test_a_config_without_data_fails_in_one_line_naming_where_it_looked(tmp_path
   assert 'Traceback' not in result.stderr
 
 
-QUICKSTART_TEST_STEPS = 250
+# 250 steps reached 65.5% on this machine on 2026-12-02 (the same code had passed at landing): the task is
+# learnt in a jump somewhere past step 200, whose exact step moves with the CPU's floating point. 300 steps
+# reached 100% (loss 0.012) here.
+QUICKSTART_TEST_STEPS = 300
 
 
 def test_the_quickstart_learns_the_task_and_ends_saying_what_it_got(tmp_path):
-  """The CI version of the README's first command: the quickstart on seed 1 (the README's is 42) for 250
+  """The CI version of the README's first command: the quickstart on seed 1 (the README's is 42) for 300
   steps at its peak rate held; at least 80% on the 4-class task (chance 25%); then the closing lines."""
   flags = [
     f'--config=configs/quickstart.py:steps={QUICKSTART_TEST_STEPS}',
     '--config.seed=1',
     '--config.min_lr=0.002',  # a short run: hold the peak rate after warm-up rather than decay it away
     '--config.data.synthetic_val_size=200',
-    '--config.eval.every_steps=125',
+    '--config.eval.every_steps=150',
     '--config.eval.batch_size=100',
     '--config.compilation_cache_dir=',
   ]

@@ -20,7 +20,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 def test_a_split_image_trains_evaluates_and_restores_as_on_one_device():
   """tests/spatial_check.py on 8 faked CPU devices: conv stem on (data 2, spatial 4), patchify stem on
   (spatial 8), one full-recipe step each against one device; the compiled steps' memory and all-gathers;
-  a (fsdp 2, spatial 4) checkpoint of the patchify model continued on (spatial 8) and on one device."""
+  a checkpoint of the patchify model written from its state placed as on (fsdp 2, spatial 4), continued
+  on (spatial 8) and on one device as the one-device run continues."""
   env = {
     **os.environ,
     # XLA's CPU fusion emitters off: the compiles, which are most of this test, take half as long.

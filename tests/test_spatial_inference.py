@@ -4,7 +4,10 @@ maps of one device.
 
 One workdir of the tests' tiny quickstart with windows of 2 (32 px, patch 4: 8 x 8 tokens, 4 x 4 windows at
 scale 0, so spatial 4 splits it) and random weights saved as a checkpoint. The command lines and the API
-check run as subprocesses at the same time (each its own 4 devices).
+check run as two subprocesses at the same time (each its own 4 devices): `predict --spatial=4
+--resize=none` on the command line, and one process that runs the other two predict cases through
+`predict.run` (what the command line calls after `inference.load`) before the API check, so that it
+imports JAX and compiles once for them all.
 """
 
 import json
@@ -21,14 +24,22 @@ from atlas_jax import inference
 from atlas_jax.config import resolve
 from tests.train_configs import ROOT, random_weights_workdir, tiny_config
 
-FOUR_DEVICES = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=4'
+# XLA's CPU fusion emitters off (as tests/test_spatial.py): the subprocesses' compiles, most of this test,
+# take about half as long.
+FOUR_DEVICES = (
+  os.environ.get('XLA_FLAGS', '')
+  + ' --xla_force_host_platform_device_count=4 --xla_cpu_use_fusion_emitters=false'
+)
 # Two images, squashed to 32 x 32 by resize=squash. With resize=none no side of either is whole windows
 # (8 px): their canvas is 48 x 72, 6 rows of windows, which spatial 4 pads to 8 and spatial 2 splits as is.
 SIZES = ((45, 70), (21, 37))
 API_CHECK = (
   'import json, sys; from tests.test_spatial_inference import api_check; '
-  'print(json.dumps(api_check(sys.argv[1])))'
+  'print(json.dumps(api_check(sys.argv[1], sys.argv[2], sys.argv[3:])))'
 )
+# (spatial, resize) of each predict run; the first on the command line, the others through predict.run.
+COMMAND_LINE_CASE = (4, 'none')
+IN_PROCESS_CASES = ((4, 'squash'), (2, 'none'))
 
 
 @pytest.fixture(scope='module')
@@ -68,22 +79,45 @@ def _probabilities(logits) -> np.ndarray:
   return exp / exp.sum(axis=-1, keepdims=True)
 
 
-def api_check(workdir) -> dict:
-  """In a 4-device process: the largest differences of spatial 2 from spatial 1 through the API (resize='none'
-  is checked through predict on the command line)."""
+def predict_in_process(workdir, folder, outputs) -> None:
+  """IN_PROCESS_CASES through `predict.run`, as `python -m atlas_jax.predict --spatial=K --resize=R
+  --batch_size=2 --output=OUTPUT FOLDER` runs them, each into its output."""
+  from atlas_jax import predict
+  from atlas_jax.data import transforms
+
+  paths = predict.image_paths([folder])
+  for (spatial, resize), output in zip(IN_PROCESS_CASES, outputs, strict=True):
+    predictor = inference.load(workdir, batch_size=2, spatial=spatial)
+    assert predictor.spatial == spatial and predictor.mesh.devices.size == 4
+    options = {**transforms.eval_resize_options(predictor.config), 'resize': predictor.resize_mode(resize)}
+    with open(output, 'w') as file:
+      assert predict.run(predictor, paths, file, resize_options=options) == (len(paths), 0)
+
+
+def _api_inputs(predictor):
+  """Three photos of other sizes (squashed by `features`), and a canvas of the third at its own size: 21
+  pixel rows, which do not divide by 2, so a Predictor with spatial 2 pads it to whole bands of windows."""
   rng = np.random.default_rng(2)
   photos = [rng.integers(0, 256, size + (3,), dtype=np.uint8) for size in ((40, 24), (45, 70), (21, 37))]
-  one, two = inference.load(workdir), inference.load(workdir, spatial=2)
+  return photos, inference.pad_to_canvas(predictor.prepare_native(photos[2]), 1)
+
+
+def api_check(workdir, folder=None, outputs=()) -> dict:
+  """In a 4-device process: the predict cases of `predict_in_process` (with `folder`), then spatial 2
+  through the API: its feature maps and the odd canvas's logits, for the test to compare with one device
+  (resize='none' is checked through predict)."""
+  if folder is not None:
+    predict_in_process(workdir, folder, outputs)
+  two = inference.load(workdir, spatial=2)
   assert dict(two.mesh.shape) == {'data': 2, 'fsdp': 1, 'spatial': 2} and two.batch_size == 16
+  photos, (canvas, sizes) = _api_inputs(two)
   _, images, _ = next(two._batches(two.prepare(photos), 4))
   assert images.sharding.spec == PartitionSpec(('data', 'fsdp'), 'spatial')  # each image's rows split
-  squash_one, squash_two = one.features(photos), two.features(photos)
-  assert [m.shape for m in squash_two] == [(3, 8, 8, 16), (3, 4, 4, 16), (3, 2, 2, 16)]
-  # A canvas of 21 pixel rows, which do not divide by 2: the Predictor pads it to whole bands of windows.
-  canvas, sizes = inference.pad_to_canvas(two.prepare_native(photos[2]), 1)
+  features = two.features(photos)
+  assert [m.shape for m in features] == [(3, 8, 8, 16), (3, 4, 4, 16), (3, 2, 2, 16)]
   return {
-    'features': float(max(np.abs(a - b).max() for a, b in zip(squash_one, squash_two, strict=True))),
-    'odd_canvas': float(np.abs(one.logits(canvas, sizes=sizes) - two.logits(canvas, sizes=sizes)).max()),
+    'features': [np.asarray(m).tolist() for m in features],
+    'odd_canvas': np.asarray(two.logits(canvas, sizes=sizes)).tolist(),
     'refused': _refusal(workdir),
   }
 
@@ -97,23 +131,19 @@ def _refusal(workdir) -> str:
 
 
 def test_predict_and_the_api_split_images_as_on_one_device(workdir, folder, tmp_path):
-  outputs = {
-    case: tmp_path / f'{case[0]}_{case[1]}.jsonl' for case in ((4, 'squash'), (4, 'none'), (2, 'none'))
-  }
-  processes = {
-    case: _start(
-      '-m',
-      'atlas_jax.predict',
-      f'--checkpoint={workdir}',
-      f'--output={output}',
-      f'--spatial={case[0]}',
-      f'--resize={case[1]}',
-      '--batch_size=2',
-      str(folder),
-    )
-    for case, output in outputs.items()
-  }
-  api = _start('-c', API_CHECK, str(workdir))
+  outputs = {case: tmp_path / f'{case[0]}_{case[1]}.jsonl' for case in (COMMAND_LINE_CASE, *IN_PROCESS_CASES)}
+  spatial, resize = COMMAND_LINE_CASE
+  command_line = _start(
+    '-m',
+    'atlas_jax.predict',
+    f'--checkpoint={workdir}',
+    f'--output={outputs[COMMAND_LINE_CASE]}',
+    f'--spatial={spatial}',
+    f'--resize={resize}',
+    '--batch_size=2',
+    str(folder),
+  )
+  api = _start('-c', API_CHECK, str(workdir), str(folder), *(str(outputs[case]) for case in IN_PROCESS_CASES))
 
   try:
     # One device, spatial 1: the reference probabilities, from the same files in the same groups.
@@ -131,25 +161,30 @@ def test_predict_and_the_api_split_images_as_on_one_device(workdir, folder, tmp_
       'squash': _probabilities(atlas.logits(squashed)),
       'none': _probabilities(atlas.logits(canvas, sizes=sizes)),
     }
-    for case, process in processes.items():
-      returncode, _, stderr = _finish(process)
-      assert returncode == 0, (case, stderr[-2000:])
-      assert f'on 4 cpu device(s), each image split over {case[0]}' in stderr
+    # And the API check's, while the subprocesses still run.
+    photos, (odd_canvas, odd_sizes) = _api_inputs(atlas)
+    expected_features = atlas.features(photos)
+    expected_odd_canvas = atlas.logits(odd_canvas, sizes=odd_sizes)
+    returncode, _, stderr = _finish(command_line)
+    assert returncode == 0, stderr[-2000:]
+    assert f'on 4 cpu device(s), each image split over {spatial}' in stderr
+    returncode, stdout, stderr = _finish(api)
+    assert returncode == 0, stderr[-3000:]
+    report = json.loads(stdout.strip().splitlines()[-1])
+    for case in outputs:
       lines = [json.loads(line) for line in outputs[case].read_text().splitlines()]
       assert [line['path'] for line in lines] == [str(path) for path in paths]
       probabilities = _probabilities([line['logits'] for line in lines])
       np.testing.assert_allclose(probabilities, expected[case[1]], atol=1e-5, rtol=0, err_msg=str(case))
       assert np.ptp(probabilities) > 0.02  # informative, not a uniform answer
-
-    returncode, stdout, stderr = _finish(api)
-    assert returncode == 0, stderr[-3000:]
-    report = json.loads(stdout.strip().splitlines()[-1])
-    assert max(report['features'], report['odd_canvas']) < 1e-5, report
+    for got, want in zip(report['features'], expected_features, strict=True):
+      assert np.abs(np.asarray(got) - want).max() < 1e-5
+    assert np.abs(np.asarray(report['odd_canvas']) - expected_odd_canvas).max() < 1e-5
     assert report['refused'] == (
       'spatial=3 must be a positive integer dividing the 4 local device(s): use one of 1, 2, 4'
     )
   finally:  # a failed check leaves no process running
-    for process in [*processes.values(), api]:
+    for process in (command_line, api):
       if process.poll() is None:
         process.kill()
         process.communicate()

@@ -80,7 +80,9 @@ def test_weight_decay_reaches_kernels_only_on_the_atlas_tree():
     assert flag == path.endswith("['kernel']"), path  # never biases, norms, position-MLP biases
 
 
-def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_a_nan_loss_from_the_first_update_sets_its_checkpoint_aside_and_says_none_is_good(tmp_path):
+  """lr 1e30 without warm-up: step 1's update blows the weights up, step 2's loss (from them) is NaN. The
+  step-1 checkpoint is set aside, not resumed from (tests/test_workdir_integrity.py: with a good one)."""
   config = tiny_config(
     steps=6,
     lr=1e30,
@@ -90,11 +92,13 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkp
     log__every_steps=100,
     eval__every_steps=100,
   )
-  with pytest.raises(train.TrainingDiverged, match=r'at step (\d+).*last good checkpoint is step') as error:
+  with pytest.raises(
+    train.TrainingDiverged, match=r'at step 2 \(computed from the weights of step 1\)'
+  ) as error:
     train.run(config, tmp_path)
-  bad_step = int(error.value.args[0].split('at step ')[1].split(';')[0])
-  saved = checkpointing.Checkpoints(tmp_path).all_steps()
-  assert saved and max(saved) == bad_step - 1
+  assert 'No checkpoint is known good: run the same command with a lower --config.lr' in str(error.value)
+  assert checkpointing.Checkpoints(tmp_path).all_steps() == []
+  assert (tmp_path / 'checkpoints' / '1.diverged').is_dir()
 
 
 def test_eval_mode_on_a_converted_reference_checkpoint(tmp_path):

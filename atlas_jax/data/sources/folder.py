@@ -3,6 +3,11 @@
 Any format PIL reads, decoded by decode.decode_image at its stored size (reduced only above
 data.max_pixels); the loader's transform resizes. Classes are numbered in sorted order of their names, as
 the tfds source numbers them.
+
+`data_dir` may be a gs:// prefix (atlas_jax/storage.py): the folders are then listed with one prefix listing
+each (a folder is a name prefix with objects under it; there are no symlinks) and each example is one
+download of its image, decoded from the bytes as a local file is, so the same objects give the same
+examples in the same order.
 """
 
 import os
@@ -12,6 +17,7 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
+from atlas_jax import storage
 from atlas_jax.data import decode
 from atlas_jax.data.sources.common import (
   SPLITS,
@@ -52,7 +58,8 @@ class ImageFolder:
   ):
     if split not in self.SPLIT_DIRS:
       raise DataSourceError(f'split must be one of {SPLITS}, got {split!r}')
-    self.root = pathlib.Path(data_dir).expanduser()
+    self.remote = storage.is_remote(data_dir)
+    self.root = storage.path(data_dir) if self.remote else pathlib.Path(data_dir).expanduser()
     self.split = split
     self.max_pixels = int(max_pixels)
     self.max_decode_bytes = int(max_decode_bytes)
@@ -60,14 +67,14 @@ class ImageFolder:
       'an image folder holds train/<class>/<image> and val/<class>/<image>; set '
       '--config.data.data_dir to the folder that holds train/ and val/'
     )
-    if not self.root.is_dir():
+    if not _is_dir(self.root):
       raise DataSourceError(f'data.data_dir={str(self.root)!r} is not a directory: {layout}')
     split_dir = self.root / self.SPLIT_DIRS[split]
-    if not split_dir.is_dir():
+    if not _is_dir(split_dir):
       raise DataSourceError(
         f'{self.root} has no {self.SPLIT_DIRS[split]}/ folder for split {split!r}: {layout}'
       )
-    train_classes = _subfolders(self.root / 'train') if (self.root / 'train').is_dir() else None
+    train_classes = _subfolders(self.root / 'train') if _is_dir(self.root / 'train') else None
     if classes_file:
       self.classes = read_class_list(classes_file)
       missing = sorted(set(self.classes) - set(train_classes)) if train_classes is not None else []
@@ -131,12 +138,30 @@ class ImageFolder:
     return len(self.labels)
 
   def path(self, index: int) -> pathlib.Path:
-    """The file of example `index`."""
+    """The file of example `index` (an etils.epath.Path for a gs:// data_dir)."""
     return self.split_dir / os.fsdecode(self._relative_paths[index])
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    image = decode.decode_image(self.path(index), self.max_pixels, max_decode_bytes=self.max_decode_bytes)
+    if self.remote:  # one download of the object, decoded from its bytes as a local file is
+      path = self.path(index)
+      try:
+        data = storage.read_bytes(path)
+      except FileNotFoundError as error:  # deleted since it was listed: a bad example, as locally
+        raise decode.BadImageError(path, f'cannot read the file ({error.strerror})') from None
+      image = decode.decode_image(
+        data, self.max_pixels, name=str(path), max_decode_bytes=self.max_decode_bytes
+      )
+    else:
+      image = decode.decode_image(self.path(index), self.max_pixels, max_decode_bytes=self.max_decode_bytes)
     return labelled_example(image, self.labels[index])
+
+
+def _is_dir(directory) -> bool:
+  return storage.isdir(directory) if storage.is_remote(directory) else directory.is_dir()
+
+
+def _hidden(name: str) -> bool:
+  return name.startswith('.')
 
 
 def _resolves(path: str) -> bool:
@@ -146,6 +171,8 @@ def _resolves(path: str) -> bool:
 def _subfolders(directory: pathlib.Path) -> list[str]:
   """The sorted non-hidden subfolders (symlinks to folders included); a link that does not resolve is one
   DataSourceError line: it would leave out a class."""
+  if storage.is_remote(directory):
+    return [name for name in storage.scan(directory)[1] if not _hidden(name)]
   names = []
   for entry in os.scandir(directory):
     if entry.name.startswith('.'):
@@ -163,6 +190,9 @@ def _subfolders(directory: pathlib.Path) -> list[str]:
 def _image_files(directory: pathlib.Path, extensions: set[str]) -> tuple[list[str], list[str]]:
   """(the sorted non-hidden image files of `directory`, the sorted symlinks with an image suffix that do
   not resolve), by name; subfolders are not listed."""
+  if storage.is_remote(directory):
+    names = storage.scan(directory)[0]
+    return [n for n in names if not _hidden(n) and os.path.splitext(n)[1].lower() in extensions], []
   files, links = [], []
   for entry in os.scandir(directory):
     if entry.name.startswith('.') or os.path.splitext(entry.name)[1].lower() not in extensions:

@@ -10,12 +10,17 @@ DataSourceError line naming the file, when the source is built. A record that ca
 (bad bytes inside it: ArrayRecord's chunk hash or TFRecord's data CRC does not match, or the example does
 not parse) is a bad example: decode.BadImageError naming the record, which the loader counts and replaces
 as it does an undecodable image.
+
+`data_dir` may be a gs:// prefix: the prepared dataset's small files and the shards of the split read are
+then copied whole into a local cache (storage.local_copy, see `_remote_prepared`) and read from there by the
+same code as a local dataset, so the same objects give the same examples.
 """
 
 import functools
 import json
 import os
 import pathlib
+import re
 import struct
 from typing import Any, Sequence
 
@@ -23,6 +28,7 @@ from absl import logging
 import google_crc32c
 import numpy as np
 
+from atlas_jax import storage
 from atlas_jax.data import decode
 from atlas_jax.data.sources.common import (
   SPLITS,
@@ -192,6 +198,72 @@ def _prepared_dir(data_dir: pathlib.Path, name: str) -> pathlib.Path:
   )
 
 
+# A shard of a prepared split: `<name>-<split>.<format>-00000-of-00004`.
+_SHARD = re.compile(r'\.(array_record|tfrecord|riegeli|parquet)-\d{5}-of-\d{5}$')
+
+
+def _remote_prepared(data_dir: str, name: str) -> tuple[pathlib.Path, str, dict]:
+  """A prepared dataset under the gs:// `data_dir`: (its local copy, its gs:// location, its objects by
+  relative name with their storage.ObjectInfo). The version is chosen as `_prepared_dir` chooses it; the
+  local copy holds its small files (dataset_info.json, features.json, label files) only: `_fetch_shards`
+  adds the shards of the split read.
+
+  Why whole shards in a local cache rather than reads by byte range: a random-access reader reads one
+  record (ArrayRecord: one chunk) per example, so byte ranges would cost one request, tens of milliseconds,
+  per example and per worker, every epoch, and array_record's own gs:// reader (google-cloud-cpp) is not
+  bounded by storage.py's retries and timeouts. A whole shard is one download under that policy, made once
+  per machine (storage.local_copy: an flock, a temporary file renamed, reused while the object's
+  generation is the same), and then the reads are the local code path's, byte for byte. The cost is local
+  disk for the split (storage.cache_root(), $ATLAS_JAX_GCS_CACHE)."""
+  data_dir = str(data_dir).rstrip('/')
+  name, _, version = name.partition(':')
+  dataset_dir = f'{data_dir}/{name}'
+  how = (
+    f'prepare it and copy it there (tfds build {name} --data_dir=DIR --file_format=array_record, then '
+    f'gcloud storage cp -r DIR/{name} {data_dir}/), or fix --config.data.name / --config.data.data_dir'
+  )
+  if version:
+    candidates = [version]
+  else:
+    candidates = [folder for folder in storage.scan(dataset_dir)[1] if _is_version(folder)]
+    candidates.sort(key=lambda folder: tuple(int(part) for part in folder.split('.')), reverse=True)
+  for candidate in candidates:
+    location = f'{dataset_dir}/{candidate}'
+    objects = storage.list_tree(location)
+    if 'dataset_info.json' in objects:
+      small = {
+        f'{location}/{relative}': info for relative, info in objects.items() if not _SHARD.search(relative)
+      }
+      copies = storage.local_copies(small)
+      return copies[f'{location}/dataset_info.json'].parent, location, objects
+  raise DataSourceError(
+    f'no prepared tfds dataset {name}{":" + version if version else ""} in '
+    f'{data_dir} (looked for {dataset_dir}/<version>/dataset_info.json): {how}'
+  )
+
+
+def _fetch_shards(paths: Sequence[str], local: pathlib.Path, location: str, objects: dict) -> None:
+  """Copies the shards `paths` (in the local copy `local` of the gs:// prepared dataset `location`) from
+  the bucket into the cache; a shard dataset_info.json lists but the bucket lacks is one DataSourceError."""
+  wanted = {}
+  for number, path in enumerate(paths):
+    relative = pathlib.Path(path).relative_to(local).as_posix()
+    if relative not in objects:
+      raise DataSourceError(
+        f'{location}/{relative} is missing (shard {number + 1} of {len(paths)} that dataset_info.json '
+        'lists): copy it back or prepare the dataset again'
+      )
+    wanted[f'{location}/{relative}'] = objects[relative]
+  logging.info(
+    '%s: %d shards (%.2f GB) read through the local cache %s (each downloaded once, reused while unchanged)',
+    location,
+    len(wanted),
+    sum(info.size for info in wanted.values()) / 1e9,
+    local,
+  )
+  storage.local_copies(wanted)
+
+
 def _check_dataset_info(prepared: pathlib.Path) -> None:
   """One DataSourceError line when `prepared`/dataset_info.json is not JSON or lacks what tfds reads."""
   path = prepared / 'dataset_info.json'
@@ -255,13 +327,17 @@ class TfdsSource:
   ):
     if split not in self.SPLIT_NAMES:
       raise DataSourceError(f'split must be one of {SPLITS}, got {split!r}')
-    data_dir = pathlib.Path(data_dir).expanduser()
-    if not data_dir.is_dir():
+    remote = storage.is_remote(data_dir)
+    data_dir = str(data_dir).rstrip('/') if remote else pathlib.Path(data_dir).expanduser()
+    if not (storage.isdir(data_dir) if remote else data_dir.is_dir()):
       raise DataSourceError(
         f'data.data_dir={str(data_dir)!r} is not a directory: set --config.data.data_dir '
         'to the tensorflow_datasets folder the dataset was prepared in'
       )
-    prepared = _prepared_dir(data_dir, name)
+    if remote:  # a local copy of the small files; the split's shards follow below
+      prepared, location, objects = _remote_prepared(data_dir, name)
+    else:
+      prepared = _prepared_dir(data_dir, name)
     _check_dataset_info(prepared)
     tfds = _import_tfds()
     try:
@@ -316,6 +392,8 @@ class TfdsSource:
     paths = list(split_info.filepaths)
     # Each shard's record count as dataset_info.json lists it (None where it lists none per shard).
     shard_lengths = list(split_info.shard_lengths) if len(split_info.shard_lengths) == len(paths) else None
+    if remote:
+      _fetch_shards(paths, prepared, location, objects)
     if file_format == 'array_record':
       _check_array_record_shards(paths, shard_lengths)
       records = builder.as_data_source(split=split_name, decoders=decoders)
