@@ -77,14 +77,13 @@ class _DropNoMetricsWarning(logging.Filter):
     return record.getMessage() != _NO_METRICS_WARNING
 
 
-# What orbax's background save threads log, with a traceback, when a save fails: the failure is reported
-# instead as one CheckpointSaveError line at the next step boundary.
-_BACKGROUND_FAILURE = 'raised an exception'
-
-
 class _DropBackgroundSaveFailures(logging.Filter):
+  """orbax's own error records (with tracebacks) from its background save threads: a failed save is
+  reported instead as one CheckpointSaveError line at the next step boundary. `--verbosity=1` keeps them."""
+
   def filter(self, record: logging.LogRecord) -> bool:
-    return not (record.filename == 'future.py' and _BACKGROUND_FAILURE in record.getMessage())
+    from_orbax = f'{os.sep}orbax{os.sep}checkpoint{os.sep}' in record.pathname
+    return not (from_orbax and record.levelno >= logging.ERROR and absl_logging.get_verbosity() < 1)
 
 
 @contextlib.contextmanager
@@ -165,8 +164,8 @@ def _storage_errors(directory, operation: str):
 
 def _drop_closed_loop_callbacks(excepthook):
   """sys.excepthook without the 'Event loop is closed' errors that tensorstore's callbacks print (through
-  PyErr_Print) when orbax gave up on a damaged step's reads and closed its event loop: the step is
-  reported in one line instead."""
+  PyErr_Print) when orbax gave up on a damaged step's reads, or on a failed save, and closed its event
+  loop: the step or the save is reported in one line instead."""
 
   def hook(kind, value, traceback):
     if kind is RuntimeError and str(value) == 'Event loop is closed':
@@ -202,6 +201,8 @@ class Checkpoints:
     )
     self._quiet = _DropBackgroundSaveFailures()
     absl_logging.get_absl_logger().addFilter(self._quiet)
+    if not hasattr(sys.excepthook, 'wrapped'):
+      sys.excepthook = _drop_closed_loop_callbacks(sys.excepthook)
     with _storage_errors(self.directory, 'opening checkpoints in'):
       self.manager = ocp.CheckpointManager(
         self.directory,
@@ -429,8 +430,6 @@ class Checkpoints:
     is damaged."""
     steps = list(reversed(self.all_steps())) if steps is None else list(steps)
     damaged = []
-    if not hasattr(sys.excepthook, 'wrapped'):
-      sys.excepthook = _drop_closed_loop_callbacks(sys.excepthook)
     for step in steps:
       try:
         return restore_step(step), step

@@ -347,6 +347,18 @@ def test_a_save_that_runs_out_of_space_is_one_line_and_the_previous_step_resumes
   assert 'resuming from step 2' in resumed.stdout
 
 
+def test_an_asynchronous_save_that_fails_while_writing_is_one_line_and_leaves_no_step(mount):
+  # Room for the state's bytes (the check before the first save) but not for the checkpoint on disk.
+  disk = mount('small', 'size=700k')
+  result = _run(disk / 'run', '--config.checkpoint.async_save=True', '--config.checkpoint.every_steps=2')
+  assert result.returncode == 1
+  line = _error_line(result)
+  assert (
+    'failed' in line and 'RESOURCE_EXHAUSTED' in line and 'The newest complete checkpoint is none' in line
+  )
+  assert [name for name in _steps(disk / 'run') if name.isdigit()] == []  # the cut-short save is no step
+
+
 # ---------------------------------------------------------------------------------------------------
 # Fingerprints hold across device counts.
 
