@@ -24,12 +24,15 @@ _SESSION = os.environ.setdefault('ATLAS_JAX_TEST_SESSION', uuid.uuid4().hex)
 CACHE_DIR = os.path.join(tempfile.gettempdir(), f'atlas_jax_test_xla_cache_{_SESSION}')
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', CACHE_DIR)
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+# What the pytest workers of one session share besides compiled programs (e.g. a trained workdir).
+SHARED_DIR = os.path.join(tempfile.gettempdir(), f'atlas_jax_test_shared_{_SESSION}')
 
 
 def pytest_sessionfinish(session, exitstatus):
   del exitstatus
   if not hasattr(session.config, 'workerinput'):  # the controller (or a plain run), after every worker
     shutil.rmtree(CACHE_DIR, ignore_errors=True)
+    shutil.rmtree(SHARED_DIR, ignore_errors=True)
 
 
 from tests.gcs_server import gcs_dir, gcs_server  # noqa: E402,F401  (fixtures: a fake-gcs-server per session)

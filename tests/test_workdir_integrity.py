@@ -5,6 +5,7 @@ Most runs reuse one trained workdir (6 steps, checkpoints 2, 4, 6), copied per t
 workdir ("already complete") takes the lock and reads the newest good step without compiling the step.
 """
 
+import fcntl
 import json
 import os
 import pathlib
@@ -23,6 +24,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from atlas_jax import metrics as metrics_lib
+from tests import conftest
 from tests.train_configs import ROOT, command_line_overrides
 
 STEPS = 6
@@ -91,12 +93,21 @@ def _assert_same_final_state(workdir, reference):
     chex.assert_trees_all_equal(got[name], want[name], custom_message=name)  # bitwise
 
 
-@pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-  """A finished 6-step run (checkpoints 2, 4, 6) and, beside it, a copy of its pristine step 6."""
-  workdir = tmp_path_factory.mktemp('trained') / 'run'
-  result = _run(workdir)
-  assert result.returncode == 0, result.stderr[-3000:]
+@pytest.fixture(scope='session')
+def trained():
+  """A finished 6-step run (checkpoints 2, 4, 6), trained once per test session: the pytest workers share
+  it through a directory beside the session's compilation cache (tests/conftest.py removes both), the first
+  to get there trains it under a file lock. Tests copy it before changing anything."""
+  shared = pathlib.Path(conftest.SHARED_DIR) / 'workdir_integrity'
+  shared.mkdir(parents=True, exist_ok=True)
+  workdir = shared / 'run'
+  with open(shared / 'lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (shared / 'done').exists():
+      shutil.rmtree(workdir, ignore_errors=True)
+      result = _run(workdir)
+      assert result.returncode == 0, result.stderr[-3000:]
+      (shared / 'done').touch()
   assert _steps(workdir) == ['2', '4', '6'] and not (workdir / 'lock').exists()
   return workdir
 
@@ -132,31 +143,27 @@ def _truncate(step_dir: pathlib.Path) -> None:
 # Damaged checkpoints: each reported in one line, set aside (never deleted), the step before resumed.
 
 
-def test_flipped_bytes_and_a_truncated_file_are_skipped_and_the_step_before_resumes_bitwise(
+def test_flipped_bytes_a_truncated_file_no_commit_marker_and_an_empty_step_are_each_skipped(
   trained, tmp_path
 ):
+  """Four damaged steps, newest first: a half-copied step 10 (no commit marker), an empty step 8, 64 flipped
+  bytes in step 6's parameters, step 4's optimizer state cut in half. Each is one line and set aside; step 2
+  resumes, bitwise the uninterrupted run."""
   workdir = _copy(trained, tmp_path)
-  _flip_bytes(workdir / 'checkpoints' / '6')
-  _truncate(workdir / 'checkpoints' / '4')
+  checkpoints = workdir / 'checkpoints'
+  shutil.copytree(checkpoints / '2', checkpoints / '10')
+  (checkpoints / '10' / 'commit_success.txt').unlink()
+  (checkpoints / '8').mkdir()
+  _flip_bytes(checkpoints / '6')
+  _truncate(checkpoints / '4')
   result = _run(workdir)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert 'skipping step 6:' in result.stdout and 'does not match the fingerprint' in result.stdout
-  assert 'skipping step 4:' in result.stdout and 'cannot be read' in result.stdout
+  skipped = [line for line in result.stdout.splitlines() if line.startswith('skipping step')]
+  assert [line.split(':')[0] for line in skipped] == [f'skipping step {step}' for step in (10, 8, 6, 4)]
+  assert 'is incomplete: its commit marker' in skipped[0] and 'is incomplete' in skipped[1]
+  assert 'does not match the fingerprint' in skipped[2] and 'cannot be read' in skipped[3]
   assert 'resuming from step 2' in result.stdout
-  assert _steps(workdir) == ['2', '4', '4.damaged', '6', '6.damaged']
-  _assert_same_final_state(workdir, trained)
-
-
-def test_a_step_without_its_commit_marker_and_an_empty_step_are_skipped(trained, tmp_path):
-  workdir = _copy(trained, tmp_path)
-  (workdir / 'checkpoints' / '6' / 'commit_success.txt').unlink()  # a half-copied step
-  (workdir / 'checkpoints' / '8').mkdir()
-  result = _run(workdir)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert 'skipping step 8:' in result.stdout and 'skipping step 6:' in result.stdout
-  assert 'is incomplete: its commit marker' in result.stdout
-  assert 'resuming from step 4' in result.stdout
-  assert _steps(workdir) == ['2', '4', '6', '6.damaged', '8.damaged']
+  assert _steps(workdir) == ['10.damaged', '2', '4', '4.damaged', '6', '6.damaged', '8.damaged']
   _assert_same_final_state(workdir, trained)
 
 
@@ -179,47 +186,76 @@ def _write_lock(workdir, host, pid, heartbeat):
   (pathlib.Path(workdir) / 'lock').write_text(json.dumps({**record, 'token': 'theirs'}))
 
 
-def test_two_trainers_the_second_refused_sigterm_keeps_its_step_with_keep_1_and_a_later_run_resumes(tmp_path):
-  workdir = tmp_path / 'run'
-  first = subprocess.Popen(
-    _command(workdir, '--config.checkpoint.keep=1', '--config.checkpoint.every_steps=100000', steps=100000),
+LONG = 100000  # steps: a run that goes on until it is stopped; every run of it shares one compiled step
+KEEP_ONE = ('--config.checkpoint.keep=1', f'--config.checkpoint.every_steps={LONG}')
+
+
+def _start(workdir, *extra, steps=STEPS) -> subprocess.Popen:
+  return subprocess.Popen(
+    _command(workdir, *extra, steps=steps),
     cwd=ROOT,
     env=_env(),
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,
     text=True,
   )
+
+
+def _wait_for_logged_step(process, workdir, past: int) -> None:
+  deadline = time.monotonic() + 240
+  while not _losses_or_none(workdir) or max(_losses_or_none(workdir)) <= past:
+    assert process.poll() is None, process.communicate()[1][-3000:]
+    assert time.monotonic() < deadline
+    time.sleep(0.05)
+
+
+def _losses_or_none(workdir):
+  path = pathlib.Path(workdir) / 'metrics.jsonl'
+  if not path.exists():
+    return None
+  steps = [json.loads(line)['step'] for line in path.read_text().splitlines() if '"train"' in line]
+  return steps or None
+
+
+def _stop(process) -> tuple[str, str]:
+  process.send_signal(signal.SIGTERM)
   try:
-    deadline = time.monotonic() + 240
-    while (
-      not (workdir / 'metrics.jsonl').exists() or '"train"' not in (workdir / 'metrics.jsonl').read_text()
-    ):
-      assert first.poll() is None, first.communicate()[1][-3000:]
-      assert time.monotonic() < deadline
-      time.sleep(0.05)
+    stdout, stderr = process.communicate(timeout=120)
+  finally:
+    if process.poll() is None:
+      process.kill()
+  assert process.returncode == 0, stderr[-3000:]
+  return stdout, stderr
+
+
+def test_two_trainers_the_second_refused_sigterm_keeps_its_step_with_keep_1_and_a_later_run_resumes(tmp_path):
+  workdir = tmp_path / 'run'
+  first = _start(workdir, *KEEP_ONE, steps=LONG)
+  try:
+    _wait_for_logged_step(first, workdir, past=0)
     holder = json.loads((workdir / 'lock').read_text())
     assert holder['pid'] == first.pid and holder['host'] == socket.gethostname()
-    second = _run(workdir, steps=100000)
-    assert second.returncode == 1
-    line = _error_line(second)
-    assert f'is in use by training pid {first.pid} on {socket.gethostname()}' in line
-    assert 'goes stale at' in line and '--force_unlock' in line
-    evaluation = _run(workdir, '--config.mode=eval')
-    assert evaluation.returncode == 1 and f'pid {first.pid}' in _error_line(evaluation)
+    second, evaluation = _start(workdir, steps=LONG), _start(workdir, '--config.mode=eval')
+    for refused in (second, evaluation):
+      stdout, stderr = refused.communicate(timeout=120)
+      assert refused.returncode == 1
+      line = _error_line(subprocess.CompletedProcess(refused.args, 1, stdout, stderr))
+      assert f'is in use by training pid {first.pid} on {socket.gethostname()}' in line
+      assert 'goes stale at' in line and '--force_unlock' in line
     assert first.poll() is None  # the first run went on, untouched
-    first.send_signal(signal.SIGTERM)
-    stdout, stderr = first.communicate(timeout=120)
   finally:
-    if first.poll() is None:
-      first.kill()
-  assert first.returncode == 0, stderr[-3000:]
+    stdout, _ = _stop(first)
   saved = int(stdout.split('preempted: saved step ')[1].split(';')[0])
   assert _steps(workdir) == [str(saved)]  # keep=1: the step saved at SIGTERM is the one kept
   assert not (workdir / 'lock').exists()  # released
-  later = _run(workdir, steps=saved + 2)
-  assert later.returncode == 0, later.stderr[-3000:]
-  assert f'resuming from step {saved}' in later.stdout
-  assert sorted(_losses(workdir)) == list(range(1, saved + 3))
+  later = _start(workdir, *KEEP_ONE, steps=LONG)
+  try:
+    _wait_for_logged_step(later, workdir, past=saved)
+  finally:
+    stdout, _ = _stop(later)
+  assert f'resuming from step {saved}' in stdout
+  logged = sorted(_losses(workdir))
+  assert logged == list(range(1, len(logged) + 1)) and len(logged) > saved
 
 
 def test_a_dead_processs_lock_on_this_host_is_taken_over_at_once(trained, tmp_path):
@@ -235,9 +271,7 @@ def test_a_dead_processs_lock_on_this_host_is_taken_over_at_once(trained, tmp_pa
   assert not (workdir / 'lock').exists()
 
 
-def test_another_hosts_lock_is_refused_until_its_heartbeat_is_stale_and_force_unlock_takes_it(
-  trained, tmp_path
-):
+def test_another_hosts_lock_is_refused_until_its_heartbeat_is_stale(trained, tmp_path):
   workdir = _copy(trained, tmp_path)
   stale_flags = ('--config.checkpoint.lock_heartbeat_s=1', '--config.checkpoint.lock_stale_s=6')
   _write_lock(workdir, 'tpu-vm-7', 4242, time.time())
@@ -245,8 +279,6 @@ def test_another_hosts_lock_is_refused_until_its_heartbeat_is_stale_and_force_un
   assert refused.returncode == 1
   assert 'is in use by training pid 4242 on tpu-vm-7' in _error_line(refused)
   assert json.loads((workdir / 'lock').read_text())['token'] == 'theirs'  # left as it was
-  forced = _run(workdir, *stale_flags, '--force_unlock')
-  assert forced.returncode == 0 and 'forced by --force_unlock' in forced.stdout, forced.stderr[-3000:]
   _write_lock(workdir, 'tpu-vm-7', 4242, time.time() - 7)  # a job on another host that stopped beating
   taken = _run(workdir, *stale_flags)
   assert taken.returncode == 0, taken.stderr[-3000:]
@@ -279,20 +311,20 @@ def test_a_divergence_sets_the_blown_up_step_aside_and_a_sane_restart_resumes_fr
   trained, tmp_path
 ):
   workdir = _copy(trained, tmp_path)
-  # Resumed at step 6 with an absurd learning rate: step 7's update blows the weights up, step 8's loss
-  # (from step 7's weights) is not finite.
-  diverged = _run(workdir, '--config.lr=1e20', '--config.checkpoint.every_steps=1', steps=10)
+  shutil.rmtree(workdir / 'checkpoints' / '6')
+  # Resumed at step 4 after 4 sane steps, with an absurd learning rate: step 5's update blows the weights
+  # up, step 6's loss (from step 5's weights) is not finite.
+  diverged = _run(workdir, '--config.lr=1e20', '--config.checkpoint.every_steps=1')
   assert diverged.returncode == 1, diverged.stderr[-3000:]
   line = _error_line(diverged)
-  assert 'at step 8 (computed from the weights of step 7); stopped' in line
-  assert "Step 7's checkpoint, whose weights gave that loss, was set aside as" in line
-  assert 'The newest good checkpoint is step 6' in line and 'a lower --config.lr' in line
-  assert _steps(workdir) == ['4', '6', '7.diverged']  # keep=3: 2 went when 7 was saved
-  restarted = _run(workdir, '--config.checkpoint.every_steps=1', steps=10)
+  assert 'at step 6 (computed from the weights of step 5); stopped' in line
+  assert "Step 5's checkpoint, whose weights gave that loss, was set aside as" in line
+  assert 'The newest good checkpoint is step 4' in line and 'a lower --config.lr' in line
+  assert _steps(workdir) == ['2', '4', '5.diverged']
+  restarted = _run(workdir)  # the sane learning rate again: resumes from step 4, exactly as first trained
   assert restarted.returncode == 0, restarted.stderr[-3000:]
-  assert 'resuming from step 6' in restarted.stdout
-  losses = _losses(workdir)
-  assert sorted(losses) == list(range(1, 11)) and all(np.isfinite(list(losses.values())))
+  assert 'resuming from step 4' in restarted.stdout
+  _assert_same_final_state(workdir, trained)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -452,3 +484,20 @@ def test_on_gcs_the_lock_is_exclusive_and_a_damaged_step_is_skipped_and_set_asid
   assert checkpoints.all_steps() == [1]
   assert storage.isfile(f'{gcs_dir}/checkpoints/2.damaged/commit_success.txt')  # moved, not deleted
   checkpoints.close()
+
+
+def test_force_unlock_takes_a_live_lock_over_and_the_job_that_lost_it_stops_writing(tmp_path):
+  from atlas_jax import workdir_lock
+
+  holder = workdir_lock.WorkdirLock(tmp_path, 'training', heartbeat_s=0.05).acquire()
+  taker = workdir_lock.WorkdirLock(tmp_path, 'training', force=True).acquire()
+  assert json.loads((tmp_path / 'lock').read_text())['token'] == taker.token
+  deadline = time.monotonic() + 10
+  while holder.lost is None and time.monotonic() < deadline:
+    time.sleep(0.02)
+  with pytest.raises(workdir_lock.LockLost, match='was taken over by training pid'):
+    holder.check()
+  holder.release()  # not its lock any more: left in place
+  assert json.loads((tmp_path / 'lock').read_text())['token'] == taker.token
+  taker.release()
+  assert not (tmp_path / 'lock').exists()
