@@ -32,6 +32,7 @@ import os
 import pathlib
 import shutil
 import threading
+import time
 from typing import Any, Callable
 
 from atlas_jax.errors import AtlasError
@@ -174,7 +175,73 @@ def _require_clients():
   os.environ.setdefault('GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT', 'false')
   # gcsfs logs a traceback for every request it gives up on; the StorageError line says it once.
   logging.getLogger('gcsfs').setLevel(logging.CRITICAL)
+  _bound_gcsfs_retries()
   configure_tensorstore()
+
+
+# gcsfs's methods that retry (its `retry_request` decorator: six tries, a backoff of 1, 2, 4, 8, 16 s).
+_GCSFS_RETRYING = ('_request', '_get_file_request', '_get_file_concurrent')
+
+
+def _bound_gcsfs_retries() -> None:
+  """gcsfs retries each request six times with a backoff of its own, about 35 s in all, and lets no one
+  configure it; so an outage took that long on top of the policy's budget wherever orbax goes through gcsfs.
+  Its retrying methods keep the undecorated request as `__wrapped__`: they are wrapped again here to retry
+  what gcsfs counts as transient within the policy's budget (`retry_s`), with the policy's backoff. A gcsfs
+  whose methods are built otherwise keeps its own retries."""
+  import gcsfs
+
+  # On the class that defines each (gcsfs.GCSFileSystem may be a subclass that delegates to its parent's).
+  for klass in gcsfs.GCSFileSystem.__mro__:
+    for name in _GCSFS_RETRYING:
+      method = vars(klass).get(name)
+      undecorated = getattr(method, '__wrapped__', None)
+      if undecorated is not None and not getattr(method, 'bounded_by_policy', False):
+        setattr(klass, name, _within_budget(undecorated))
+
+
+def _within_budget(undecorated):
+  import asyncio
+  import functools
+
+  @functools.wraps(undecorated)
+  async def request(*args, **kwargs):
+    p = policy()
+    deadline = time.monotonic() + p.retry_s
+    delay = p.initial_delay_s
+    while True:
+      try:
+        return await undecorated(*args, **kwargs)
+      except Exception as error:
+        if not _gcsfs_transient(error) or time.monotonic() + delay > deadline:
+          raise
+      await asyncio.sleep(delay)
+      delay = min(2 * delay, p.max_delay_s)
+
+  request.bounded_by_policy = True
+  return request
+
+
+def _gcsfs_transient(error) -> bool:
+  """What gcsfs's own decorator retries: its HTTP, checksum, auth and connection errors that
+  `gcsfs.retry.is_retriable` calls transient (a 404 never is)."""
+  import aiohttp.client_exceptions
+  from gcsfs import retry as gcsfs_retry
+  import google.auth.exceptions
+  import requests
+
+  retried = (
+    gcsfs_retry.HttpError,
+    gcsfs_retry.ChecksumError,
+    requests.exceptions.RequestException,
+    google.auth.exceptions.GoogleAuthError,
+    aiohttp.client_exceptions.ClientError,
+  )
+  if not isinstance(error, retried):
+    return False
+  if getattr(error, 'code', None) == 404 or getattr(error, 'status', None) == 404:
+    return False
+  return gcsfs_retry.is_retriable(error)
 
 
 def _gcs_client():

@@ -133,7 +133,9 @@ class Run:
         state = jax.device_put(initial, self.setup.state_sharding)
       self.fresh = jax.device_get(state) if initial is None else initial
       batch = sharding.global_batch(batches[0], mesh)
-      self.step = step.lower(state, batch).compile()  # compiled once: its memory analysis, then the step
+      lowered = step.lower(state, batch)
+      self.program_text = lowered.as_text()  # what XLA compiles (unused_split_costs_nothing compares it)
+      self.step = lowered.compile()  # compiled once: its memory analysis, then the step
       self.temporary = self.step.memory_analysis().temp_size_in_bytes
       # The largest all-gather against one micro-batch's scale-0 activation (tokens x dim).
       height, width = (side // config.model.patch_size for side in config.image_size)
@@ -202,27 +204,18 @@ def restore_elsewhere(config, runs: dict, batch) -> dict:
   return differences
 
 
-def _program_text(config, mesh_shape) -> str:
-  """The train step's lowered program (StableHLO, no debug locations): what XLA compiles, so equal texts
-  give equal optimized programs. Lowering has no cache, unlike compiled executables, which the persistent
-  compilation cache may hand back printed otherwise."""
-  setup, step = setup_for(config, mesh_shape)
-  with jax.set_mesh(setup.mesh):
-    return step.lower(*train.abstract_step_arguments(setup)).as_text()
-
-
-def unused_split_costs_nothing(config, mesh_shape=(1, 1, 1)) -> bool:
-  """The train step with spatial 1 is the program built without any of spatial parallelism's annotations
-  (the constraints off, the batch shardings as one prefix)."""
-  return _with_and_without_annotations(config, mesh_shape)
-
-
-def _with_and_without_annotations(config, mesh_shape) -> bool:
-  from jax.sharding import NamedSharding, PartitionSpec
+def unused_split_costs_nothing(run: 'Run', batch) -> bool:
+  """With spatial 1 the train step lowers to the program built without any of spatial parallelism's
+  annotations (the constraints off, the batch shardings as one prefix): `run`, a one-device Run, lowered
+  the first; the second is lowered here from the same state and batch. Lowered programs (StableHLO, no
+  debug locations) are what XLA compiles, so equal texts give equal optimized programs; lowering has no
+  cache, unlike compiled executables, which the persistent compilation cache may hand back printed
+  otherwise."""
+  from jax.sharding import NamedSharding
 
   from atlas_jax.models import atlas, baselines, msa, stem
 
-  with_axis = _program_text(config, mesh_shape)
+  assert dict(run.setup.mesh.shape) == {'data': 1, 'fsdp': 1, 'spatial': 1}
   identity = lambda tokens, *args: tokens  # noqa: E731
   patched = {
     (msa, 'split_windows'): identity,
@@ -242,11 +235,14 @@ def _with_and_without_annotations(config, mesh_shape) -> bool:
   try:
     for (module, name), value in patched.items():
       setattr(module, name, value)
-    without = _program_text(config, mesh_shape)
+    setup, step = setup_for(run.setup.config, (1, 1, 1))
+    with jax.set_mesh(setup.mesh):
+      state = jax.device_put(run.fresh, setup.state_sharding)
+      without = step.lower(state, sharding.global_batch(batch, setup.mesh)).as_text()
   finally:
     for (module, name), value in saved.items():
       setattr(module, name, value)
-  return with_axis == without
+  return run.program_text == without
 
 
 def all_gathers(hlo: str) -> list[int]:
@@ -277,6 +273,8 @@ def main():
       'temporary_ratio': split.temporary / reference.temporary,
       'largest_all_gather_vs_scale0': split.largest_gather,
     }
+    if stem == 'conv':  # the (conv stem, full recipe) step with spatial 1: as if the split did not exist
+      results['unused_split_costs_nothing'] = unused_split_costs_nothing(reference, batches[0])
     if stem == 'patchify':  # a checkpoint written as (fsdp 2, spatial 4) holds it, restored on both meshes
       results['restore'] = restore_elsewhere(config, runs, batches[1])
     print(f'{stem}: {time.perf_counter() - start:.1f} s', file=sys.stderr, flush=True)

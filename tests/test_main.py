@@ -148,10 +148,15 @@ def test_sigkill_between_checkpoints_then_restart_is_bitwise_the_uninterrupted_r
 def test_sigterm_saves_at_the_next_step_and_exits_cleanly_then_resumes_exactly(
   uninterrupted, environment, tmp_path
 ):
-  stopped = _interrupt(tmp_path, environment, signal.SIGTERM, lambda workdir: _logged_steps(workdir) >= 5)
+  env, extra = environment
+  # keep=1: retention never removes the step saved at SIGTERM (it keeps the two newest steps).
+  keep_one = (env, [*extra, '--config.checkpoint.keep=1'])
+  stopped = _interrupt(tmp_path, keep_one, signal.SIGTERM, lambda workdir: _logged_steps(workdir) >= 5)
   assert stopped.returncode == 0, stopped.stderr[-3000:]
   saved = int(stopped.stdout.split('preempted: saved step ')[1].split(';')[0])
   assert 5 <= saved < STEPS
+  kept = _complete_checkpoints(tmp_path)
+  assert kept[-1] == saved and len(kept) <= 2, kept
   # One line says so; orbax does not warn that the save (no evaluation) has no metrics.
   assert stopped.stdout.count('preempted') == 1 and 'SIGTERM' not in stopped.stderr
   assert 'tracked_metric' not in stopped.stdout + stopped.stderr

@@ -24,12 +24,8 @@ from atlas_jax import inference
 from atlas_jax.config import resolve
 from tests.train_configs import ROOT, random_weights_workdir, tiny_config
 
-# XLA's CPU fusion emitters off (as tests/test_spatial.py): the subprocesses' compiles, most of this test,
-# take about half as long.
-FOUR_DEVICES = (
-  os.environ.get('XLA_FLAGS', '')
-  + ' --xla_force_host_platform_device_count=4 --xla_cpu_use_fusion_emitters=false'
-)
+# The session's XLA flags (tests/conftest.py) and four devices.
+FOUR_DEVICES = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=4'
 # Two images, squashed to 32 x 32 by resize=squash. With resize=none no side of either is whole windows
 # (8 px): their canvas is 48 x 72, 6 rows of windows, which spatial 4 pads to 8 and spatial 2 splits as is.
 SIZES = ((45, 70), (21, 37))

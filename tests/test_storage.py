@@ -161,7 +161,10 @@ def test_a_storage_that_does_not_answer_is_one_line_within_the_retry_budget(gcs_
     with pytest.raises(storage.StorageUnavailable, match='did not answer within the retry budget of 3 s'):
       storage.read_text(f'{gcs_dir}/x.txt')
     elapsed = time.monotonic() - start
-    assert 1 <= elapsed < 3 + 2 + 8  # it retried; within the budget, one request's timeout, one backoff
+    # Within the budget, one request's timeout and one backoff. No lower bound: the client's backoff is
+    # jittered (each sleep uniform up to its delay), so how soon it stops short of the budget varies (0.98 s
+    # once, 2026-12-02).
+    assert elapsed < 3 + 2 + 8
   finally:
     storage.configure(timeout_s=previous.timeout_s, retry_s=previous.retry_s)
     gcs_server.start()
