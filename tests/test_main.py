@@ -195,21 +195,22 @@ def test_a_config_without_data_fails_in_one_line_naming_where_it_looked(tmp_path
   assert 'Traceback' not in result.stderr
 
 
-# 250 steps reached 65.5% on this machine on 2026-12-02 (the same code had passed at landing): the task is
-# learnt in a jump somewhere past step 200, whose exact step moves with the CPU's floating point. 300 steps
-# reached 100% (loss 0.012) here.
-QUICKSTART_TEST_STEPS = 300
+# The task is learnt in a jump somewhere past step 200, whose exact step moves with the CPU's floating point
+# (250 steps at the peak rate held reached 65.5% on this machine one day, 300 reached 100%; the next day,
+# another CPU, 300 ended at 74% after 94% at step 250: at the held peak rate the accuracy swung). So the
+# quickstart's own schedule, cosine down to its min_lr, which settles instead of swinging: seed 1 reached
+# 88% at 300 steps and 100% (loss 0.013) at 350, 2026-12-02.
+QUICKSTART_TEST_STEPS = 350
 
 
 def test_the_quickstart_learns_the_task_and_ends_saying_what_it_got(tmp_path):
-  """The CI version of the README's first command: the quickstart on seed 1 (the README's is 42) for 300
-  steps at its peak rate held; at least 80% on the 4-class task (chance 25%); then the closing lines."""
+  """The CI version of the README's first command: the quickstart on seed 1 (the README's is 42) for 350
+  steps; at least 80% on the 4-class task (chance 25%); then the closing lines."""
   flags = [
     f'--config=configs/quickstart.py:steps={QUICKSTART_TEST_STEPS}',
     '--config.seed=1',
-    '--config.min_lr=0.002',  # a short run: hold the peak rate after warm-up rather than decay it away
     '--config.data.synthetic_val_size=200',
-    '--config.eval.every_steps=150',
+    '--config.eval.every_steps=175',
     '--config.eval.batch_size=100',
     '--config.compilation_cache_dir=',
   ]

@@ -365,9 +365,10 @@ def test_an_asynchronous_save_that_fails_while_writing_is_one_line_and_leaves_no
   result = _run(disk / 'run', '--config.checkpoint.async_save=True', '--config.checkpoint.every_steps=2')
   assert result.returncode == 1
   line = _error_line(result)
-  assert (
-    'failed' in line and 'RESOURCE_EXHAUSTED' in line and 'The newest complete checkpoint is none' in line
-  )
+  # Which write meets the full disk first varies: tensorstore's array data (RESOURCE_EXHAUSTED) or one of
+  # orbax's own files (OSError: No space left on device). Either is this one line.
+  assert 'RESOURCE_EXHAUSTED' in line or 'No space left on device' in line, line
+  assert 'The newest complete checkpoint is none' in line, line
   assert [name for name in _steps(disk / 'run') if name.isdigit()] == []  # the cut-short save is no step
 
 
