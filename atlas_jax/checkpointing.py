@@ -30,6 +30,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 from typing import Any, Mapping
 
 from absl import logging as absl_logging
@@ -176,6 +177,40 @@ def _drop_closed_loop_callbacks(excepthook):
   return hook
 
 
+def _closed_loop(value) -> bool:
+  return isinstance(value, RuntimeError) and str(value) == 'Event loop is closed'
+
+
+def _quiet_closed_loop_everywhere() -> None:
+  """The same errors by the other routes a background thread's failure reaches stderr: sys.excepthook
+  (tensorstore's callbacks), threading.excepthook, sys.unraisablehook; and asyncio's 'exception was never
+  retrieved' records of the failed save's writes (the save is the one line). Kept with `--verbosity=1`."""
+  if hasattr(sys.excepthook, 'wrapped'):
+    return
+  sys.excepthook = _drop_closed_loop_callbacks(sys.excepthook)
+  thread_hook, unraisable_hook = threading.excepthook, sys.unraisablehook
+
+  def thread_excepthook(arguments):
+    if not _closed_loop(arguments.exc_value):
+      thread_hook(arguments)
+
+  def unraisablehook(unraisable):
+    if not _closed_loop(unraisable.exc_value):
+      unraisable_hook(unraisable)
+
+  threading.excepthook, sys.unraisablehook = thread_excepthook, unraisablehook
+  logging.getLogger('asyncio').addFilter(_DropUnretrievedSaveErrors())
+
+
+class _DropUnretrievedSaveErrors(logging.Filter):
+  """asyncio's 'exception was never retrieved' records: what orbax's cancelled writes leave behind when a
+  save fails (reported as one CheckpointSaveError line). `--verbosity=1` keeps them."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    unretrieved = 'exception was never retrieved' in str(record.msg)
+    return not (unretrieved and absl_logging.get_verbosity() < 1)
+
+
 class Checkpoints:
   """Save and restore the items of a step; the last `keep` steps (None: all) and the best one are kept.
 
@@ -201,8 +236,7 @@ class Checkpoints:
     )
     self._quiet = _DropBackgroundSaveFailures()
     absl_logging.get_absl_logger().addFilter(self._quiet)
-    if not hasattr(sys.excepthook, 'wrapped'):
-      sys.excepthook = _drop_closed_loop_callbacks(sys.excepthook)
+    _quiet_closed_loop_everywhere()
     with _storage_errors(self.directory, 'opening checkpoints in'):
       self.manager = ocp.CheckpointManager(
         self.directory,
