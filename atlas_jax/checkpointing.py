@@ -169,9 +169,8 @@ def _drop_closed_loop_callbacks(excepthook):
   loop: the step or the save is reported in one line instead."""
 
   def hook(kind, value, traceback):
-    if kind is RuntimeError and str(value) == 'Event loop is closed':
-      return
-    excepthook(kind, value, traceback)
+    if not _closed_loop(value):
+      excepthook(kind, value, traceback)
 
   hook.wrapped = excepthook
   return hook
